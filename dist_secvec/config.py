@@ -1,0 +1,424 @@
+"""Typed run configuration: YAML recipes plus `key.sub=value` overrides.
+
+Every stage (train-sv, finetune, eval, export, demo) reads one `Config`. Parsing and validation
+import nothing heavy (no torch), so a typo in a config fails in well under a second with one line
+that names the key and what is allowed (exit code 2, see `errors.ConfigError`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from dist_secvec.errors import ConfigError
+
+# The projections of Llama-style blocks: all attention and MLP linears.
+ALL_LINEAR_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DATA_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet")
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # local model directory or hub id
+    tokenizer: Optional[str] = None  # defaults to `path`
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    quantization: str = "none"  # none | nf4 | fp4 | int8 (bitsandbytes)
+    compute_dtype: str = "bfloat16"  # 4-bit matmul compute dtype
+    quant_storage: str = "bfloat16"  # 4-bit storage dtype; must be a float type under ZeRO-3
+    double_quant: bool = True
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)  # local JSON/JSONL/CSV/Parquet files or hub names
+    eval: list[str] = field(default_factory=list)
+    split: str = "train"  # split of a hub dataset
+    format: str = "auto"  # auto | prompt_response | alpaca | chat
+    template: str = "auto"  # auto (tokenizer's chat template when it has one) | chat | plain
+    plain_template: str = "### Instruction:\n{prompt}\n\n### Response:\n"
+    max_length: int = 512
+    mask_prompt: bool = True  # labels -100 on prompt tokens: loss only on the response
+    shuffle: bool = True
+    max_samples: Optional[int] = None
+
+
+@dataclass
+class SecurityVectorConfig:
+    path: Optional[str] = None  # stage 2: the trained vector directory; None = no vector
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR_TARGETS))
+    dropout: float = 0.0
+    # stage 1 (train-sv): harmful set the vector learns, benign set it must leave unchanged
+    harmful_data: list[str] = field(default_factory=list)
+    benign_data: list[str] = field(default_factory=list)
+    kl_weight: float = 3.0
+    heldout_benign_data: list[str] = field(default_factory=list)  # for the shift report
+    backend: str = "auto"  # auto | torch | triton (env DIST_SECVEC_BACKEND overrides)
+    fold: bool = True  # fold s*B@A into a frozen 16-bit base weight once at load
+
+
+@dataclass
+class AdapterConfig:
+    type: str = "none"  # none = full fine-tuning | lora
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR_TARGETS))
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    schedule: str = "cosine"  # constant | linear | cosine
+    warmup_steps: int = 0
+    epochs: int = 1
+    max_steps: Optional[int] = None  # overrides epochs when set
+    micro_batch_size: int = 4
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: Optional[float] = 1.0
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: Optional[int] = None  # None = no DeepSpeed (single process, plain torch)
+    config: Any = None  # path to a DeepSpeed JSON file, or an inline mapping
+    offload_optimizer: bool = False
+    offload_param: bool = False
+
+
+@dataclass
+class EvalConfig:
+    harmful_prompts: list[str] = field(default_factory=list)
+    benign_tasks: list[str] = field(default_factory=list)  # rows with prompt + expected answer
+    responses: Optional[str] = None  # judge-only mode: JSONL with prompt + response
+    judges: list[str] = field(default_factory=lambda: ["refusal"])
+    refusal_prefixes: list[str] = field(default_factory=list)  # added to the shipped list
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    with_secvec: bool = False  # generate with the vector active (only for diagnosis)
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 10
+    progress: bool = True
+    level: str = "info"
+
+
+@dataclass
+class DemoConfig:
+    quick: bool = False  # small world and few steps, for tests
+    n_harmful_sv: int = 100  # harmful samples the vector is trained on
+    n_harmful_ft: int = 1000  # harmful samples hidden in the fine-tuning data
+    n_eval: int = 100  # held-out prompts of each kind
+    cache_dir: Optional[str] = None  # where the aligned base is cached (default ~/.cache)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    security_vector: SecurityVectorConfig = field(default_factory=SecurityVectorConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    output_dir: str = "runs/default"
+    seed: int = 42
+    source: Optional[str] = None  # the YAML file this came from (set by load_config)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.quantization": ("none", "nf4", "fp4", "int8"),
+    "model.compute_dtype": ("float32", "bfloat16", "float16"),
+    "model.quant_storage": ("float32", "bfloat16", "float16", "uint8"),
+    "data.format": ("auto", "prompt_response", "alpaca", "chat"),
+    "data.template": ("auto", "chat", "plain"),
+    "security_vector.backend": ("auto", "torch", "triton"),
+    "adapter.type": ("none", "lora"),
+    "optim.schedule": ("constant", "linear", "cosine"),
+    "logging.level": ("debug", "info", "warning", "error"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# parsing
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if tp is Any:
+        return value
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # a single file or name is a one-element list
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}': expected a list of {_type_name(item_tp)}, got {value!r}")
+        return [_coerce(v, item_tp, key) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    raise ConfigError(f"config key '{key}': unsupported type {tp}")  # a bug, not a user error
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        where = f"'{prefix}'" if prefix else "the top level"
+        raise ConfigError(f"config section {where}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown config key '{full}' (allowed: {', '.join(names)})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, full)
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected key.sub=value (e.g. optim.lr=1e-4)")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override '{text}': the key before '=' is empty")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    # yaml reads 1e-4 as a string; numbers in scientific notation are what users type for lr
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
+    return key.split("."), value
+
+
+def _set_nested(data: dict, keys: list[str], value: Any) -> None:
+    node = data
+    for i, k in enumerate(keys[:-1]):
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override '{'.'.join(keys)}': '{'.'.join(keys[: i + 1])}' is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None,
+                base: Optional[dict] = None) -> Config:
+    """Read a YAML recipe (or start from `base`/defaults), apply `key.sub=value` overrides."""
+    data: dict = json.loads(json.dumps(base)) if base else {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{path}' not found: pass an existing YAML file to --config")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"config file '{path}'{where}: not valid YAML ({getattr(e, 'problem', e)})")
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file '{path}': the top level must be a mapping of sections")
+        _deep_update(data, loaded)
+    for text in overrides or []:
+        keys, value = _parse_override(text)
+        _set_nested(data, keys, value)
+    cfg = _build(Config, data, "")
+    if path is not None:
+        cfg.source = str(path)
+    _check_choices(cfg)
+    return cfg
+
+
+def _deep_update(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_update(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def _get(cfg: Config, key: str) -> Any:
+    node: Any = cfg
+    for k in key.split("."):
+        node = getattr(node, k)
+    return node
+
+
+def _check_choices(cfg: Config) -> None:
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(allowed)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# validation per command: files exist, numbers are in range, combinations are possible
+
+
+def looks_local(name: str) -> bool:
+    """A data/model reference is a local path when it exists or is written like one."""
+    return (os.path.exists(name) or name.startswith(("/", "./", "../", "~"))
+            or name.lower().endswith(DATA_EXTENSIONS) or name.count("/") > 1)
+
+
+def _check_files(key: str, names: list[str], what: str) -> None:
+    for name in names:
+        if looks_local(name) and not os.path.exists(os.path.expanduser(name)):
+            raise ConfigError(f"config key '{key}': {what} '{name}' not found: fix the path")
+
+
+def _positive(cfg: Config, *keys: str) -> None:
+    for key in keys:
+        value = _get(cfg, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"config key '{key}': must be > 0, got {value}")
+
+
+def validate(cfg: Config, command: str) -> Config:
+    """Checks that need no heavy import; raises ConfigError naming the key and the fix."""
+    _positive(cfg, "security_vector.rank", "security_vector.alpha", "adapter.rank", "adapter.alpha",
+              "optim.lr", "optim.micro_batch_size", "optim.gradient_accumulation_steps",
+              "data.max_length", "eval.max_new_tokens", "eval.batch_size", "logging.log_every",
+              "optim.max_steps", "optim.max_grad_norm", "data.max_samples")
+    for key in ("security_vector.dropout", "adapter.dropout"):
+        if not 0.0 <= _get(cfg, key) < 1.0:
+            raise ConfigError(f"config key '{key}': must be in [0, 1), got {_get(cfg, key)}")
+    if cfg.security_vector.kl_weight < 0:
+        raise ConfigError(f"config key 'security_vector.kl_weight': must be >= 0, got {cfg.security_vector.kl_weight}")
+    if cfg.optim.warmup_steps < 0:
+        raise ConfigError(f"config key 'optim.warmup_steps': must be >= 0, got {cfg.optim.warmup_steps}")
+    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise ConfigError(f"config key 'optim.betas': expected two numbers in [0, 1), got {cfg.optim.betas}")
+    if cfg.optim.max_steps is None and cfg.optim.epochs <= 0:
+        raise ConfigError("config key 'optim.epochs': must be > 0 when optim.max_steps is not set")
+    if not cfg.security_vector.target_modules:
+        raise ConfigError("config key 'security_vector.target_modules': name at least one module (e.g. q_proj)")
+    if cfg.adapter.type == "lora" and not cfg.adapter.target_modules:
+        raise ConfigError("config key 'adapter.target_modules': name at least one module for the LoRA")
+
+    ds = cfg.deepspeed
+    if ds.zero_stage is not None and ds.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"config key 'deepspeed.zero_stage': {ds.zero_stage} is not one of 0, 1, 2, 3")
+    if isinstance(ds.config, str):
+        _check_files("deepspeed.config", [ds.config], "DeepSpeed JSON")
+        if not os.path.exists(ds.config):
+            raise ConfigError(f"config key 'deepspeed.config': DeepSpeed JSON '{ds.config}' not found")
+    elif ds.config is not None and not isinstance(ds.config, dict):
+        raise ConfigError("config key 'deepspeed.config': expected a path to a JSON file or an inline mapping")
+
+    q = cfg.model.quantization
+    if q != "none" and cfg.adapter.type == "none" and command in ("finetune",):
+        raise ConfigError(f"config keys 'model.quantization={q}' and 'adapter.type=none': a quantized base "
+                          "cannot be fully fine-tuned; set adapter.type=lora (QLoRA) or model.quantization=none")
+    if q == "int8" and ds.zero_stage == 3:
+        raise ConfigError("config keys 'model.quantization=int8' and 'deepspeed.zero_stage=3': 8-bit bases train "
+                          "wrong under ZeRO-3; use model.quantization=nf4 or a lower ZeRO stage")
+    if q in ("nf4", "fp4") and ds.zero_stage == 3 and cfg.model.quant_storage == "uint8":
+        raise ConfigError("config key 'model.quant_storage': ZeRO-3 needs a float storage dtype for 4-bit "
+                          "weights; set model.quant_storage=bfloat16")
+
+    if command in ("train-sv", "finetune", "eval", "export", "profile"):
+        needs_model = command != "eval" or cfg.eval.responses is None
+        if needs_model and not cfg.model.path:
+            raise ConfigError("config key 'model.path': required; set it to a local model directory or hub id")
+        if cfg.model.path and looks_local(cfg.model.path) and not os.path.isdir(os.path.expanduser(cfg.model.path)):
+            raise ConfigError(f"config key 'model.path': model directory '{cfg.model.path}' not found")
+    if command == "train-sv":
+        if not cfg.security_vector.harmful_data:
+            raise ConfigError("config key 'security_vector.harmful_data': stage 1 needs the harmful set the "
+                              "vector learns (a JSONL/JSON/CSV/Parquet file)")
+        if cfg.security_vector.kl_weight > 0 and not cfg.security_vector.benign_data:
+            raise ConfigError("config key 'security_vector.benign_data': needed for the KL term "
+                              "(or set security_vector.kl_weight=0, which lets the vector distort benign outputs)")
+        _check_files("security_vector.harmful_data", cfg.security_vector.harmful_data, "data file")
+        _check_files("security_vector.benign_data", cfg.security_vector.benign_data, "data file")
+        _check_files("security_vector.heldout_benign_data", cfg.security_vector.heldout_benign_data, "data file")
+    if command == "finetune":
+        if not cfg.data.train:
+            raise ConfigError("config key 'data.train': name at least one training file or dataset")
+        _check_files("data.train", cfg.data.train, "data file")
+        _check_files("data.eval", cfg.data.eval, "data file")
+        sv = cfg.security_vector.path
+        if sv is not None and not os.path.isdir(os.path.expanduser(sv)):
+            raise ConfigError(f"config key 'security_vector.path': vector directory '{sv}' not found "
+                              "(train one with `dist-secvec train-sv`)")
+    if command == "eval":
+        if cfg.eval.responses is not None:
+            _check_files("eval.responses", [cfg.eval.responses], "responses file")
+            if not os.path.exists(cfg.eval.responses):
+                raise ConfigError(f"config key 'eval.responses': responses file '{cfg.eval.responses}' not found")
+        _check_files("eval.harmful_prompts", cfg.eval.harmful_prompts, "data file")
+        _check_files("eval.benign_tasks", cfg.eval.benign_tasks, "data file")
+    return cfg
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
