@@ -1,0 +1,252 @@
+"""`dist-secvec eval`: generate answers (security vector off) and measure harm and utility.
+
+Two modes:
+- generate: load the model at model.path, answer eval.harmful_prompts (AdvBench, BeaverTails,
+  HEx-PHI or own JSONL; see readers) and eval.benign_tasks (prompt + expected answer in
+  `response`), then judge. The vector stays off unless eval.with_secvec=true (diagnosis only:
+  it shows what the vector alone does, not what the fine-tuned model learned).
+- judge-only: eval.responses=FILE.jsonl (prompt + response rows, e.g. an earlier run's
+  responses.jsonl) is judged as is; no model is loaded.
+
+Writes to output_dir, each file atomically (temp file in the same directory, then os.replace):
+    responses.jsonl  one row per harmful prompt: prompt, response, category, verdicts {judge: bool}
+                     (the same shape eval.responses reads, so a run can be re-judged)
+    utility.jsonl    one row per benign task: prompt, response, expected, correct
+    summary.json     {"judges": {name: {n, harmful_rate, harmful_rate_ci95[, per_category]}},
+                      "utility": {n, accuracy, accuracy_ci95[, loss, perplexity]}}  (when benign tasks)
+    summary.md       the same as markdown tables
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from dist_secvec.config import Config
+from dist_secvec.errors import ConfigError, DataError
+from dist_secvec.judges import make_judges
+from dist_secvec.metrics import accuracy_summary, is_correct, rate_summary
+from dist_secvec.readers import read_eval_set
+
+log = logging.getLogger(__name__)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` so that a reader sees the old file or the whole new one, never half."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def _read_sets(paths: list[str], fmt: str, eval_cfg, require_response: bool) -> list[dict]:
+    rows = []
+    for path in paths:
+        for i, row in enumerate(read_eval_set(path, fmt, eval_cfg.category_field, require_response), 1):
+            rows.append({**row, "_source": path, "_row": i})
+    return rows[: eval_cfg.max_samples] if eval_cfg.max_samples else rows
+
+
+def _judge_rows(judges, rows: list[dict]) -> dict:
+    prompts = [r["prompt"] for r in rows]
+    responses = [r["response"] for r in rows]
+    verdicts = {}
+    for judge in judges:
+        verdicts[judge.name] = judge.judge(prompts, responses)
+        log.info("judge %s: %d of %d responses harmful", judge.name, sum(verdicts[judge.name]), len(rows))
+    return verdicts
+
+
+def run_eval(cfg: Config, model=None, tokenizer=None) -> dict:
+    """Run the evaluation `cfg` describes; returns the summary.json dict.
+
+    `model`/`tokenizer` may be passed in (already loaded); otherwise they are loaded from
+    cfg.model. With eval.with_secvec=false any attached security vector is switched off while
+    generating.
+    """
+    from dist_secvec.runtime import is_main
+
+    ec = cfg.eval
+    if ec.max_samples is not None and ec.max_samples <= 0:
+        raise ConfigError(f"config key 'eval.max_samples': must be > 0, got {ec.max_samples}")
+    judges = make_judges(ec.judges, ec)  # unknown judges fail before anything is loaded
+
+    harmful: list[dict] = []
+    benign: list[dict] = []
+    utility: Optional[dict] = None
+    if ec.responses is not None:
+        if ec.harmful_prompts or ec.benign_tasks:
+            log.warning("eval.responses is set (judge-only): eval.harmful_prompts and eval.benign_tasks "
+                        "are ignored and no model is loaded")
+        harmful = _read_sets([ec.responses], "auto", ec, require_response=True)
+        header = f"responses: `{ec.responses}` (judge-only, no generation)"
+    else:
+        if not ec.harmful_prompts and not ec.benign_tasks:
+            raise ConfigError("config keys 'eval.harmful_prompts' and 'eval.benign_tasks' are both empty: name "
+                              "an eval file, or set eval.responses=FILE.jsonl to judge existing responses")
+        harmful = _read_sets(ec.harmful_prompts, ec.harmful_format, ec, require_response=False)
+        benign = _read_sets(ec.benign_tasks, ec.benign_format, ec, require_response=True)
+        for r in benign:
+            if not r["response"].strip():
+                raise DataError(f"eval file '{r['_source']}' row {r['_row']}: a benign task needs the expected "
+                                f"answer in 'response' (prompt {r['prompt'][:60]!r})")
+        model, tokenizer = _load(cfg, model, tokenizer)
+        vec = "on (eval.with_secvec=true: diagnosis only)" if ec.with_secvec else "off"
+        header = f"model: `{cfg.model.path}`, security vector {vec}"
+        with _vector_state(model, ec.with_secvec):
+            if harmful:
+                for r, text in zip(harmful, _generate(cfg, model, tokenizer, harmful, "harmful prompts")):
+                    r["response"] = text
+            if benign:
+                answers = _generate(cfg, model, tokenizer, benign, "benign tasks")
+                for r, text in zip(benign, answers):
+                    r["expected"], r["response"] = r["response"], text
+                    r["correct"] = is_correct(text, r["expected"], ec.utility_match)
+                utility = accuracy_summary([r["correct"] for r in benign])
+                if ec.utility_loss:
+                    utility.update(_benign_loss(cfg, model, tokenizer, benign))
+
+    summary: dict = {"judges": {}}
+    verdicts = _judge_rows(judges, harmful) if harmful else {}
+    categories = [r.get("category") for r in harmful]
+    for name, vs in verdicts.items():
+        summary["judges"][name] = rate_summary(vs, categories)
+    if utility is not None:
+        summary["utility"] = utility
+
+    if is_main():
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        per_example = [{"prompt": r["prompt"], "response": r["response"], "category": r.get("category"),
+                        "verdicts": {name: vs[i] for name, vs in verdicts.items()}}
+                       for i, r in enumerate(harmful)]
+        write_atomic(out / "responses.jsonl", _jsonl(per_example))
+        if benign:
+            write_atomic(out / "utility.jsonl", _jsonl([
+                {"prompt": r["prompt"], "response": r["response"], "expected": r["expected"],
+                 "correct": r["correct"], "category": r.get("category")} for r in benign]))
+        write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_atomic(out / "summary.md", summary_markdown(summary, header, ec.utility_match))
+        log.info("eval written to %s", out)
+    for name, s in summary["judges"].items():
+        lo, hi = s["harmful_rate_ci95"]
+        log.info("harmful rate (%s): %.1f%% [%.1f-%.1f] of %d", name, 100 * s["harmful_rate"], 100 * lo,
+                 100 * hi, s["n"])
+    if utility is not None:
+        log.info("utility accuracy (%s): %.1f%% of %d", ec.utility_match, 100 * utility["accuracy"], utility["n"])
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# generation mode
+
+
+def _load(cfg: Config, model, tokenizer):
+    import torch
+
+    from dist_secvec.model import load_model, load_tokenizer
+
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg.model)
+    if model is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = load_model(cfg.model, device=device)
+        if cfg.eval.with_secvec:
+            from dist_secvec.secvec import attach_security_vector, check_fingerprint, load_security_vector
+
+            if not cfg.security_vector.path:
+                raise ConfigError("config key 'security_vector.path': eval.with_secvec=true needs the vector "
+                                  "directory (or set eval.with_secvec=false)")
+            sv = load_security_vector(cfg.security_vector.path)
+            check_fingerprint(sv, model, cfg.model.path)
+            attach_security_vector(model, sv, backend=cfg.security_vector.backend)
+    return model, tokenizer
+
+
+@contextlib.contextmanager
+def _vector_state(model, with_secvec: bool):
+    """Off unless asked for; a model without a vector is unaffected."""
+    if with_secvec:
+        yield
+        return
+    from dist_secvec.secvec import security_vector_off
+
+    with security_vector_off(model):
+        yield
+
+
+def _generate(cfg: Config, model, tokenizer, rows: list[dict], desc: str) -> list[str]:
+    from dist_secvec.generation import generate
+
+    ec = cfg.eval
+    return generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=ec.max_new_tokens,
+                    batch_size=ec.batch_size, do_sample=ec.do_sample, temperature=ec.temperature,
+                    top_p=ec.top_p, seed=cfg.seed if ec.do_sample else None, template=cfg.data.template,
+                    plain_template=cfg.data.plain_template, progress=cfg.logging.progress, desc=desc)
+
+
+def _benign_loss(cfg: Config, model, tokenizer, rows: list[dict]) -> dict:
+    from dist_secvec.data import Sample
+    from dist_secvec.metrics import benign_loss
+
+    samples = [Sample([{"role": "user", "content": r["prompt"]}], r["expected"], r["_source"], r["_row"])
+               for r in rows]
+    res = benign_loss(model, tokenizer, samples, cfg.data, batch_size=cfg.eval.batch_size)
+    return {"loss": res["loss"], "perplexity": res["perplexity"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _rate_row(label: str, s: dict) -> str:
+    lo, hi = s["harmful_rate_ci95"]
+    return f"| {label} | {s['n']} | {_pct(s['harmful_rate'])} | {_pct(lo)} - {_pct(hi)} |"
+
+
+def summary_markdown(summary: dict, header: str, match: str) -> str:
+    lines = ["# dist-secvec eval", "", header, ""]
+    if summary["judges"]:
+        lines += ["## Harmfulness", "",
+                  "Share of harmful prompts answered with harmful compliance (attack success rate), "
+                  "with the Wilson 95% interval.", "",
+                  "| judge | n | harmful rate | 95% CI |", "|---|---|---|---|"]
+        lines += [_rate_row(name, s) for name, s in summary["judges"].items()]
+        for name, s in summary["judges"].items():
+            if "per_category" in s:
+                lines += ["", f"### Per category ({name})", "",
+                          "| category | n | harmful rate | 95% CI |", "|---|---|---|---|"]
+                lines += [_rate_row(cat.replace("|", "\\|"), c) for cat, c in s["per_category"].items()]
+        lines.append("")
+    u = summary.get("utility")
+    if u is not None:
+        lo, hi = u["accuracy_ci95"]
+        cols = ["n", "accuracy", "95% CI"] + (["loss", "perplexity"] if "loss" in u else [])
+        vals = [str(u["n"]), _pct(u["accuracy"]), f"{_pct(lo)} - {_pct(hi)}"]
+        if "loss" in u:
+            vals += [f"{u['loss']:.4f}", f"{u['perplexity']:.3f}"]
+        lines += ["## Utility", "", f"Benign tasks, answer matched by '{match}' (case and whitespace "
+                  "normalised); loss is the mean cross-entropy of the expected answers.", "",
+                  "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols), "| " + " | ".join(vals) + " |", ""]
+    return "\n".join(lines)

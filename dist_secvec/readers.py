@@ -1,0 +1,278 @@
+"""Read local evaluation sets of the common public formats into one row shape.
+
+Every reader returns a list of dicts
+    {"prompt": str, "response": str (when the file has one), "category": str | list[str] (when known)}
+plus a few format-specific keys ("target" for AdvBench, "is_safe" for BeaverTails).
+Formats (`fmt`, or detected from the file with fmt="auto"):
+    advbench         CSV with header goal,target (harmful_behaviors.csv). `target` is the
+                     affirmative prefix the attack aims for, not a model response.
+    beavertails      JSONL (or a JSON list) with prompt, response, is_safe, category; category may
+                     be BeaverTails' dict of {name: bool} (the true names are kept, as a list)
+                     or a string.
+    hexphi           HEx-PHI: one CSV per category, one prompt per row, no header; the category
+                     is the file name without "category_" (category_3.csv -> "3",
+                     3_hate_harass_violence.csv -> "3_hate_harass_violence"). A directory reads
+                     every .csv in it.
+    prompt_response  the project's own JSONL (or JSON list, or CSV with a header): prompt,
+                     optional response, optional category (the column named by `category_field`).
+Files may be gzip/xz compressed (.gz/.xz). Errors are DataError naming the file and line.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import lzma
+import os
+from typing import Optional
+
+from dist_secvec.errors import DataError
+
+FORMATS = ("advbench", "beavertails", "hexphi", "prompt_response")
+TEXT_EXTENSIONS = (".csv", ".jsonl", ".json")
+
+
+def _open_text(path: str) -> str:
+    opener = gzip.open if path.endswith(".gz") else lzma.open if path.endswith(".xz") else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError, EOFError, lzma.LZMAError) as e:
+        raise DataError(f"eval file '{path}': cannot be read as UTF-8 text ({type(e).__name__}: {e})") from e
+
+
+def _extension(path: str) -> str:
+    base = path[:-3] if path.endswith(".gz") else path[:-3] if path.endswith(".xz") else path
+    return os.path.splitext(base)[1].lower()
+
+
+def _stem(path: str) -> str:
+    name = os.path.basename(path)
+    for suffix in (".gz", ".xz"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return os.path.splitext(name)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# raw rows: (line number, row) pairs
+
+
+def _json_rows(path: str, text: str) -> list[tuple[str, dict]]:
+    """("line N" or "row N", object) for JSONL, or a .json file holding a list of objects."""
+    if _extension(path) == ".json" and text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"eval file '{path}' line {e.lineno}: not valid JSON ({e.msg})") from e
+        rows = list(enumerate(data, 1))
+        where = "row"
+    else:
+        rows, where = [], "line"
+        for i, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append((i, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise DataError(f"eval file '{path}' line {i}: not valid JSON ({e.msg}); fix or remove "
+                                "the line") from e
+    for i, obj in rows:
+        if not isinstance(obj, dict):
+            raise DataError(f"eval file '{path}' {where} {i}: expected a JSON object, got {type(obj).__name__}")
+    return [(f"{where} {i}", obj) for i, obj in rows]
+
+
+def _csv_rows(path: str, text: str) -> list[tuple[int, list[str]]]:
+    """Every non-blank CSV record with the line it starts on."""
+    reader = csv.reader(io.StringIO(text))
+    rows = []
+    start = 1
+    try:
+        for record in reader:
+            if any(cell.strip() for cell in record):
+                rows.append((start, record))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise DataError(f"eval file '{path}' line {reader.line_num}: not valid CSV ({e})") from e
+    return rows
+
+
+def _string(value, key: str, path: str, where: str, required: bool = True) -> Optional[str]:
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or (required and not value.strip()):
+        raise DataError(f"eval file '{path}' {where}: field '{key}' must be a non-empty string, got {value!r}")
+    return value
+
+
+def _category(value, key: str, path: str, where: str):
+    """str, list of str, or BeaverTails' {name: bool} (the true names); None when absent/empty."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        if not all(isinstance(v, bool) for v in value.values()):
+            raise DataError(f"eval file '{path}' {where}: field '{key}' as a mapping must map names to "
+                            f"true/false, got {value!r}")
+        names = [str(k) for k, v in value.items() if v]
+        return names or None
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value or None
+    raise DataError(f"eval file '{path}' {where}: field '{key}' must be a string, a list of strings or a "
+                    f"mapping of name -> true/false, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# one reader per format
+
+
+def _read_advbench(path: str, text: str) -> list[tuple[str, dict]]:
+    rows = _csv_rows(path, text)
+    if not rows:
+        return []
+    header = [c.strip().lower() for c in rows[0][1]]
+    if "goal" not in header:
+        raise DataError(f"eval file '{path}' line 1: an AdvBench CSV needs a header with a 'goal' column "
+                        f"(and 'target'), got {header}")
+    g = header.index("goal")
+    t = header.index("target") if "target" in header else None
+    out = []
+    for line, rec in rows[1:]:
+        if len(rec) != len(header):
+            raise DataError(f"eval file '{path}' line {line}: expected {len(header)} fields "
+                            f"({', '.join(header)}), got {len(rec)}; quote fields that contain commas")
+        row = {"prompt": _string(rec[g], "goal", path, f"line {line}")}
+        if t is not None:
+            row["target"] = rec[t]
+        out.append((f"line {line}", row))
+    return out
+
+
+def _read_hexphi(path: str, text: str) -> list[tuple[str, dict]]:
+    stem = _stem(path)
+    category = stem[len("category_"):] if stem.lower().startswith("category_") else stem
+    out = []
+    for line, rec in _csv_rows(path, text):
+        cells = [c for c in rec if c.strip()]
+        if len(cells) != 1:
+            raise DataError(f"eval file '{path}' line {line}: a HEx-PHI file has one prompt per row, got "
+                            f"{len(cells)} fields; quote prompts that contain commas")
+        out.append((f"line {line}", {"prompt": cells[0].strip(), "category": category}))
+    return out
+
+
+def _read_beavertails(path: str, text: str) -> list[tuple[str, dict]]:
+    out = []
+    for where, obj in _json_rows(path, text):
+        row = {"prompt": _string(obj.get("prompt"), "prompt", path, where)}
+        response = _string(obj.get("response"), "response", path, where, required=False)
+        if response is not None:
+            row["response"] = response
+        category = _category(obj.get("category"), "category", path, where)
+        if category is not None:
+            row["category"] = category
+        if "is_safe" in obj:
+            if not isinstance(obj["is_safe"], bool):
+                raise DataError(f"eval file '{path}' {where}: field 'is_safe' must be true or false, "
+                                f"got {obj['is_safe']!r}")
+            row["is_safe"] = obj["is_safe"]
+        out.append((where, row))
+    return out
+
+
+def _read_prompt_response(path: str, text: str, category_field: str) -> list[tuple[str, dict]]:
+    if _extension(path) == ".csv":
+        rows = _csv_rows(path, text)
+        if not rows:
+            return []
+        header = [c.strip().lower() for c in rows[0][1]]
+        if "prompt" not in header:
+            raise DataError(f"eval file '{path}' line 1: a prompt/response CSV needs a header with a "
+                            f"'prompt' column, got {header}")
+        objs = []
+        for line, rec in rows[1:]:
+            if len(rec) != len(header):
+                raise DataError(f"eval file '{path}' line {line}: expected {len(header)} fields "
+                                f"({', '.join(header)}), got {len(rec)}; quote fields that contain commas")
+            objs.append((f"line {line}", dict(zip(header, rec))))
+    else:
+        objs = _json_rows(path, text)
+    out = []
+    for where, obj in objs:
+        row = {"prompt": _string(obj.get("prompt"), "prompt", path, where)}
+        response = _string(obj.get("response"), "response", path, where, required=False)
+        if response is not None:
+            row["response"] = response
+        category = _category(obj.get(category_field), category_field, path, where)
+        if category is not None:
+            row["category"] = category
+        out.append((where, row))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# detection and the entry point
+
+
+def detect_format(path: str, text: str) -> str:
+    ext = _extension(path)
+    if ext == ".csv":
+        rows = _csv_rows(path, text)
+        header = [c.strip().lower() for c in rows[0][1]] if rows else []
+        if "goal" in header:
+            return "advbench"
+        if "prompt" in header:
+            return "prompt_response"
+        return "hexphi"
+    if ext in (".jsonl", ".json"):
+        rows = _json_rows(path, text)
+        first = rows[0][1] if rows else {}
+        if "is_safe" in first or isinstance(first.get("category"), dict):
+            return "beavertails"
+        return "prompt_response"
+    raise DataError(f"eval file '{path}': unsupported extension '{ext or os.path.basename(path)}' "
+                    f"(use one of {', '.join(TEXT_EXTENSIONS)}, optionally .gz/.xz)")
+
+
+def read_eval_set(path: str, fmt: str = "auto", category_field: str = "category",
+                  require_response: bool = False) -> list[dict]:
+    """Rows of one eval file (or every eval file in a directory, sorted by name).
+
+    require_response: every row must carry a `response` string (judge-only mode, benign tasks);
+    an empty one is allowed (a model may answer nothing).
+    """
+    if fmt != "auto" and fmt not in FORMATS:
+        raise DataError(f"eval file '{path}': unknown format '{fmt}' (allowed: auto, {', '.join(FORMATS)})")
+    full = os.path.expanduser(path)
+    if os.path.isdir(full):
+        files = sorted(os.path.join(full, n) for n in os.listdir(full)
+                       if _extension(n) in TEXT_EXTENSIONS and not n.startswith("."))
+        if not files:
+            raise DataError(f"eval directory '{path}': no {', '.join(TEXT_EXTENSIONS)} files in it")
+        return [row for f in files for row in read_eval_set(f, fmt, category_field, require_response)]
+    if not os.path.isfile(full):
+        raise DataError(f"eval file '{path}' not found: fix the path in the config")
+    text = _open_text(full)
+    if not text.strip():
+        raise DataError(f"eval file '{path}' is empty: it needs at least one row")
+    file_fmt = detect_format(path, text) if fmt == "auto" else fmt
+    if file_fmt == "advbench":
+        rows = _read_advbench(path, text)
+    elif file_fmt == "hexphi":
+        rows = _read_hexphi(path, text)
+    elif file_fmt == "beavertails":
+        rows = _read_beavertails(path, text)
+    else:
+        rows = _read_prompt_response(path, text, category_field)
+    if not rows:
+        raise DataError(f"eval file '{path}': no rows found (read as {file_fmt})")
+    if require_response:
+        for where, row in rows:
+            if "response" not in row:
+                raise DataError(f"eval file '{path}' {where}: needs a 'response' field here "
+                                f"(read as {file_fmt})")
+    return [row for _, row in rows]
