@@ -4,8 +4,8 @@
 #   launch/deepspeed.sh [options] -- <dist-secvec command and arguments>
 #   launch/deepspeed.sh --gpus 8 -- finetune --config configs/llama2_7b_full_sv_zero3_8gpu.yaml
 #
-# Runs `deepspeed <launcher options> --module dist_secvec <args>`; each rank runs
-# `python -u -m dist_secvec --local_rank=N <args>`. Run it from the repository root: recipes name
+# Runs `deepspeed <launcher options> --no_local_rank --module dist_secvec <args>`; each rank runs
+# `python -u -m dist_secvec <args>` with RANK, LOCAL_RANK and WORLD_SIZE in its environment. Run it from the repository root: recipes name
 # their DeepSpeed JSON relative to it (configs/ds_zero3.json).
 #
 # Environment: DRY_RUN=1 prints the command instead of running it; DEEPSPEED=<cmd> replaces the
@@ -152,6 +152,9 @@ fi
 [[ -n $MASTER_PORT_OPT ]] && DS_ARGS+=(--master_port "$MASTER_PORT_OPT")
 [[ -n $LAUNCHER ]] && DS_ARGS+=(--launcher "$LAUNCHER")
 [[ $NO_SSH -eq 1 ]] && DS_ARGS+=(--no_ssh --node_rank "$NODE_RANK")
+# The launcher would insert --local_rank=N right after the module name, before the dist-secvec
+# command; each rank reads LOCAL_RANK (and RANK, WORLD_SIZE) from the environment instead.
+DS_ARGS+=(--no_local_rank)
 
 # dist_secvec importable without `pip install -e .`: the repository root goes on PYTHONPATH.
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

@@ -78,7 +78,8 @@ def cold_estimate(total_params: int, largest_layer_params: int, num_gpus_per_nod
         cpu_mem = total_params * per_param * additional_buffer_factor
     else:
         gpu_mem = largest_layer_memory + int(18 * total_params / total_gpus)
-        cpu_mem = (largest_layer_params if zero_init else total_params) * 4 * num_gpus_per_node * additional_buffer_factor
+        held = largest_layer_params if zero_init else total_params
+        cpu_mem = held * 4 * num_gpus_per_node * additional_buffer_factor
     return int(cpu_mem), int(gpu_mem)
 
 
@@ -109,7 +110,8 @@ def cold_table(total_params: int, largest_layer_params: int, num_gpus_per_node: 
     gpus_str = "GPUs" if num_gpus_per_node > 1 else "GPU"
     lines = [
         f"HW: Setup with {num_nodes} {nodes_str}, {num_gpus_per_node} {gpus_str} per node.",
-        f"SW: Model with {int(total_params / 1e6)}M total params, {int(largest_layer_params / 1e6)}M largest layer params.",
+        f"SW: Model with {int(total_params / 1e6)}M total params, "
+        f"{int(largest_layer_params / 1e6)}M largest layer params.",
         "  per CPU  |  per GPU |   Options",
     ]
     for cpu_offload in (True, False):

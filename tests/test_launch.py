@@ -196,13 +196,15 @@ def test_deepspeed_sh_bad_args_exit_2(fakebin, args, msg):
 def test_deepspeed_sh_cpu_ranks(fakebin):
     cmd = dry("deepspeed.sh", "--gpus", "2", "--", "finetune", "--config", "configs/a b.yaml", "optim.lr=1e-4",
               fakebin=fakebin)
-    assert cmd == ["OMP_NUM_THREADS=1", "deepspeed", "--num_accelerators", "2", "--module", "dist_secvec",
+    assert cmd == ["OMP_NUM_THREADS=1", "deepspeed", "--num_accelerators", "2", "--no_local_rank",
+                   "--module", "dist_secvec",
                    "finetune", "--config", "configs/a b.yaml", "optim.lr=1e-4"]
 
 
 def test_deepspeed_sh_cpu_default_one_rank_and_user_omp(fakebin):
     cmd = dry("deepspeed.sh", "--", "eval", "--config", "c.yaml", fakebin=fakebin, env={"OMP_NUM_THREADS": "3"})
-    assert cmd == ["OMP_NUM_THREADS=3", "deepspeed", "--num_accelerators", "1", "--module", "dist_secvec",
+    assert cmd == ["OMP_NUM_THREADS=3", "deepspeed", "--num_accelerators", "1", "--no_local_rank",
+                   "--module", "dist_secvec",
                    "eval", "--config", "c.yaml"]
 
 
@@ -215,9 +217,11 @@ def test_deepspeed_sh_forced_cpu_on_gpu_node(fakebin):
 def test_deepspeed_sh_gpu_node(fakebin):
     set_gpus(fakebin, 8)
     cmd = dry("deepspeed.sh", "--gpus", "8", "--", "finetune", "--config", "c.yaml", fakebin=fakebin)
-    assert cmd == ["deepspeed", "--num_gpus", "8", "--module", "dist_secvec", "finetune", "--config", "c.yaml"]
+    assert cmd == ["deepspeed", "--num_gpus", "8", "--no_local_rank", "--module", "dist_secvec",
+                   "finetune", "--config", "c.yaml"]
     # no --gpus: the launcher takes every visible GPU
-    assert dry("deepspeed.sh", "--", "demo", fakebin=fakebin) == ["deepspeed", "--module", "dist_secvec", "demo"]
+    cmd = dry("deepspeed.sh", "--", "demo", fakebin=fakebin)
+    assert cmd == ["deepspeed", "--no_local_rank", "--module", "dist_secvec", "demo"]
     r = run("deepspeed.sh", "--gpus", "9", "--", "demo", fakebin=fakebin, env={"DRY_RUN": "1"})
     assert r.returncode == 2 and "only 8 GPU(s)" in r.stderr
 
@@ -229,13 +233,13 @@ def test_deepspeed_sh_multinode_hostfile(fakebin, tmp_path):
     cmd = dry("deepspeed.sh", "--hostfile", str(hf), "--nodes", "2", "--gpus", "8", "--master-port", "29600",
               "--", "finetune", "--config", "configs/llama2_70b_qlora_sv_2node.yaml", fakebin=fakebin)
     assert cmd == ["deepspeed", "--num_gpus", "8", "--num_nodes", "2", "--hostfile", str(hf),
-                   "--master_addr", "node001", "--master_port", "29600", "--module", "dist_secvec",
+                   "--master_addr", "node001", "--master_port", "29600", "--no_local_rank", "--module", "dist_secvec",
                    "finetune", "--config", "configs/llama2_70b_qlora_sv_2node.yaml"]
     # an explicit master address wins over the hostfile's first host
     cmd = dry("deepspeed.sh", "--hostfile", str(hf), "--master-addr", "10.0.0.5", "--launcher", "openmpi",
               "--", "finetune", fakebin=fakebin)
     assert cmd == ["deepspeed", "--hostfile", str(hf), "--master_addr", "10.0.0.5", "--launcher", "openmpi",
-                   "--module", "dist_secvec", "finetune"]
+                   "--no_local_rank", "--module", "dist_secvec", "finetune"]
 
 
 def test_deepspeed_sh_no_ssh_node_rank_from_slurm(fakebin, tmp_path):
@@ -245,15 +249,27 @@ def test_deepspeed_sh_no_ssh_node_rank_from_slurm(fakebin, tmp_path):
     cmd = dry("deepspeed.sh", "--hostfile", str(hf), "--nodes", "2", "--gpus", "4", "--no-ssh",
               "--", "finetune", fakebin=fakebin, env={"SLURM_NODEID": "1"})
     assert cmd == ["deepspeed", "--num_gpus", "4", "--num_nodes", "2", "--hostfile", str(hf),
-                   "--master_addr", "gpu01", "--no_ssh", "--node_rank", "1", "--module", "dist_secvec", "finetune"]
+                   "--master_addr", "gpu01", "--no_ssh", "--node_rank", "1", "--no_local_rank",
+                   "--module", "dist_secvec", "finetune"]
 
 
 def test_deepspeed_sh_uses_module_flag_that_deepspeed_has():
-    """The wrapper relies on `deepspeed --module` and `--num_accelerators` (alias of --num_gpus)."""
+    """The wrapper relies on `deepspeed --module`, `--no_local_rank` and `--num_accelerators` (= --num_gpus)."""
     runner = pytest.importorskip("deepspeed.launcher.runner")
-    args = runner.parse_args(["--num_accelerators", "2", "--module", "dist_secvec", "finetune", "--config", "x"])
-    assert args.module and args.num_gpus == 2 and args.user_script == "dist_secvec"
+    args = runner.parse_args(["--num_accelerators", "2", "--no_local_rank", "--module", "dist_secvec",
+                              "finetune", "--config", "x"])
+    assert args.module and args.no_local_rank and args.num_gpus == 2 and args.user_script == "dist_secvec"
     assert args.user_args == ["finetune", "--config", "x"]
+
+
+@pytest.mark.skipif(not (REPO / "dist_secvec" / "__main__.py").exists(), reason="no dist_secvec CLI yet")
+def test_ranks_command_line_parses_in_dist_secvec(tmp_path):
+    """Each rank runs `python -m dist_secvec <args after -->`: the CLI must take it as is."""
+    r = subprocess.run([sys.executable, "-m", "dist_secvec", "finetune", "--config", str(tmp_path / "none.yaml"),
+                        "optim.lr=1e-4"], cwd=REPO, capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"})
+    assert r.returncode == 2, r.stderr
+    assert "unrecognized arguments" not in r.stderr and "none.yaml" in r.stderr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,7 +338,8 @@ def test_sbatch_srun_per_node(fakebin, tmp_path):
     per_node = dry("deepspeed.sh", *cmd[5:], fakebin=fakebin, env={"SLURM_NODEID": "1"})
     assert per_node == ["deepspeed", "--num_gpus", "8", "--num_nodes", "2", "--hostfile", str(hf),
                         "--master_addr", "gpu01", "--master_port", "24242", "--no_ssh", "--node_rank", "1",
-                        "--module", "dist_secvec", "finetune", "--config", "configs/llama2_70b_qlora_sv_2node.yaml"]
+                        "--no_local_rank", "--module", "dist_secvec",
+                        "finetune", "--config", "configs/llama2_70b_qlora_sv_2node.yaml"]
 
 
 def test_sbatch_pdsh_mode_and_port_override(fakebin, tmp_path):
@@ -384,8 +401,8 @@ def test_deepspeed_sh_starts_two_cpu_ranks(fakebin, tmp_path):
             fakebin=fakebin, env=probe_env(tmp_path), timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     probes = sorted(ln for ln in r.stdout.splitlines() if ln.startswith("PROBE"))
-    assert probes == ["PROBE 0 0 2 1 --local_rank=0 finetune --config x.yaml",
-                      "PROBE 1 1 2 1 --local_rank=1 finetune --config x.yaml"]
+    # no --local_rank=N argument (it would land before the dist-secvec command): LOCAL_RANK env only
+    assert probes == ["PROBE 0 0 2 1 finetune --config x.yaml", "PROBE 1 1 2 1 finetune --config x.yaml"]
 
 
 @pytest.mark.slow
