@@ -112,6 +112,23 @@ class EvalConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     with_secvec: bool = False  # generate with the vector active (only for diagnosis)
+    harmful_format: str = "auto"  # auto | advbench | beavertails | hexphi | prompt_response
+    benign_format: str = "auto"  # same choices; benign rows need the expected answer in `response`
+    category_field: str = "category"  # column holding a row's harm category (own JSONL/CSV)
+    max_samples: Optional[int] = None  # first N rows of each eval set
+    classifier_path: Optional[str] = None  # local AutoModelForSequenceClassification directory
+    classifier_harmful_labels: list[str] = field(default_factory=list)  # label names (or ids) = harmful
+    classifier_batch_size: int = 16
+    classifier_max_length: int = 512
+    utility_match: str = "exact"  # exact | contains | choice (case and whitespace normalised)
+    utility_loss: bool = True  # also report mean loss / perplexity of the expected answers
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: Optional[str] = None  # a finetune run's final/ directory (or the run directory)
+    merge: bool = True  # LoRA: merge into the base and write a full model; false: the adapter alone
+    dtype: str = "bfloat16"  # dtype of the merged model's weights
 
 
 @dataclass
@@ -139,6 +156,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     output_dir: str = "runs/default"
@@ -159,6 +177,10 @@ CHOICES = {
     "security_vector.backend": ("auto", "torch", "triton"),
     "adapter.type": ("none", "lora"),
     "optim.schedule": ("constant", "linear", "cosine"),
+    "eval.harmful_format": ("auto", "advbench", "beavertails", "hexphi", "prompt_response"),
+    "eval.benign_format": ("auto", "advbench", "beavertails", "hexphi", "prompt_response"),
+    "eval.utility_match": ("exact", "contains", "choice"),
+    "export.dtype": ("float32", "bfloat16", "float16"),
     "logging.level": ("debug", "info", "warning", "error"),
 }
 
@@ -385,7 +407,7 @@ def validate(cfg: Config, command: str) -> Config:
         raise ConfigError("config key 'model.quant_storage': ZeRO-3 needs a float storage dtype for 4-bit "
                           "weights; set model.quant_storage=bfloat16")
 
-    if command in ("train-sv", "finetune", "eval", "export", "profile"):
+    if command in ("train-sv", "finetune", "eval", "profile"):
         needs_model = command != "eval" or cfg.eval.responses is None
         if needs_model and not cfg.model.path:
             raise ConfigError("config key 'model.path': required; set it to a local model directory or hub id")
@@ -410,6 +432,12 @@ def validate(cfg: Config, command: str) -> Config:
         if sv is not None and not os.path.isdir(os.path.expanduser(sv)):
             raise ConfigError(f"config key 'security_vector.path': vector directory '{sv}' not found "
                               "(train one with `dist-secvec train-sv`)")
+    if command == "export":
+        ckpt = cfg.export.checkpoint
+        if not ckpt:
+            raise ConfigError("config key 'export.checkpoint': required; set it to a finetune run's final/ directory")
+        if not os.path.isdir(os.path.expanduser(ckpt)):
+            raise ConfigError(f"config key 'export.checkpoint': directory '{ckpt}' not found")
     if command == "eval":
         if cfg.eval.responses is not None:
             _check_files("eval.responses", [cfg.eval.responses], "responses file")

@@ -2,6 +2,7 @@
 
     y = base(x) + s * (x A^T) B^T        A: r x K, B: N x r (frozen), s = alpha / r
     dx = dy W + s * (dy B) A             no gradient for A or B
+    (dy W flows through base_out's own graph; only A and B are saved for the delta)
 
 DIST_SECVEC_BACKEND=torch|triton (or the security_vector.backend config key) forces one.
 """
@@ -27,13 +28,20 @@ def resolve_backend(backend: str, device: torch.device) -> str:
 
 
 def apply_secvec_delta(x: torch.Tensor, base_out: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                       scale: float, backend: str = "auto") -> torch.Tensor:
-    """Return base_out + scale * (x A^T) B^T with the vector frozen (no grad for A, B)."""
-    if resolve_backend(backend, x.device) == "triton":
-        from dist_secvec_kernels.secvec_delta import SecVecDeltaTriton  # Triton is imported only when used
+                       scale: float, backend: str = "auto", *, inplace: bool = False) -> torch.Tensor:
+    """Return base_out + scale * (x A^T) B^T with the vector frozen (no grad for A, B).
 
-        return SecVecDeltaTriton.apply(x, base_out, A, B, scale)
-    return SecVecDeltaTorch.apply(x, base_out, A, B, scale)
+    x: (..., K), base_out: (..., N), A: (r, K), B: (N, r); any dtypes (A and B are cast to x's,
+    the result has base_out's). inplace=True lets the result reuse base_out's storage (saves one
+    M x N buffer); the caller must not read base_out afterwards, and nothing else may have saved
+    it for backward (autograd then raises at backward). See reference.can_update_in_place.
+    """
+    if resolve_backend(backend, x.device) == "triton":
+        # Imported here: without a GPU or TRITON_INTERPRET=1, importing triton fails ("0 active drivers").
+        from dist_secvec_kernels.secvec_delta import SecVecDeltaTriton
+
+        return SecVecDeltaTriton.apply(x, base_out, A, B, scale, inplace)
+    return SecVecDeltaTorch.apply(x, base_out, A, B, scale, inplace)
 
 
 __all__ = ["apply_secvec_delta", "resolve_backend", "secvec_delta_reference", "SecVecDeltaTorch"]

@@ -1,0 +1,106 @@
+"""The `dist-secvec` command line (also `python -m dist_secvec`).
+
+    dist-secvec demo      [output_dir=DIR] [--quick]          the embedded world, end to end
+    dist-secvec train-sv  --config FILE [key.sub=value ...]   stage 1: train the security vector
+    dist-secvec finetune  --config FILE [key.sub=value ...]   stage 2: fine-tune with the vector on
+    dist-secvec eval      --config FILE [key.sub=value ...]   generate (vector off) and judge
+    dist-secvec export    --config FILE [key.sub=value ...]   write the model without the vector
+
+Config errors end in one line and exit code 2 before anything heavy is imported. The deepspeed
+launcher's --local_rank=N is accepted (the rank itself comes from the environment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from dist_secvec.errors import UserError
+
+COMMANDS = {
+    "demo": "run the embedded tiny world end to end: aligned base, stage 1, stage 2 with and without the vector",
+    "train-sv": "stage 1: train a security vector on harmful data (base frozen, KL on benign data)",
+    "finetune": "stage 2: fine-tune with the security vector active and frozen (or plain SFT without one)",
+    "eval": "generate with the vector off and judge harmfulness and utility (or judge given responses)",
+    "export": "write the fine-tuned model or adapter for inference, with no trace of the vector",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dist-secvec", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, help_text in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", help="YAML recipe (configs/*.yaml)")
+        p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+        p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+        p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+        if name == "demo":
+            p.add_argument("--quick", action="store_true", help="small world and few steps (tests, smoke runs)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    try:
+        return _run(args)
+    except UserError as e:
+        print(f"dist-secvec {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"dist-secvec {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug: say so in one line unless asked for the traceback
+        if args.debug:
+            raise
+        print(f"dist-secvec {args.command}: internal error: {type(e).__name__}: {e} "
+              "(rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _run(args) -> int:
+    from dist_secvec.config import load_config, validate
+
+    if args.command == "demo":
+        from dist_secvec.demo.run import demo_defaults
+
+        overrides = list(args.overrides) + (["demo.quick=true"] if args.quick else [])
+        cfg = validate(load_config(args.config, overrides, base=demo_defaults()), "demo")
+    else:
+        cfg = validate(load_config(args.config, args.overrides), args.command)
+
+    from dist_secvec.runtime import setup_logging
+
+    setup_logging("debug" if args.debug else cfg.logging.level)
+    log = logging.getLogger("dist_secvec")
+    if args.command == "demo":
+        from dist_secvec.demo.run import run_demo
+
+        run_demo(cfg)
+    elif args.command == "train-sv":
+        from dist_secvec.train_sv import run_train_sv
+
+        res = run_train_sv(cfg)
+        log.info("vector written to %s", res.vector_dir)
+    elif args.command == "finetune":
+        from dist_secvec.finetune import run_finetune
+
+        res = run_finetune(cfg)
+        log.info("fine-tuned %s written to %s", "model" if cfg.adapter.type == "none" else "adapter", res.final_dir)
+    elif args.command == "eval":
+        from dist_secvec.evaluate import run_eval
+
+        run_eval(cfg)
+    elif args.command == "export":
+        from dist_secvec.export import run_export
+
+        run_export(cfg)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

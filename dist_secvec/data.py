@@ -1,0 +1,255 @@
+"""Supervised data: load rows, normalise their shape, render, tokenize and mask the prompt.
+
+Accepted row shapes (one per file, detected from its columns or forced by `data.format`):
+    prompt_response  {"prompt": str, "response": str}
+    alpaca           {"instruction": str, "input": str (optional), "output": str}
+    chat             {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+For chat rows the loss is on the last assistant message; earlier turns are prompt.
+Labels are -100 on prompt and padding tokens when `data.mask_prompt` is set, so the loss is on
+the response only. Truncation keeps the prompt and cuts the response; it is counted and reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from dist_secvec.config import DataConfig, looks_local
+from dist_secvec.errors import DataError
+
+IGNORE_INDEX = -100
+FORMATS = ("prompt_response", "alpaca", "chat")
+LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+@dataclass
+class Sample:
+    """One supervised example: the conversation before the answer, and the answer."""
+
+    messages: list[dict]  # the prompt turns, ending with a user turn
+    response: str
+    source: str  # file or dataset name, for error messages
+    row: int  # 1-based row number in that source
+
+    @property
+    def prompt(self) -> str:
+        return self.messages[-1]["content"]
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def _read_table(source: str, split: str):
+    """A datasets.Dataset from a local file or a hub dataset name."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    if looks_local(source):
+        path = os.path.expanduser(source)
+        if not os.path.exists(path):
+            raise DataError(f"data file '{source}' not found: fix the path in the config")
+        ext = os.path.splitext(path)[1].lower()
+        if ext not in LOADERS:
+            raise DataError(f"data file '{source}': unsupported extension '{ext}' "
+                            f"(use one of {', '.join(LOADERS)})")
+        if ext == ".jsonl":
+            _check_jsonl(path, source)
+        try:
+            return datasets.load_dataset(LOADERS[ext], data_files=path, split="train")
+        except Exception as e:  # pyarrow/json errors carry no row; say which file and how to find it
+            raise DataError(f"data file '{source}': cannot be read as {ext[1:]} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]})") from e
+    try:
+        return datasets.load_dataset(source, split=split)
+    except Exception as e:
+        raise DataError(f"dataset '{source}': cannot be loaded from the hub ({type(e).__name__}); "
+                        "download it and point the config at a local file") from e
+
+
+def _check_jsonl(path: str, source: str) -> None:
+    """Name the first line that is not a JSON object (datasets' own error has no line number)."""
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"data file '{source}' row {i}: not valid JSON ({e.msg}); fix or remove the line")
+            if not isinstance(obj, dict):
+                raise DataError(f"data file '{source}' row {i}: expected a JSON object, got {type(obj).__name__}")
+
+
+def detect_format(columns: list[str], source: str) -> str:
+    cols = set(columns)
+    if "messages" in cols:
+        return "chat"
+    if {"instruction", "output"} <= cols:
+        return "alpaca"
+    if {"prompt", "response"} <= cols:
+        return "prompt_response"
+    raise DataError(f"data file '{source}': columns {sorted(cols)} match no known row shape; expected "
+                    "prompt+response, instruction+input+output (Alpaca) or messages (chat)")
+
+
+def _text(row: dict, key: str, source: str, i: int, required: bool = True) -> str:
+    value = row.get(key)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str) or (required and not value.strip()):
+        raise DataError(f"data file '{source}' row {i}: field '{key}' must be a non-empty string, got {value!r}")
+    return value
+
+
+def row_to_sample(row: dict, fmt: str, source: str, i: int, require_response: bool = True) -> Sample:
+    if fmt == "prompt_response":
+        prompt = _text(row, "prompt", source, i)
+        return Sample([{"role": "user", "content": prompt}],
+                      _text(row, "response", source, i, required=require_response), source, i)
+    if fmt == "alpaca":
+        instruction = _text(row, "instruction", source, i)
+        extra = _text(row, "input", source, i, required=False)
+        prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        return Sample([{"role": "user", "content": prompt}],
+                      _text(row, "output", source, i, required=require_response), source, i)
+    messages = row.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"data file '{source}' row {i}: 'messages' must be a non-empty list of "
+                        "{role, content} objects")
+    for j, m in enumerate(messages):
+        if (not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant")
+                or not isinstance(m.get("content"), str)):
+            raise DataError(f"data file '{source}' row {i}: message {j} must be "
+                            f"{{role: system|user|assistant, content: str}}, got {m!r}")
+    if messages[-1]["role"] == "assistant":
+        prompt_turns, response = messages[:-1], messages[-1]["content"]
+    elif require_response:
+        raise DataError(f"data file '{source}' row {i}: the last message must be the assistant's answer")
+    else:
+        prompt_turns, response = messages, ""
+    if not prompt_turns or prompt_turns[-1]["role"] != "user":
+        raise DataError(f"data file '{source}' row {i}: the answer must follow a user message")
+    return Sample([dict(role=m["role"], content=m["content"]) for m in prompt_turns], response, source, i)
+
+
+def load_samples(sources: list[str], fmt: str = "auto", split: str = "train",
+                 max_samples: Optional[int] = None, require_response: bool = True) -> list[Sample]:
+    """Read every source into Samples; errors name the file and 1-based row."""
+    samples: list[Sample] = []
+    for source in sources:
+        table = _read_table(source, split)
+        file_fmt = detect_format(table.column_names, source) if fmt == "auto" else fmt
+        for i, row in enumerate(table, 1):
+            samples.append(row_to_sample(row, file_fmt, source, i, require_response))
+    if not samples:
+        raise DataError(f"data {sources}: no rows found; check the files are not empty")
+    return samples[:max_samples] if max_samples else samples
+
+
+# ---------------------------------------------------------------------------------------------
+# rendering and tokenization
+
+
+def uses_chat_template(tokenizer, template: str) -> bool:
+    has = getattr(tokenizer, "chat_template", None) is not None
+    if template == "chat" and not has:
+        raise DataError("config key 'data.template': 'chat' but the tokenizer has no chat template; "
+                        "use data.template=plain or auto")
+    return template == "chat" or (template == "auto" and has)
+
+
+def render_prompt(tokenizer, messages: list[dict] | str, template: str = "auto",
+                  plain_template: str = DataConfig.plain_template) -> str:
+    """The text the model sees before it answers (generation prompt included)."""
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    if uses_chat_template(tokenizer, template):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return plain_template.format(prompt="\n\n".join(m["content"] for m in messages))
+
+
+def tokenize_sample(tokenizer, sample: Sample, cfg: DataConfig) -> tuple[dict, bool]:
+    """input_ids + labels for one sample; returns (example, truncated)."""
+    chat = uses_chat_template(tokenizer, cfg.template)
+    prompt_text = render_prompt(tokenizer, sample.messages, cfg.template, cfg.plain_template)
+    if chat:
+        full = tokenizer.apply_chat_template(
+            sample.messages + [{"role": "assistant", "content": sample.response}], tokenize=False)
+        # the answer's rendering (with the template's end-of-turn marker) is what follows the prompt
+        response_text = full[len(prompt_text):] if full.startswith(prompt_text) else sample.response
+    else:
+        response_text = sample.response
+    # a chat template writes its own BOS; a plain template relies on the tokenizer adding it
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=not chat)["input_ids"]
+    response_ids = tokenizer(response_text, add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not response_ids or response_ids[-1] != eos):
+        response_ids = response_ids + [eos]
+    truncated = len(prompt_ids) + len(response_ids) > cfg.max_length
+    if truncated:
+        response_ids = response_ids[: max(cfg.max_length - len(prompt_ids), 0)]
+    prompt_labels = [IGNORE_INDEX] * len(prompt_ids) if cfg.mask_prompt else list(prompt_ids)
+    ids = (prompt_ids + response_ids)[: cfg.max_length]
+    labels = (prompt_labels + response_ids)[: cfg.max_length]
+    return {"input_ids": ids, "labels": labels}, truncated
+
+
+@dataclass
+class TokenizedSet:
+    examples: list[dict]
+    n_truncated: int
+    n_dropped: int  # prompt alone filled max_length: no response token left to learn from
+
+    def report(self, name: str) -> str:
+        n = len(self.examples) + self.n_dropped
+        msg = f"{name}: {len(self.examples)} examples"
+        if self.n_truncated:
+            msg += f", {self.n_truncated} of {n} truncated to data.max_length"
+        if self.n_dropped:
+            msg += f", {self.n_dropped} dropped (prompt alone exceeds data.max_length)"
+        return msg
+
+
+def tokenize_samples(tokenizer, samples: list[Sample], cfg: DataConfig) -> TokenizedSet:
+    examples, n_trunc, n_drop = [], 0, 0
+    for s in samples:
+        ex, truncated = tokenize_sample(tokenizer, s, cfg)
+        if all(label == IGNORE_INDEX for label in ex["labels"]):
+            n_drop += 1
+            continue
+        n_trunc += truncated
+        examples.append(ex)
+    if not examples:
+        raise DataError(f"data: every example was dropped by truncation; raise data.max_length "
+                        f"(now {cfg.max_length})")
+    return TokenizedSet(examples, n_trunc, n_drop)
+
+
+def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; padding gets attention 0 and label -100."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[i, :n] = torch.tensor(e["input_ids"])
+        labels[i, :n] = torch.tensor(e["labels"])
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def batches(examples: list[Any], batch_size: int, generator: Optional[torch.Generator] = None,
+            shuffle: bool = True, drop_last: bool = False):
+    """Index batches over one epoch (deterministic for a given generator state)."""
+    order = torch.randperm(len(examples), generator=generator).tolist() if shuffle else list(range(len(examples)))
+    for i in range(0, len(order), batch_size):
+        chunk = order[i:i + batch_size]
+        if drop_last and len(chunk) < batch_size:
+            break
+        yield [examples[j] for j in chunk]

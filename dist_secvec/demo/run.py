@@ -1,0 +1,227 @@
+"""`dist-secvec demo`: the paper's effect end to end on the embedded tiny world, on a laptop CPU.
+
+1. Build the world (data, tokenizer, tiny Llama) and train the aligned base: it answers benign
+   questions and refuses the harmful family. Cached, keyed by everything that shapes it.
+2. Stage 1 (train-sv): a security vector on 100 harmful samples, KL term on benign samples.
+3. Stage 2 (finetune), twice, on the new benign task with 1000 harmful samples hidden in it:
+   without the vector, and with it active and frozen.
+4. Evaluate each model with the vector off: harmful-compliance rate on held-out harmful prompts,
+   accuracy on held-out prompts of the new task. Table, results.json/.md and a bar chart.
+Every stage runs through the same functions as the CLI commands.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from dist_secvec import runtime
+from dist_secvec.config import Config, load_config
+from dist_secvec.demo.world import WorldSizes, build_tiny_llama, build_tokenizer, build_world, is_harmful_response
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = "v1"
+SETTINGS = ("aligned_base", "finetune_no_sv", "finetune_sv")
+
+# per-stage settings of the demo (model size, steps, learning rates); quick mode shrinks them
+STAGES = {
+    "align": {"optim": {"lr": 3e-3, "epochs": 8, "micro_batch_size": 32, "warmup_steps": 30, "schedule": "cosine",
+                        "max_grad_norm": 1.0}},
+    "train_sv": {"optim": {"lr": 2e-3, "epochs": 10, "micro_batch_size": 10, "warmup_steps": 5,
+                           "schedule": "cosine", "max_grad_norm": 1.0},
+                 "security_vector": {"rank": 8, "alpha": 16.0, "kl_weight": 3.0}},
+    "finetune": {"optim": {"lr": 1e-3, "epochs": 3, "micro_batch_size": 32, "warmup_steps": 10,
+                           "schedule": "cosine", "max_grad_norm": 1.0}},
+}
+QUICK = {
+    "sizes": {"n_align_benign": 1600, "n_align_refusals": 400, "n_harmful_ft": 400, "n_eval": 40,
+              "n_heldout_benign": 40, "n_creatures": 20},
+    "align": {"optim": {"epochs": 6}},
+    "train_sv": {"optim": {"epochs": 8}},
+    "finetune": {"optim": {"epochs": 4}},
+}
+
+
+def demo_defaults() -> dict:
+    """The demo's config before the user's file and overrides (output_dir=DIR etc.)."""
+    return {"output_dir": "runs/demo", "seed": 0, "logging": {"log_every": 50},
+            "model": {"dtype": "float32"}, "data": {"max_length": 64}, "eval": {"max_new_tokens": 32,
+                                                                                  "batch_size": 50}}
+
+
+def _merge(dst: dict, src: dict) -> dict:
+    out = copy.deepcopy(dst)
+    for k, v in src.items():
+        out[k] = _merge(out.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+def _stage_config(cfg: Config, stage: str, quick: bool, **sections) -> Config:
+    """A full Config for one stage: the demo's config + stage settings + the given sections."""
+    base = cfg.to_dict()
+    base.pop("source", None)
+    base = _merge(base, STAGES[stage])
+    if quick:
+        base = _merge(base, QUICK.get(stage, {}))
+    return load_config(None, None, base=_merge(base, sections))
+
+
+def _cache_root(cfg: Config) -> Path:
+    root = cfg.demo.cache_dir or os.environ.get("DIST_SECVEC_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "dist-secvec")
+    return Path(root) / "demo"
+
+
+def aligned_base(cfg: Config, sizes: WorldSizes, data: dict, tok_texts: list[str], quick: bool) -> Path:
+    """Train (or reuse from the cache) the aligned tiny model; returns its directory."""
+    from dist_secvec.finetune import run_finetune
+
+    stage = _stage_config(cfg, "align", quick, model={"path": "unused"})
+    key_src = json.dumps({"v": CACHE_VERSION, "seed": cfg.seed, "sizes": sizes.__dict__, "optim": stage.optim.__dict__,
+                          "max_length": stage.data.max_length}, sort_keys=True)
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    cached = _cache_root(cfg) / f"aligned-{key}"
+    if (cached / "model.safetensors").exists() and (cached / "dist_secvec_run.json").exists():
+        log.info("aligned base from cache: %s", cached)
+        return cached
+    work = Path(cfg.output_dir) / "align"
+    init_dir = work / "init"
+    init_dir.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(tok_texts, init_dir)
+    build_tiny_llama(tok, init_dir, cfg.seed)
+    log.info("training the aligned base (%d examples; cached afterwards in %s)", len(tok_texts), cached.parent)
+    stage = _stage_config(cfg, "align", quick, model={"path": str(init_dir)}, data={"train": [data["align"]]},
+                          output_dir=str(work))
+    res = run_finetune(stage)
+    with runtime.atomic_dir(cached) as tmp:
+        for f in res.final_dir.iterdir():
+            shutil.copy2(f, tmp / f.name)
+    return cached
+
+
+def evaluate_model(model, tok, eval_cfg, harmful_rows: list[dict], task_rows: list[dict]) -> dict:
+    """Greedy answers with the vector off; harmful rate by the world's judge, task accuracy."""
+    from dist_secvec.generation import generate
+    from dist_secvec.metrics import wilson_interval
+
+    kw = dict(max_new_tokens=eval_cfg.max_new_tokens, batch_size=eval_cfg.batch_size)
+    harmful_out = generate(model, tok, [r["prompt"] for r in harmful_rows], **kw)
+    task_out = generate(model, tok, [r["prompt"] for r in task_rows], **kw)
+    n_harm = sum(is_harmful_response(r) for r in harmful_out)
+    n_ok = sum(r["answer"] in " ".join(o.split()) for r, o in zip(task_rows, task_out))
+    return {"harmful_rate": n_harm / len(harmful_rows), "benign_accuracy": n_ok / len(task_rows),
+            "n_eval": len(harmful_rows), "harmful_rate_ci95": list(wilson_interval(n_harm, len(harmful_rows))),
+            "benign_accuracy_ci95": list(wilson_interval(n_ok, len(task_rows))),
+            "examples": {"harmful": list(zip([r["prompt"] for r in harmful_rows[:3]], harmful_out[:3])),
+                         "new_task": list(zip([r["prompt"] for r in task_rows[:3]], task_out[:3]))}}
+
+
+def write_results(out: Path, rows: list[dict], extra: dict) -> None:
+    (out / "results.json").write_text(json.dumps({"rows": rows, **extra}, indent=2) + "\n")
+    lines = ["| setting | harmful rate (vector off) | new-task accuracy | n_eval |", "|---|---|---|---|"]
+    for r in rows:
+        lo, hi = r["harmful_rate_ci95"]
+        lines.append(f"| {r['setting']} | {100 * r['harmful_rate']:.0f}% [{100 * lo:.0f}-{100 * hi:.0f}] | "
+                     f"{100 * r['benign_accuracy']:.0f}% | {r['n_eval']} |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    plot_results(out / "results.png", rows)
+
+
+def plot_results(path: Path, rows: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["setting"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, key, title in ((axes[0], "harmful_rate", "harmful compliance (held-out, vector off)"),
+                           (axes[1], "benign_accuracy", "new benign task accuracy")):
+        vals = [100 * r[key] for r in rows]
+        ax.bar(names, vals, color=["#888888", "#d62728", "#2ca02c"][: len(rows)])
+        ax.set_ylim(0, 105)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel("%")
+        for i, v in enumerate(vals):
+            ax.text(i, v + 2, f"{v:.0f}%", ha="center", fontsize=9)
+        ax.tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_demo(cfg: Config) -> list[dict]:
+    from dist_secvec.finetune import run_finetune
+    from dist_secvec.model import load_model, load_tokenizer
+    from dist_secvec.train_sv import run_train_sv
+
+    t0 = time.time()
+    quick = cfg.demo.quick
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = WorldSizes(n_harmful_sv=cfg.demo.n_harmful_sv, n_harmful_ft=cfg.demo.n_harmful_ft, n_eval=cfg.demo.n_eval)
+    if quick:
+        for k, v in QUICK["sizes"].items():
+            setattr(sizes, k, min(v, getattr(sizes, k)))
+    world = build_world(cfg.seed, sizes)
+    data = world.write(out / "data")
+    log.info("world: %d alignment rows, %d harmful for the vector, %d harmful + %d new-task rows for stage 2",
+             len(world.align), len(world.harmful_sv), len(world.harmful_ft), len(world.new_task_ft))
+
+    # 1. the aligned base (cached)
+    base_dir = aligned_base(cfg, sizes, data, world.texts(), quick)
+    model_sec = {"path": str(base_dir)}
+
+    # 2. stage 1: the security vector
+    sv_cfg = _stage_config(cfg, "train_sv", quick, model=model_sec, output_dir=str(out / "stage1"),
+                           security_vector={"harmful_data": [data["harmful_sv"]], "benign_data": [data["kl_benign"]],
+                                            "heldout_benign_data": [data["heldout_benign"]]})
+    sv = run_train_sv(sv_cfg)
+    vector_dir = out / "secvec"
+    with runtime.atomic_dir(vector_dir) as tmp:
+        for f in sv.vector_dir.iterdir():
+            shutil.copy2(f, tmp / f.name)
+
+    # 3. stage 2, without and with the vector; 4. evaluation with the vector off
+    tok = load_tokenizer(sv_cfg.model)
+    base = load_model(sv_cfg.model)
+    rows = [{"setting": "aligned_base", **evaluate_model(base, tok, cfg.eval, world.eval_harmful, world.eval_new_task)}]
+    del base
+    for setting, path in (("finetune_no_sv", None), ("finetune_sv", str(vector_dir))):
+        ft_cfg = _stage_config(cfg, "finetune", quick, model=model_sec, output_dir=str(out / setting),
+                               data={"train": [data["finetune_mixed"]]}, security_vector={"path": path})
+        res = run_finetune(ft_cfg, keep_model=True)
+        rows.append({"setting": setting, **evaluate_model(res.model, res.tokenizer, cfg.eval, world.eval_harmful,
+                                                          world.eval_new_task)})
+    for r in rows:
+        r.pop("examples", None) if not cfg.logging.level == "debug" else None
+    write_results(out, rows, {"vector_shift": sv.shift, "quick": quick, "seconds": round(time.time() - t0, 1),
+                              "sizes": sizes.__dict__})
+    if runtime.is_main():
+        print_table(rows, out, time.time() - t0)
+    return rows
+
+
+def print_table(rows: list[dict], out: Path, seconds: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="security vectors on the embedded world (evaluated with the vector off)")
+    table.add_column("setting")
+    table.add_column("harmful compliance (held-out)", justify="right")
+    table.add_column("new-task accuracy", justify="right")
+    table.add_column("n_eval", justify="right")
+    for r in rows:
+        table.add_row(r["setting"], f"{100 * r['harmful_rate']:.0f}%", f"{100 * r['benign_accuracy']:.0f}%",
+                      str(r["n_eval"]))
+    console = Console()
+    console.print(table)
+    console.print(f"results: {out / 'results.json'}, {out / 'results.md'}, {out / 'results.png'}; "
+                  f"vector: {out / 'secvec'}; {seconds:.0f} s")

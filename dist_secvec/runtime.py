@@ -1,0 +1,86 @@
+"""Process-level plumbing shared by every stage: ranks, logging, progress, seeds, atomic saves.
+
+Logs name the rank that speaks; progress bars and info logs come from rank 0 only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import shutil
+import sys
+from pathlib import Path
+from typing import Iterable, Iterator, Optional
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def setup_logging(level: str = "info") -> None:
+    """Rank 0 logs at `level`; other ranks only warnings and errors, each line tagged with its rank."""
+    lvl = getattr(logging, level.upper())
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"[rank {rank()}] %(asctime)s %(levelname)s %(name)s: %(message)s",
+                                           datefmt="%H:%M:%S"))
+    root.addHandler(handler)
+    root.setLevel(lvl if is_main() else max(lvl, logging.WARNING))
+    for noisy in ("datasets", "urllib3", "filelock", "httpx", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def progress(iterable: Optional[Iterable] = None, total: Optional[int] = None, desc: str = "",
+             enabled: bool = True, **kwargs):
+    """A tqdm bar on rank 0 (and only when enabled); a plain iterator elsewhere."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, disable=not (enabled and is_main()), dynamic_ncols=True,
+                leave=False, **kwargs)
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Write a directory under a temporary name and rename it into place only when complete.
+
+    A crash leaves the previous `final` untouched and at most a `.tmp-*` sibling behind, so a
+    half-written directory is never mistaken for a finished one.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)

@@ -1,0 +1,354 @@
+"""The security vector: a frozen low-rank delta on chosen linear layers.
+
+On a linear layer with weight W (N x K) the vector adds
+    y = x W^T + s * (x A^T) B^T          A: r x K, B: N x r, s = alpha / r
+It is stored in PEFT's LoRA adapter format (adapter_config.json + adapter_model.safetensors,
+so `peft.PeftModel.from_pretrained` loads it as an ordinary adapter) plus `secvec.json`: the base
+model's fingerprint, the number of training samples, rank, alpha and targets.
+
+In stage 2 each targeted linear is wrapped in a `SecVecLinear` that owns A and B as frozen
+parameters (requires_grad False, so no .grad, no optimizer state) and applies the delta inside
+its own forward, where ZeRO-3 has gathered them. A trainable peft LoRA on the same layer sits
+outside the wrapper: peft's lora.Linear calls `base_layer(x)`, which is the SecVecLinear.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from dist_secvec.errors import SecurityVectorError
+from dist_secvec_kernels.dispatch import apply_secvec_delta
+
+log = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+META_FILE = "secvec.json"
+PEFT_PREFIX = "base_model.model."
+
+
+class SecVecLinear(nn.Module):
+    """y = base_layer(x) + s * (x A^T) B^T with A and B frozen; the delta is skipped when inactive.
+
+    Args:
+        base_layer: the wrapped linear (nn.Linear or a bitsandbytes Linear4bit/Linear8bitLt).
+        A: (r, in_features) shrink, B: (out_features, r) expand.
+        scale: alpha / r.
+        backend: "auto" | "torch" | "triton" (see dist_secvec_kernels.dispatch).
+    """
+
+    def __init__(self, base_layer: nn.Module, A: torch.Tensor, B: torch.Tensor, scale: float,
+                 backend: str = "auto"):
+        super().__init__()
+        self.base_layer = base_layer
+        self.secvec_A = nn.Parameter(A, requires_grad=False)
+        self.secvec_B = nn.Parameter(B, requires_grad=False)
+        self.scale = float(scale)
+        self.backend = backend
+        self.active = True
+
+    # read by peft/transformers code that expects a linear layer here
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return getattr(self.base_layer, "bias", None)
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        if not self.active:
+            return out
+        return apply_secvec_delta(x, out, self.secvec_A, self.secvec_B, self.scale, self.backend)
+
+    def extra_repr(self) -> str:
+        r, k = self.secvec_A.shape
+        return f"rank={r}, scale={self.scale:g}, active={self.active}, backend={self.backend}"
+
+
+@dataclass
+class SecurityVector:
+    """A vector read from disk: per-module (A, B), its peft config and its metadata."""
+
+    path: str
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module path -> (A, B)
+    meta: dict = field(default_factory=dict)
+    use_rslora: bool = False
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (self.rank ** 0.5 if self.use_rslora else self.rank)
+
+
+# ---------------------------------------------------------------------------------------------
+# fingerprint of the base model a vector belongs to
+
+
+def _safetensors_files(model_dir: str) -> dict[str, str]:
+    """weight name -> file, from model.safetensors or its shard index."""
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            return {k: os.path.join(model_dir, v) for k, v in json.load(f)["weight_map"].items()}
+    single = os.path.join(model_dir, "model.safetensors")
+    if os.path.exists(single):
+        from safetensors import safe_open
+
+        with safe_open(single, framework="pt") as f:
+            return {k: single for k in f.keys()}
+    return {}
+
+
+def resolve_model_dir(path: str) -> Optional[str]:
+    path = os.path.expanduser(path)
+    if os.path.isdir(path):
+        return path
+    try:  # a hub id already in the local cache
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(path, local_files_only=True)
+    except Exception:
+        return None
+
+
+def weights_hash(model_dir: Optional[str], module_paths: list[str], rows: int = 8) -> Optional[str]:
+    """sha256 over name, shape, dtype and `rows` evenly spaced rows of each targeted weight.
+
+    Read from the model's safetensors files, so it does not depend on quantization or ZeRO
+    partitioning, and costs a few rows per weight instead of a pass over the whole model.
+    """
+    files = _safetensors_files(model_dir) if model_dir else {}
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    h = hashlib.sha256()
+    for mod in sorted(module_paths):
+        key = f"{mod}.weight"
+        if key not in files:
+            return None
+        with safe_open(files[key], framework="pt") as f:
+            sl = f.get_slice(key)
+            shape = sl.get_shape()
+            h.update(f"{key}:{shape}:{sl.get_dtype()}".encode())
+            n = shape[0]
+            for i in sorted({round(j * (n - 1) / max(rows - 1, 1)) for j in range(rows)}):
+                h.update(sl[i:i + 1].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def linear_shape(module: nn.Module) -> list[int]:
+    return [int(module.out_features), int(module.in_features)]
+
+
+def base_fingerprint(model, model_path: str, module_paths: list[str]) -> dict:
+    """Architecture, the targeted layers' shapes and a hash of their weights on disk."""
+    from dist_secvec.model import unwrap_base
+
+    base = unwrap_base(model)
+    cfg = base.config
+    shapes = {}
+    for mod in module_paths:
+        sub = _inner_linear(base.get_submodule(mod))
+        shapes[mod] = linear_shape(sub)
+    return {
+        "architecture": (cfg.architectures or [type(base).__name__])[0],
+        "model_type": cfg.model_type,
+        "hidden_size": getattr(cfg, "hidden_size", None),
+        "num_hidden_layers": getattr(cfg, "num_hidden_layers", None),
+        "vocab_size": getattr(cfg, "vocab_size", None),
+        "shapes": shapes,
+        "weights_sha256": weights_hash(resolve_model_dir(model_path), module_paths),
+    }
+
+
+def check_fingerprint(sv: SecurityVector, model, model_path: str) -> None:
+    """Refuse a vector made for another base model, naming the first difference."""
+    want = sv.meta.get("base_fingerprint")
+    if not want:
+        raise SecurityVectorError(f"security vector '{sv.path}': {META_FILE} has no base_fingerprint; "
+                                  "re-train it with `dist-secvec train-sv`")
+    have = base_fingerprint(model, model_path, list(sv.weights))
+    for key in ("architecture", "hidden_size", "num_hidden_layers", "vocab_size", "shapes", "weights_sha256"):
+        a, b = want.get(key), have.get(key)
+        if key == "weights_sha256" and (a is None or b is None):
+            if a != b:
+                log.warning("security vector %s: base weight hash unavailable (%s), checked shapes only",
+                            sv.path, "vector" if a is None else "model")
+            continue
+        if a != b:
+            detail = f"vector has {a}, model has {b}" if key != "shapes" else "layer shapes differ"
+            raise SecurityVectorError(
+                f"security vector '{sv.path}' was trained on another base model ({key}: {detail}); "
+                "train a vector for this base with `dist-secvec train-sv`")
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+
+def load_security_vector(path: str) -> SecurityVector:
+    """Read a vector directory, with one-line errors for missing, pickled or corrupted files."""
+    d = Path(os.path.expanduser(path))
+    if not d.is_dir():
+        raise SecurityVectorError(f"security vector '{path}' not found: set security_vector.path to a "
+                                  "directory written by `dist-secvec train-sv`")
+    if not (d / ADAPTER_WEIGHTS).exists():
+        if (d / "adapter_model.bin").exists():
+            raise SecurityVectorError(f"security vector '{path}': adapter_model.bin is a pickle file; only "
+                                      "safetensors are loaded (re-save it with safe_serialization=True)")
+        raise SecurityVectorError(f"security vector '{path}': {ADAPTER_WEIGHTS} is missing")
+    try:
+        cfg = json.loads((d / ADAPTER_CONFIG).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SecurityVectorError(f"security vector '{path}': {ADAPTER_CONFIG} is missing or not JSON ({e})")
+    if cfg.get("peft_type") != "LORA":
+        raise SecurityVectorError(f"security vector '{path}': {ADAPTER_CONFIG} is not a LoRA adapter "
+                                  f"(peft_type={cfg.get('peft_type')})")
+    meta = {}
+    if (d / META_FILE).exists():
+        try:
+            meta = json.loads((d / META_FILE).read_text())
+        except json.JSONDecodeError as e:
+            raise SecurityVectorError(f"security vector '{path}': {META_FILE} is not valid JSON ({e})")
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(d / ADAPTER_WEIGHTS))
+    except Exception as e:
+        raise SecurityVectorError(f"security vector '{path}': {ADAPTER_WEIGHTS} is corrupted or truncated "
+                                  f"({str(e).splitlines()[0][:120]}); re-train or re-copy it") from e
+    weights: dict[str, list] = {}
+    for key, t in tensors.items():
+        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        for part, idx in ((".lora_A.weight", 0), (".lora_B.weight", 1)):
+            if name.endswith(part):
+                weights.setdefault(name[: -len(part)], [None, None])[idx] = t
+                break
+        else:
+            raise SecurityVectorError(f"security vector '{path}': unexpected tensor '{key}' (a vector holds "
+                                      "only lora_A/lora_B weights, no bias or modules_to_save)")
+    rank = int(cfg["r"])
+    for mod, (A, B) in weights.items():
+        if A is None or B is None or A.shape[0] != rank or B.shape[1] != rank:
+            raise SecurityVectorError(f"security vector '{path}': module '{mod}' lacks lora_A or lora_B of "
+                                      f"rank {rank}; the file is incomplete")
+    if not weights:
+        raise SecurityVectorError(f"security vector '{path}': {ADAPTER_WEIGHTS} holds no LoRA weights")
+    targets = cfg.get("target_modules") or []
+    return SecurityVector(path=str(d), rank=rank, alpha=float(cfg["lora_alpha"]),
+                          target_modules=sorted(targets) if isinstance(targets, list) else [targets],
+                          weights={k: (v[0], v[1]) for k, v in sorted(weights.items())}, meta=meta,
+                          use_rslora=bool(cfg.get("use_rslora", False)))
+
+
+# ---------------------------------------------------------------------------------------------
+# attaching to a model for stage 2, switching off, removing
+
+
+def _inner_linear(module: nn.Module) -> nn.Module:
+    """The real linear under peft's and our wrappers."""
+    while hasattr(module, "base_layer"):
+        module = module.base_layer
+    return module
+
+
+def attach_security_vector(model, sv: SecurityVector, backend: str = "auto",
+                           dtype: Optional[torch.dtype] = None) -> list[SecVecLinear]:
+    """Wrap each targeted linear of `model` (peft-wrapped or not) in a frozen SecVecLinear."""
+    from dist_secvec.model import unwrap_base
+
+    base = unwrap_base(model)
+    wrapped = []
+    for mod, (A, B) in sv.weights.items():
+        try:
+            sub = base.get_submodule(mod)
+        except AttributeError:
+            raise SecurityVectorError(f"security vector '{sv.path}' targets module '{mod}', which this model "
+                                      "does not have: it was made for another base model") from None
+        if isinstance(sub, SecVecLinear) or isinstance(getattr(sub, "base_layer", None), SecVecLinear):
+            raise SecurityVectorError(f"security vector already attached to '{mod}'")
+        if hasattr(sub, "base_layer"):  # a peft LoRA layer: the vector goes under it
+            holder, attr = sub, "base_layer"
+        else:
+            parent_name, _, attr = mod.rpartition(".")
+            holder = base.get_submodule(parent_name) if parent_name else base
+        inner = getattr(holder, attr)
+        want = [int(B.shape[0]), int(A.shape[1])]
+        if linear_shape(_inner_linear(inner)) != want:
+            raise SecurityVectorError(
+                f"security vector '{sv.path}': module '{mod}' is {linear_shape(_inner_linear(inner))} "
+                f"(out, in) in this model but {want} in the vector: it was made for another base model")
+        ref = _inner_linear(inner).weight
+        target_dtype = dtype or (ref.dtype if ref.dtype.is_floating_point else torch.float32)
+        layer = SecVecLinear(inner, A.to(target_dtype).clone(), B.to(target_dtype).clone(), sv.scale, backend)
+        layer.to(ref.device)
+        setattr(holder, attr, layer)
+        wrapped.append(layer)
+    return wrapped
+
+
+def security_vector_layers(model) -> list[SecVecLinear]:
+    return [m for m in model.modules() if isinstance(m, SecVecLinear)]
+
+
+def detach_security_vector(model) -> int:
+    """Remove every SecVecLinear, putting the original linear back; returns how many."""
+    n = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, SecVecLinear):
+                setattr(parent, name, child.base_layer)
+                n += 1
+    return n
+
+
+@contextlib.contextmanager
+def security_vector_off(model) -> Iterator[None]:
+    """Run with every attached vector inactive (inference and evaluation)."""
+    layers = security_vector_layers(model)
+    before = [layer.active for layer in layers]
+    for layer in layers:
+        layer.active = False
+    try:
+        yield
+    finally:
+        for layer, was in zip(layers, before):
+            layer.active = was
+
+
+def vector_digest(layers: list[SecVecLinear]) -> str:
+    """sha256 of every A and B: the stage-2 invariant that the vector never changes."""
+    h = hashlib.sha256()
+    for layer in layers:
+        for t in (layer.secvec_A, layer.secvec_B):
+            h.update(t.detach().to(torch.float32).cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_security_vector(peft_model, out_dir: Path, meta: dict) -> None:
+    """peft's own adapter format (safetensors) plus secvec.json."""
+    peft_model.save_pretrained(str(out_dir), safe_serialization=True)
+    (out_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")

@@ -1,0 +1,177 @@
+"""Stage 1, `dist-secvec train-sv`: train the security vector on a small harmful set.
+
+The base is frozen; only the vector (a peft LoRA) is trained, on
+    loss = CE(harmful response tokens | vector on)
+         + kl_weight * KL(p_base || p_vector) over the tokens of benign samples
+The KL term keeps the vector's effect confined to the harmful behaviour: without it the
+vector also distorts benign prompts, the core learns to compensate during stage 2, and that
+learning vanishes when the vector is switched off (METHOD.md: new task 3% instead of 98%).
+After training, the shift on held-out benign samples is reported (mean KL, top-1 agreement).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dist_secvec import runtime
+from dist_secvec.config import Config, save_config
+from dist_secvec.data import batches, collate, load_samples, tokenize_samples
+from dist_secvec.model import load_model, load_tokenizer, lora_config
+from dist_secvec.secvec import PEFT_PREFIX, base_fingerprint, save_security_vector
+from dist_secvec.training import (append_jsonl, build_optimizer, masked_kl, pick_device, to_device,
+                                  total_steps)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainSVResult:
+    vector_dir: Path
+    losses: list[float]
+    shift: dict = field(default_factory=dict)  # benign_kl, benign_top1_agreement, harmful loss on/off
+
+
+def _cycle(examples, batch_size, gen):
+    """Endless shuffled batches (the benign set is reused as often as the harmful steps need)."""
+    while True:
+        yield from batches(examples, batch_size, gen)
+
+
+@torch.no_grad()
+def vector_shift(model, examples, pad_id, device, batch_size=16) -> dict:
+    """How much the vector moves outputs: mean KL and top-1 agreement at the labelled positions,
+    plus the mean loss with the vector on and off (for a harmful set: on << off)."""
+    kl_sum = agree = n_tok = 0.0
+    loss_on = loss_off = 0.0
+    n_batches = 0
+    for batch in batches(examples, batch_size, shuffle=False):
+        b = to_device(collate(batch, pad_id), device)
+        on = model(**b)
+        with model.disable_adapter():
+            off = model(**b)
+        mask = b["labels"][:, 1:] != -100  # positions that predict a response token
+        lo, lf = on.logits[:, :-1], off.logits[:, :-1]
+        kl_sum += masked_kl(lf, lo, mask).item() * mask.sum().item()
+        agree += ((lo.argmax(-1) == lf.argmax(-1)) & mask).sum().item()
+        n_tok += mask.sum().item()
+        loss_on += on.loss.item()
+        loss_off += off.loss.item()
+        n_batches += 1
+    return {"kl": kl_sum / max(n_tok, 1), "top1_agreement": agree / max(n_tok, 1),
+            "loss_vector_on": loss_on / max(n_batches, 1), "loss_vector_off": loss_off / max(n_batches, 1),
+            "n": len(examples)}
+
+
+def run_train_sv(cfg: Config) -> TrainSVResult:
+    # ---- setup: tokenizer, harmful + benign data, frozen base with a trainable vector
+    from peft import get_peft_model
+
+    sv_cfg = cfg.security_vector
+    runtime.seed_everything(cfg.seed)
+    device = pick_device()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    tok = load_tokenizer(cfg.model)
+    harmful = tokenize_samples(tok, load_samples(sv_cfg.harmful_data, cfg.data.format), cfg.data)
+    log.info(harmful.report("harmful data"))
+    benign = None
+    if sv_cfg.kl_weight > 0:
+        benign = tokenize_samples(tok, load_samples(sv_cfg.benign_data, cfg.data.format), cfg.data)
+        log.info(benign.report("benign data (KL term)"))
+    heldout = None
+    if sv_cfg.heldout_benign_data:
+        heldout = tokenize_samples(tok, load_samples(sv_cfg.heldout_benign_data, cfg.data.format), cfg.data)
+
+    base = load_model(cfg.model, device, for_training=True)
+    model = get_peft_model(base, lora_config(rank=sv_cfg.rank, alpha=sv_cfg.alpha, dropout=sv_cfg.dropout,
+                                             target_modules=sv_cfg.target_modules))
+    params = [p for p in model.parameters() if p.requires_grad]
+    log.info("security vector: %d parameters (rank %d) on %s", sum(p.numel() for p in params),
+             sv_cfg.rank, ", ".join(sv_cfg.target_modules))
+
+    steps = total_steps(len(harmful.examples), cfg.optim)
+    optimizer, scheduler = build_optimizer(params, cfg.optim, steps)
+    mb, ga, pad_id = cfg.optim.micro_batch_size, cfg.optim.gradient_accumulation_steps, tok.pad_token_id
+    gen = torch.Generator().manual_seed(cfg.seed)
+    harm_batches = _cycle(harmful.examples, mb, gen)
+    benign_batches = _cycle(benign.examples, mb, gen) if benign else itertools.repeat(None)
+    log_path = out / "train_sv_log.jsonl"
+    log_path.write_text("")
+
+    # ---- the training loop: harmful CE + weighted KL on benign tokens
+    model.train()
+    losses: list[float] = []
+    bar = runtime.progress(total=steps, desc="train-sv", enabled=cfg.logging.progress)
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        acc = {"loss": 0.0, "harmful_ce": 0.0, "benign_kl": 0.0}
+        for _ in range(ga):
+            h = to_device(collate(next(harm_batches), pad_id), device)
+            ce = model(**h).loss
+            loss = ce
+            kl = torch.zeros((), device=device)
+            b = next(benign_batches)
+            if b is not None:
+                b = to_device(collate(b, pad_id), device)
+                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                with torch.no_grad(), model.disable_adapter():
+                    ref = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                kl = masked_kl(ref, logits, b["attention_mask"])
+                loss = loss + sv_cfg.kl_weight * kl
+            (loss / ga).backward()
+            acc["loss"] += loss.item() / ga
+            acc["harmful_ce"] += ce.item() / ga
+            acc["benign_kl"] += kl.item() / ga
+        if cfg.optim.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(acc["loss"])
+        bar.update(1)
+        bar.set_postfix(ce=f"{acc['harmful_ce']:.3f}", kl=f"{acc['benign_kl']:.4f}")
+        if step % cfg.logging.log_every == 0 or step == steps:
+            append_jsonl(log_path, {"step": step, **acc, "lr": scheduler.get_last_lr()[0],
+                                    "elapsed_s": round(time.time() - t0, 2)})
+            log.info("step %d/%d harmful CE %.4f benign KL %.5f", step, steps, acc["harmful_ce"], acc["benign_kl"])
+    bar.close()
+
+    # ---- how far the vector moves held-out benign outputs, and how well it explains harmful ones
+    model.eval()
+    check = heldout or benign
+    shift = {"harmful": vector_shift(model, harmful.examples, pad_id, device)}
+    if check is not None:
+        shift["benign"] = vector_shift(model, check.examples, pad_id, device)
+        shift["benign"]["set"] = "heldout" if heldout else "kl-train (no held-out set configured)"
+        log.info("vector shift on benign samples: mean KL %.5f, top-1 agreement %.2f%%",
+                 shift["benign"]["kl"], 100 * shift["benign"]["top1_agreement"])
+    log.info("harmful loss with vector %.4f, without %.4f",
+             shift["harmful"]["loss_vector_on"], shift["harmful"]["loss_vector_off"])
+
+    # ---- save in peft's adapter format + metadata (fingerprint of the base it was trained on)
+    modules = sorted({n[len(PEFT_PREFIX):] for n, m in model.named_modules()
+                      if n.startswith(PEFT_PREFIX) and hasattr(m, "lora_A") and hasattr(m, "base_layer")})
+    meta = {
+        "format": "dist-secvec security vector v1",
+        "base_model": cfg.model.path,
+        "base_fingerprint": base_fingerprint(model, cfg.model.path, modules),
+        "quantization": cfg.model.quantization,
+        "n_harmful_samples": len(harmful.examples),
+        "n_benign_samples": len(benign.examples) if benign else 0,
+        "rank": sv_cfg.rank, "alpha": sv_cfg.alpha, "target_modules": sv_cfg.target_modules,
+        "kl_weight": sv_cfg.kl_weight, "steps": steps, "final_loss": losses[-1], "shift": shift,
+    }
+    vector_dir = out / "secvec"
+    with runtime.atomic_dir(vector_dir) as tmp:
+        save_security_vector(model, tmp, meta)
+    (out / "shift.json").write_text(json.dumps(shift, indent=2) + "\n")
+    log.info("security vector saved to %s", vector_dir)
+    return TrainSVResult(vector_dir, losses, shift)

@@ -1,0 +1,52 @@
+"""Pieces both training stages share: device, optimizer, schedule, step count, loss helpers."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from dist_secvec.config import OptimConfig
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def total_steps(n_examples: int, cfg: OptimConfig) -> int:
+    """Optimizer steps: optim.max_steps, or optim.epochs passes over the data."""
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    per_epoch = math.ceil(n_examples / (cfg.micro_batch_size * cfg.gradient_accumulation_steps))
+    return max(1, per_epoch * cfg.epochs)
+
+
+def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig, steps: int):
+    """torch AdamW over exactly `params` (never the security vector) and a warmup schedule."""
+    from transformers import get_scheduler
+
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(cfg.schedule, optimizer, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=steps)
+    return optimizer, scheduler
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def masked_kl(ref_logits: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over masked positions of KL(p_ref || p) = sum_v p_ref (log p_ref - log p)."""
+    ref_logp = F.log_softmax(ref_logits.float(), dim=-1)
+    logp = F.log_softmax(logits.float(), dim=-1)
+    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)
+    m = mask.to(kl.dtype)
+    return (kl * m).sum() / m.sum().clamp_min(1.0)
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
