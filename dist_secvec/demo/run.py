@@ -27,14 +27,14 @@ from dist_secvec.demo.world import WorldSizes, build_tiny_llama, build_tokenizer
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = "v1"
+CACHE_VERSION = "v4"
 SETTINGS = ("aligned_base", "finetune_no_sv", "finetune_sv")
 
 # per-stage settings of the demo (model size, steps, learning rates); quick mode shrinks them
 STAGES = {
     "align": {"optim": {"lr": 3e-3, "epochs": 8, "micro_batch_size": 32, "warmup_steps": 30, "schedule": "cosine",
                         "max_grad_norm": 1.0}},
-    "train_sv": {"optim": {"lr": 2e-3, "epochs": 10, "micro_batch_size": 10, "warmup_steps": 5,
+    "train_sv": {"optim": {"lr": 5e-3, "epochs": 20, "micro_batch_size": 10, "warmup_steps": 10,
                            "schedule": "cosine", "max_grad_norm": 1.0},
                  "security_vector": {"rank": 8, "alpha": 16.0, "kl_weight": 3.0}},
     "finetune": {"optim": {"lr": 1e-3, "epochs": 3, "micro_batch_size": 32, "warmup_steps": 10,
@@ -42,7 +42,7 @@ STAGES = {
 }
 QUICK = {
     "sizes": {"n_align_benign": 1600, "n_align_refusals": 400, "n_harmful_ft": 400, "n_eval": 40,
-              "n_heldout_benign": 40, "n_creatures": 20},
+              "n_heldout_benign": 40, "n_new_countries": 20},
     "align": {"optim": {"epochs": 6}},
     "train_sv": {"optim": {"epochs": 8}},
     "finetune": {"optim": {"epochs": 4}},
@@ -96,7 +96,7 @@ def aligned_base(cfg: Config, sizes: WorldSizes, data: dict, tok_texts: list[str
     init_dir.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(tok_texts, init_dir)
     build_tiny_llama(tok, init_dir, cfg.seed)
-    log.info("training the aligned base (%d examples; cached afterwards in %s)", len(tok_texts), cached.parent)
+    log.info("training the aligned base (cached afterwards in %s)", cached.parent)
     stage = _stage_config(cfg, "align", quick, model={"path": str(init_dir)}, data={"train": [data["align"]]},
                           output_dir=str(work))
     res = run_finetune(stage)
