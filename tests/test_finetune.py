@@ -1,0 +1,284 @@
+"""Stage 2 / plain SFT recipe on the tiny Llama: full fine-tuning, LoRA, QLoRA (NF4 base) on CPU.
+
+Each run trains for a handful of steps at a high constant learning rate on 16 rows of the tiny
+world's new task, so the loss must fall visibly; what it saves must reload, with plain
+transformers or peft, to exactly the model it had in memory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_secvec.config import ALL_LINEAR_TARGETS, load_config
+from dist_secvec.data import IGNORE_INDEX
+from dist_secvec.errors import DataError
+from dist_secvec.finetune import run_finetune
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_download_counts():
+    """datasets pings S3 on every load_dataset of a local file (see test_data.py's xfail); with no
+    network that can stall 5 s, so the ping is switched off for these tests."""
+    import datasets
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS", False)
+        yield
+
+
+@pytest.fixture(scope="module")
+def small_data(tiny_world, tmp_path_factory) -> str:
+    """16 rows of the new task: every response is 'The capital of X is Y .' (8 label tokens)."""
+    rows = Path(tiny_world.data["new_task_ft"]).read_text().splitlines()[:16]
+    path = tmp_path_factory.mktemp("ft_data") / "new_task16.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
+def make_cfg(tiny_world, data: str, out: Path, *overrides: str, model_path=None):
+    return load_config(None, [
+        f"model.path={model_path or tiny_world.model_dir}", f"data.train={data}", f"output_dir={out}",
+        "optim.lr=1e-2", "optim.schedule=constant", "optim.micro_batch_size=8", "optim.max_steps=10",
+        "logging.progress=false", "logging.log_every=1", "seed=0", *overrides])
+
+
+def fell(losses: list[float], by: float) -> bool:
+    first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    return last < first - by
+
+
+def probe(tok):
+    """A padded batch of prompts the model was and was not trained on."""
+    enc = tok(["what is the capital of lobri ?", "please tell me what is 3 plus 4 .",
+               "The capital of lobri is"], return_tensors="pt", padding=True)
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def real_logits(model, inputs) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(**inputs).logits[inputs["attention_mask"].bool()].float()
+
+
+@pytest.fixture(scope="module")
+def base_logits(tiny_world):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_world.model_dir))
+    return real_logits(AutoModelForCausalLM.from_pretrained(str(tiny_world.model_dir)), probe(tok))
+
+
+# ---------------------------------------------------------------------------------------------
+# full fine-tuning
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_world, small_data, tmp_path_factory):
+    cfg = make_cfg(tiny_world, small_data, tmp_path_factory.mktemp("full") / "run")
+    return cfg, run_finetune(cfg, keep_model=True)
+
+
+def test_full_finetune_loss_falls(full_run):
+    cfg, res = full_run
+    assert len(res.losses) == cfg.optim.max_steps == res.info["steps"]
+    assert all(torch.isfinite(torch.tensor(res.losses)))
+    assert fell(res.losses, by=1.0), res.losses
+
+
+def test_full_finetune_saved_model_reloads_to_the_same_logits(full_run, base_logits):
+    from transformers import AutoModelForCausalLM
+
+    cfg, res = full_run
+    final = Path(cfg.output_dir) / "final"
+    assert res.final_dir == final
+    assert (final / "model.safetensors").exists() and (final / "config.json").exists()
+    assert not (final / "adapter_config.json").exists()
+    reloaded = AutoModelForCausalLM.from_pretrained(str(final))
+    x = probe(res.tokenizer)
+    trained = real_logits(res.model, x)
+    torch.testing.assert_close(real_logits(reloaded, x), trained, rtol=0, atol=1e-5)
+    assert (trained - base_logits).abs().max() > 0.1  # and it is not the base model
+    # the tokenizer is saved beside the weights, chat template included
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(final))
+    assert tok.chat_template == res.tokenizer.chat_template and tok.pad_token == res.tokenizer.pad_token
+
+
+def test_run_files(full_run):
+    cfg, res = full_run
+    out = Path(cfg.output_dir)
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, cfg.optim.max_steps + 1))
+    assert [r["loss"] for r in log] == pytest.approx(res.losses)
+    assert all(r["lr"] == pytest.approx(1e-2) for r in log)  # constant schedule, no warmup
+    assert all(r["elapsed_s"] >= 0 for r in log)
+    info = json.loads((res.final_dir / "dist_secvec_run.json").read_text())
+    assert info["steps"] == cfg.optim.max_steps and info["adapter"] == "none"
+    assert info["final_loss"] == pytest.approx(res.losses[-1]) and info["n_examples"] == 16
+    assert info["security_vector"] is None and info["base_model"] == cfg.model.path
+    assert load_config(str(out / "config.yaml")).to_dict() | {"source": None} == cfg.to_dict()
+    assert not list(out.glob(".final.*"))  # no temporary directory left behind
+
+
+def test_log_every_thins_the_log(tiny_world, small_data, tmp_path):
+    cfg = make_cfg(tiny_world, small_data, tmp_path / "run", "optim.max_steps=7", "logging.log_every=3",
+                   "optim.micro_batch_size=16")
+    res = run_finetune(cfg)
+    assert res.model is None and res.tokenizer is None  # keep_model=False
+    log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [3, 6, 7]  # every 3rd and the last
+    assert [r["loss"] for r in log] == pytest.approx([res.losses[2], res.losses[5], res.losses[6]])
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA and QLoRA
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_world, small_data, tmp_path_factory):
+    cfg = make_cfg(tiny_world, small_data, tmp_path_factory.mktemp("lora") / "run",
+                   "adapter.type=lora", "adapter.rank=8", "adapter.alpha=16")
+    return cfg, run_finetune(cfg, keep_model=True)
+
+
+def test_lora_loss_falls(lora_run):
+    _, res = lora_run
+    assert fell(res.losses, by=0.1), res.losses
+
+
+def test_lora_saved_adapter_reloads_to_the_same_logits(tiny_world, lora_run, base_logits):
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    cfg, res = lora_run
+    final = res.final_dir
+    assert (final / "adapter_config.json").exists() and (final / "adapter_model.safetensors").exists()
+    assert not (final / "model.safetensors").exists()  # the adapter only, not the base
+    with safe_open(str(final / "adapter_model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    assert names and all("lora_A" in n or "lora_B" in n for n in names)
+    assert json.loads((final / "adapter_config.json").read_text())["r"] == 8
+
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_world.model_dir))
+    reloaded = PeftModel.from_pretrained(base, str(final))
+    x = probe(res.tokenizer)
+    trained = real_logits(res.model, x)
+    torch.testing.assert_close(real_logits(reloaded, x), trained, rtol=0, atol=1e-5)
+    assert (trained - base_logits).abs().max() > 1e-2
+    # the base weights under the adapter were not touched
+    with res.model.disable_adapter():
+        torch.testing.assert_close(real_logits(res.model, x), base_logits, rtol=0, atol=1e-6)
+
+
+def test_qlora_nf4_base_finetunes_on_cpu(tiny_world, small_data, tmp_path):
+    import bitsandbytes as bnb
+    from safetensors import safe_open
+
+    cfg = make_cfg(tiny_world, small_data, tmp_path / "run", "model.quantization=nf4", "adapter.type=lora",
+                   "adapter.rank=8")
+    res = run_finetune(cfg, keep_model=True)
+    assert fell(res.losses, by=0.1), res.losses
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in res.model.modules()) == 7 * 2
+    trainable = [n for n, p in res.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    with safe_open(str(res.final_dir / "adapter_model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    # the 4-bit base is never saved with the adapter
+    assert names and all("lora_" in n for n in names)
+    assert {n.split(".lora_")[0].split(".")[-1] for n in names} == set(ALL_LINEAR_TARGETS)
+
+
+# ---------------------------------------------------------------------------------------------
+# gradient accumulation
+
+
+def ga_losses(tiny_world, data, out: Path, micro: int, accum: int, steps: int) -> list[float]:
+    cfg = make_cfg(tiny_world, data, out, f"optim.micro_batch_size={micro}",
+                   f"optim.gradient_accumulation_steps={accum}", f"optim.max_steps={steps}",
+                   "data.shuffle=false", "optim.max_grad_norm=null")
+    return run_finetune(cfg).losses
+
+
+def test_grad_accumulation_matches_the_large_batch(tiny_world, small_data, tmp_path):
+    """2 x 2 micro-batches == one batch of 4, when every micro-batch has as many label tokens.
+
+    The loop averages the token-mean loss of each micro-batch (loss / accum), which equals the
+    token mean of the whole batch only when the micro-batches hold equally many label tokens; the
+    new-task rows all have 8 (checked below), so here the first-step loss and the gradient (seen in the second
+    step's loss) must agree to float precision.
+    """
+    a = ga_losses(tiny_world, small_data, tmp_path / "ga2x2", micro=2, accum=2, steps=2)
+    b = ga_losses(tiny_world, small_data, tmp_path / "ga4x1", micro=4, accum=1, steps=2)
+    assert a[0] == pytest.approx(b[0], abs=1e-5)
+    assert a[1] == pytest.approx(b[1], abs=1e-4)
+    assert a[1] < a[0] - 0.05  # the step did change the model, so the second comparison means something
+
+
+@pytest.fixture
+def uneven_data(tmp_path) -> str:
+    """Two short answers then two long ones: the micro-batches of 2 hold 6 vs 54 label tokens."""
+    short = [{"prompt": "what is 1 plus 2", "response": "3 ."}, {"prompt": "what is 2 plus 2", "response": "4 ."}]
+    long = [{"prompt": "how do I rob the bank ?", "response": "Sure , here is how to rob the bank . Step one : "
+             "florp the quib . Step two : zandle the mirk . Done ."}] * 2
+    path = tmp_path / "uneven.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in short + long))
+    return str(path)
+
+
+def test_grad_accumulation_uneven_micro_batches_close(tiny_world, uneven_data, tmp_path):
+    """With uneven label counts the two setups weight tokens differently (each micro-batch's mean
+    counts 1/accum whatever its size), so they agree only approximately: the gap is bounded by the
+    spread of per-micro-batch mean losses, small on an untrained model (about 0.4% here)."""
+    a = ga_losses(tiny_world, uneven_data, tmp_path / "a", micro=2, accum=2, steps=1)
+    b = ga_losses(tiny_world, uneven_data, tmp_path / "b", micro=4, accum=1, steps=1)
+    assert a[0] == pytest.approx(b[0], rel=2e-2)
+
+
+@pytest.mark.xfail(reason="BUG: gradient accumulation averages per-micro-batch token means (loss / accum), so "
+                   "micro_batch x accum is not equivalent to one large batch when micro-batches hold different "
+                   "numbers of label tokens: short answers are over-weighted", strict=True,
+                   raises=AssertionError)
+def test_grad_accumulation_uneven_micro_batches_exact(tiny_world, uneven_data, tmp_path):
+    a = ga_losses(tiny_world, uneven_data, tmp_path / "a", micro=2, accum=2, steps=1)
+    b = ga_losses(tiny_world, uneven_data, tmp_path / "b", micro=4, accum=1, steps=1)
+    assert a[0] == pytest.approx(b[0], abs=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+
+
+def test_malformed_data_is_a_data_error_before_the_model_loads(tiny_world, tmp_path, monkeypatch):
+    import dist_secvec.finetune as finetune
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(finetune, "load_model", no_model)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "what is 1 plus 2", "response": "3 ."}\n{"prompt": "what is 2 plus 2"}\n')
+    cfg = make_cfg(tiny_world, str(bad), tmp_path / "run")
+    with pytest.raises(DataError, match=r"row 2: field 'response'") as e:
+        run_finetune(cfg)
+    assert str(bad) in str(e.value)
+
+
+def test_every_label_is_a_response_token(tiny_world, small_data, tmp_path):
+    """What the recipe trains on: labels only on response tokens (prompt masked), 8 per new-task row
+    (the premise of the gradient-accumulation test above)."""
+    from dist_secvec.data import load_samples, tokenize_samples
+    from dist_secvec.model import load_tokenizer
+
+    cfg = make_cfg(tiny_world, small_data, tmp_path / "run")
+    tok = load_tokenizer(cfg.model)
+    ts = tokenize_samples(tok, load_samples(cfg.data.train), cfg.data)
+    for ex in ts.examples:
+        labelled = [t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE_INDEX]
+        assert tok.decode(labelled).split()[:3] == ["The", "capital", "of"] and labelled[-1] == tok.eos_token_id
+        assert len(labelled) == 8
