@@ -59,6 +59,7 @@ class SecurityVectorConfig:
     alpha: float = 16.0
     target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR_TARGETS))
     dropout: float = 0.0
+    layers: Optional[list[int]] = None  # transformer block indices to adapt (None = all)
     # stage 1 (train-sv): harmful set the vector learns, benign set it must leave unchanged
     harmful_data: list[str] = field(default_factory=list)
     benign_data: list[str] = field(default_factory=list)

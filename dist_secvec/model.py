@@ -85,13 +85,13 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu", for_trainin
 
 
 def lora_config(cfg: AdapterConfig | None = None, *, rank: int = 8, alpha: float = 16.0,
-                dropout: float = 0.0, target_modules: list[str] | None = None):
+                dropout: float = 0.0, target_modules: list[str] | None = None, layers: list[int] | None = None):
     from peft import LoraConfig
 
     if cfg is not None:
         rank, alpha, dropout, target_modules = cfg.rank, cfg.alpha, cfg.dropout, cfg.target_modules
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
-                      bias="none", task_type="CAUSAL_LM")
+                      layers_to_transform=list(layers) if layers else None, bias="none", task_type="CAUSAL_LM")
 
 
 def add_trainable_adapter(model, cfg: AdapterConfig):

@@ -171,8 +171,10 @@ def base_fingerprint(model, model_path: str, module_paths: list[str]) -> dict:
     cfg = base.config
     shapes = {}
     for mod in module_paths:
-        sub = _inner_linear(base.get_submodule(mod))
-        shapes[mod] = linear_shape(sub)
+        try:
+            shapes[mod] = linear_shape(_inner_linear(base.get_submodule(mod)))
+        except AttributeError:  # no such module: another architecture or depth
+            shapes[mod] = None
     return {
         "architecture": (cfg.architectures or [type(base).__name__])[0],
         "model_type": cfg.model_type,
@@ -302,7 +304,9 @@ def attach_security_vector(model, sv: SecurityVector, backend: str = "auto",
                 f"security vector '{sv.path}': module '{mod}' is {linear_shape(_inner_linear(inner))} "
                 f"(out, in) in this model but {want} in the vector: it was made for another base model")
         ref = _inner_linear(inner).weight
-        target_dtype = dtype or (ref.dtype if ref.dtype.is_floating_point else torch.float32)
+        # a 4-bit layer stores its weight in quant_storage; the vector belongs in the compute dtype
+        compute = getattr(_inner_linear(inner), "compute_dtype", None)
+        target_dtype = dtype or compute or (ref.dtype if ref.dtype.is_floating_point else torch.float32)
         layer = SecVecLinear(inner, A.to(target_dtype).clone(), B.to(target_dtype).clone(), sv.scale, backend)
         layer.to(ref.device)
         setattr(holder, attr, layer)

@@ -92,7 +92,7 @@ def run_train_sv(cfg: Config) -> TrainSVResult:
 
     base = load_model(cfg.model, device, for_training=True)
     model = get_peft_model(base, lora_config(rank=sv_cfg.rank, alpha=sv_cfg.alpha, dropout=sv_cfg.dropout,
-                                             target_modules=sv_cfg.target_modules))
+                                             target_modules=sv_cfg.target_modules, layers=sv_cfg.layers))
     params = [p for p in model.parameters() if p.requires_grad]
     log.info("security vector: %d parameters (rank %d) on %s", sum(p.numel() for p in params),
              sv_cfg.rank, ", ".join(sv_cfg.target_modules))
@@ -166,7 +166,7 @@ def run_train_sv(cfg: Config) -> TrainSVResult:
         "quantization": cfg.model.quantization,
         "n_harmful_samples": len(harmful.examples),
         "n_benign_samples": len(benign.examples) if benign else 0,
-        "rank": sv_cfg.rank, "alpha": sv_cfg.alpha, "target_modules": sv_cfg.target_modules,
+        "rank": sv_cfg.rank, "alpha": sv_cfg.alpha, "target_modules": sv_cfg.target_modules, "layers": sv_cfg.layers,
         "kl_weight": sv_cfg.kl_weight, "steps": steps, "final_loss": losses[-1], "shift": shift,
     }
     vector_dir = out / "secvec"

@@ -153,7 +153,7 @@ def test_stage2_7b_recipes_use_the_stage1_output():
     stage1 = load_config(str(CONFIGS / "llama2_7b_train_sv.yaml"))
     for name in ("llama2_7b_full_sv_zero3_8gpu.yaml", "llama2_7b_qlora_sv_1gpu.yaml"):
         cfg = load_config(str(CONFIGS / name))
-        assert cfg.security_vector.path == stage1.output_dir
+        assert cfg.security_vector.path == f"{stage1.output_dir}/secvec"  # run_train_sv writes output_dir/secvec
         assert (cfg.security_vector.rank, cfg.security_vector.alpha) == (
             stage1.security_vector.rank, stage1.security_vector.alpha)
 

@@ -434,10 +434,6 @@ def test_fingerprint_refuses_other_base(other, key, tiny_world, stage1, other_ba
     assert not (tmp_path / "run" / "train_log.jsonl").exists()
 
 
-@pytest.mark.xfail(reason="BUG: base_fingerprint() calls base.get_submodule() for every module of the vector "
-                          "before comparing architecture/num_hidden_layers, so a vector whose layers the model "
-                          "lacks (trained on a deeper model) raises a raw AttributeError instead of "
-                          "SecurityVectorError", strict=True, raises=AttributeError)
 def test_fingerprint_refuses_shallower_base(stage1, other_bases):
     sv = load_security_vector(str(stage1.vector_dir))
     model = plain_base(other_bases["layers"])
@@ -585,7 +581,7 @@ def test_qlora_nf4_vector_frozen(tiny_world, stage1, harmful_ft_batch, tmp_path)
     assert len(res.losses) == 3 and all(torch.isfinite(torch.tensor(res.losses)))
     for layer in obs.attached.values():
         assert isinstance(layer.base_layer, bnb.nn.Linear4bit)
-    # bit-identical to the file in the dtype it was attached in (see the xfail below for which dtype)
+    # bit-identical to the file in the dtype it was attached in (the compute dtype, see the test below)
     dtype = next(iter(obs.attached.values())).secvec_A.dtype
     assert_vector_frozen(obs, stage1.vector_dir, dtype=dtype)
     lora_B = [p for n, p in res.model.named_parameters() if "lora_B" in n]
@@ -593,11 +589,6 @@ def test_qlora_nf4_vector_frozen(tiny_world, stage1, harmful_ft_batch, tmp_path)
     assert obs.loss_on < obs.loss_off - 0.2, (obs.loss_on, obs.loss_off)
 
 
-@pytest.mark.xfail(reason="BUG: attach_security_vector takes the vector's dtype from the base weight's storage "
-                          "dtype; for a bitsandbytes Linear4bit that is model.quant_storage (bfloat16 by "
-                          "default), not the compute dtype, so an fp32 vector is silently rounded to bf16 on "
-                          "an NF4 base with compute_dtype=float32 (with quant_storage=uint8 it stays fp32)",
-                   strict=True)
 def test_nf4_vector_keeps_compute_dtype(tiny_world, stage1):
     cfg = cfg_for(tiny_world, Path("/nonexistent"), "model.quantization=nf4", "model.compute_dtype=float32",
                   "model.quant_storage=bfloat16")

@@ -36,8 +36,12 @@ STAGES = {
                         "max_grad_norm": 1.0}},
     "train_sv": {"optim": {"lr": 5e-3, "epochs": 20, "micro_batch_size": 10, "warmup_steps": 10,
                            "schedule": "cosine", "max_grad_norm": 1.0},
-                 "security_vector": {"rank": 8, "alpha": 16.0, "kl_weight": 3.0}},
-    "finetune": {"optim": {"lr": 1e-3, "epochs": 3, "micro_batch_size": 32, "warmup_steps": 10,
+                 # the last block's attention only: measured on this world, a vector on every
+                 # projection of every block also carried part of the new benign task during
+                 # stage 2 (45-67% new-task accuracy with the vector off, against 100% without)
+                 "security_vector": {"rank": 8, "alpha": 16.0, "kl_weight": 3.0, "layers": [3],
+                                     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}},
+    "finetune": {"optim": {"lr": 1e-3, "epochs": 10, "micro_batch_size": 32, "warmup_steps": 10,
                            "schedule": "cosine", "max_grad_norm": 1.0}},
 }
 QUICK = {
@@ -45,7 +49,7 @@ QUICK = {
               "n_heldout_benign": 40, "n_new_countries": 20},
     "align": {"optim": {"epochs": 6}},
     "train_sv": {"optim": {"epochs": 8}},
-    "finetune": {"optim": {"epochs": 4}},
+    "finetune": {"optim": {"epochs": 8}},
 }
 
 
