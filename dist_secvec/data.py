@@ -11,6 +11,7 @@ the response only. Truncation keeps the prompt and cuts the response; it is coun
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from dataclasses import dataclass
@@ -44,11 +45,20 @@ class Sample:
 # loading
 
 
-def _read_table(source: str, split: str):
-    """A datasets.Dataset from a local file or a hub dataset name."""
+def _first_line(e: Exception) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0][:200]
+
+
+def _read_rows(source: str, split: str) -> tuple[list[str], list[tuple[int, dict]]]:
+    """(columns, [(row number, row)]) from a local file or a hub dataset.
+
+    Row numbers are what a user finds in an editor: the line of a JSONL file, the data line of a
+    CSV (header excluded), the index (from 1) of a JSON array or Parquet table.
+    """
     import datasets
 
     datasets.disable_progress_bars()
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False  # a local file must not ping the hub
     if looks_local(source):
         path = os.path.expanduser(source)
         if not os.path.exists(path):
@@ -57,22 +67,33 @@ def _read_table(source: str, split: str):
         if ext not in LOADERS:
             raise DataError(f"data file '{source}': unsupported extension '{ext}' "
                             f"(use one of {', '.join(LOADERS)})")
+        if os.path.getsize(path) == 0:
+            raise DataError(f"data file '{source}' is empty: add rows or remove it from the config")
         if ext == ".jsonl":
-            _check_jsonl(path, source)
+            return _read_jsonl(path, source)
+        if ext == ".csv":  # the csv module keeps every cell a string ("4" stays an answer)
+            with open(path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                rows = [(i, dict(r)) for i, r in enumerate(reader, 1)]
+            if not rows:
+                raise DataError(f"data file '{source}' has no rows: add rows or remove it from the config")
+            return list(reader.fieldnames or []), rows
         try:
-            return datasets.load_dataset(LOADERS[ext], data_files=path, split="train")
-        except Exception as e:  # pyarrow/json errors carry no row; say which file and how to find it
-            raise DataError(f"data file '{source}': cannot be read as {ext[1:]} ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0][:200]})") from e
-    try:
-        return datasets.load_dataset(source, split=split)
-    except Exception as e:
-        raise DataError(f"dataset '{source}': cannot be loaded from the hub ({type(e).__name__}); "
-                        "download it and point the config at a local file") from e
+            table = datasets.load_dataset(LOADERS[ext], data_files=path, split="train")
+        except Exception as e:  # pyarrow/json errors carry no row; say which file
+            raise DataError(f"data file '{source}': cannot be read as {ext[1:]} "
+                            f"({type(e).__name__}: {_first_line(e)})") from e
+    else:
+        try:
+            table = datasets.load_dataset(source, split=split)
+        except Exception as e:
+            raise DataError(f"dataset '{source}': cannot be loaded from the hub ({type(e).__name__}); "
+                            "download it and point the config at a local file") from e
+    return list(table.column_names), list(enumerate(table, 1))
 
 
-def _check_jsonl(path: str, source: str) -> None:
-    """Name the first line that is not a JSON object (datasets' own error has no line number)."""
+def _read_jsonl(path: str, source: str) -> tuple[list[str], list[tuple[int, dict]]]:
+    rows, columns = [], {}
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
@@ -83,6 +104,11 @@ def _check_jsonl(path: str, source: str) -> None:
                 raise DataError(f"data file '{source}' row {i}: not valid JSON ({e.msg}); fix or remove the line")
             if not isinstance(obj, dict):
                 raise DataError(f"data file '{source}' row {i}: expected a JSON object, got {type(obj).__name__}")
+            columns.update(dict.fromkeys(obj))
+            rows.append((i, obj))
+    if not rows:
+        raise DataError(f"data file '{source}' has no rows: add rows or remove it from the config")
+    return list(columns), rows
 
 
 def detect_format(columns: list[str], source: str) -> str:
@@ -128,6 +154,8 @@ def row_to_sample(row: dict, fmt: str, source: str, i: int, require_response: bo
                             f"{{role: system|user|assistant, content: str}}, got {m!r}")
     if messages[-1]["role"] == "assistant":
         prompt_turns, response = messages[:-1], messages[-1]["content"]
+        if require_response and not response.strip():
+            raise DataError(f"data file '{source}' row {i}: the final assistant message is empty")
     elif require_response:
         raise DataError(f"data file '{source}' row {i}: the last message must be the assistant's answer")
     else:
@@ -142,9 +170,9 @@ def load_samples(sources: list[str], fmt: str = "auto", split: str = "train",
     """Read every source into Samples; errors name the file and 1-based row."""
     samples: list[Sample] = []
     for source in sources:
-        table = _read_table(source, split)
-        file_fmt = detect_format(table.column_names, source) if fmt == "auto" else fmt
-        for i, row in enumerate(table, 1):
+        columns, rows = _read_rows(source, split)
+        file_fmt = detect_format(columns, source) if fmt == "auto" else fmt
+        for i, row in rows:
             samples.append(row_to_sample(row, file_fmt, source, i, require_response))
     if not samples:
         raise DataError(f"data {sources}: no rows found; check the files are not empty")

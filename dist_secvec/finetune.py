@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 
 from dist_secvec import runtime
 from dist_secvec.config import Config, save_config
-from dist_secvec.data import batches, collate, load_samples, tokenize_samples
+from dist_secvec.data import IGNORE_INDEX, batches, collate, load_samples, tokenize_samples
 from dist_secvec.errors import SecurityVectorError
 from dist_secvec.model import add_trainable_adapter, count_parameters, load_model, load_tokenizer
 from dist_secvec.secvec import (attach_security_vector, check_fingerprint, detach_security_vector,
@@ -33,10 +34,16 @@ log = logging.getLogger(__name__)
 @dataclass
 class FinetuneResult:
     final_dir: Path
-    losses: list[float]  # one per optimizer step (mean over its micro-batches)
+    losses: list[float]  # one per optimizer step (token mean over its micro-batches)
     model: Any = None  # the trained model, vector removed
     tokenizer: Any = None
     info: dict = field(default_factory=dict)
+
+
+def _endless(examples, batch_size, gen, shuffle):
+    """Micro-batches epoch after epoch, reshuffled each epoch by the seeded generator."""
+    while True:
+        yield from batches(examples, batch_size, gen, shuffle)
 
 
 def run_finetune(cfg: Config, keep_model: bool = False) -> FinetuneResult:
@@ -44,8 +51,6 @@ def run_finetune(cfg: Config, keep_model: bool = False) -> FinetuneResult:
     runtime.seed_everything(cfg.seed)
     device = pick_device()
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
     tok = load_tokenizer(cfg.model)
     train = tokenize_samples(tok, load_samples(cfg.data.train, cfg.data.format, cfg.data.split,
                                                cfg.data.max_samples), cfg.data)
@@ -74,41 +79,42 @@ def run_finetune(cfg: Config, keep_model: bool = False) -> FinetuneResult:
     ga = cfg.optim.gradient_accumulation_steps
     pad_id = tok.pad_token_id
     gen = torch.Generator().manual_seed(cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)  # only now: bad data or a bad vector leave nothing behind
+    save_config(cfg, out / "config.yaml")
     log_path = out / "train_log.jsonl"
     log_path.write_text("")
 
-    # ---- the training loop
+    # ---- the training loop: every optimizer step averages over all label tokens of its
+    # micro-batches (weights by tokens, so micro_batch x accumulation == one large batch)
     model.train()
     losses: list[float] = []
+    micro_batches = _endless(train.examples, cfg.optim.micro_batch_size, gen, cfg.data.shuffle)
     bar = runtime.progress(total=steps, desc="finetune", enabled=cfg.logging.progress)
-    step, micro, acc_loss, t0 = 0, 0, 0.0, time.time()
-    while step < steps:
-        for batch in batches(train.examples, cfg.optim.micro_batch_size, gen, cfg.data.shuffle):
-            loss = model(**to_device(collate(batch, pad_id), device)).loss
-            (loss / ga).backward()
-            acc_loss += loss.item() / ga
-            micro += 1
-            if micro % ga:
-                continue
-            if cfg.optim.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            losses.append(acc_loss)
-            if not torch.isfinite(torch.tensor(acc_loss)):
-                raise RuntimeError(f"loss is {acc_loss} at step {step}; lower optim.lr or check the data")
-            bar.update(1)
-            bar.set_postfix(loss=f"{acc_loss:.4f}")
-            if step % cfg.logging.log_every == 0 or step == steps:
-                rec = {"step": step, "loss": acc_loss, "lr": scheduler.get_last_lr()[0],
-                       "elapsed_s": round(time.time() - t0, 2)}
-                append_jsonl(log_path, rec)
-                log.info("step %d/%d loss %.4f lr %.3g", step, steps, acc_loss, rec["lr"])
-            acc_loss = 0.0
-            if step >= steps:
-                break
+    t0 = time.time()
+    for step in range(1, steps + 1):
+        group = [to_device(collate(next(micro_batches), pad_id), device) for _ in range(ga)]
+        counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group]
+        n_tokens = max(sum(counts), 1)
+        step_loss = 0.0
+        for b, n in zip(group, counts):
+            loss = model(**b).loss  # mean over this micro-batch's n label tokens
+            (loss * (n / n_tokens)).backward()
+            step_loss += loss.item() * n / n_tokens
+        if not math.isfinite(step_loss):
+            raise RuntimeError(f"loss is {step_loss} at step {step}; lower optim.lr or check the data")
+        if cfg.optim.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(step_loss)
+        bar.update(1)
+        bar.set_postfix(loss=f"{step_loss:.4f}")
+        if step % cfg.logging.log_every == 0 or step == steps:
+            rec = {"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
+                   "tokens": n_tokens, "elapsed_s": round(time.time() - t0, 2)}
+            append_jsonl(log_path, rec)
+            log.info("step %d/%d loss %.4f lr %.3g", step, steps, step_loss, rec["lr"])
     bar.close()
 
     # ---- the vector must come out exactly as it went in, and without gradients
@@ -120,7 +126,7 @@ def run_finetune(cfg: Config, keep_model: bool = False) -> FinetuneResult:
         detach_security_vector(model)
 
     # ---- save the trained model (or adapter) with no trace of the vector
-    info = {"steps": step, "final_loss": losses[-1] if losses else None, "n_examples": len(train.examples),
+    info = {"steps": steps, "final_loss": losses[-1] if losses else None, "n_examples": len(train.examples),
             "n_truncated": train.n_truncated, "n_dropped": train.n_dropped, "trainable_params": trainable,
             "security_vector": cfg.security_vector.path, "adapter": cfg.adapter.type,
             "base_model": cfg.model.path}

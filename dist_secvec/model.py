@@ -21,7 +21,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def _hub_error(what: str, name: str, e: Exception) -> UserError:
     return UserError(f"config key 'model.path': cannot load the {what} from '{name}' "
-                     f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                     f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}); "
                      "point it at a local model directory")
 
 

@@ -77,8 +77,6 @@ def run_train_sv(cfg: Config) -> TrainSVResult:
     runtime.seed_everything(cfg.seed)
     device = pick_device()
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
     tok = load_tokenizer(cfg.model)
     harmful = tokenize_samples(tok, load_samples(sv_cfg.harmful_data, cfg.data.format), cfg.data)
     log.info(harmful.report("harmful data"))
@@ -103,6 +101,8 @@ def run_train_sv(cfg: Config) -> TrainSVResult:
     gen = torch.Generator().manual_seed(cfg.seed)
     harm_batches = _cycle(harmful.examples, mb, gen)
     benign_batches = _cycle(benign.examples, mb, gen) if benign else itertools.repeat(None)
+    out.mkdir(parents=True, exist_ok=True)  # only now: bad data or a bad vector leave nothing behind
+    save_config(cfg, out / "config.yaml")
     log_path = out / "train_sv_log.jsonl"
     log_path.write_text("")
 

@@ -30,7 +30,7 @@ PLAIN = DataConfig.plain_template
 
 @pytest.fixture(scope="module", autouse=True)
 def no_download_counts():
-    """datasets pings S3 on every load_dataset of a local file (see test_data.py's xfail); with no
+    """datasets pings S3 on every load_dataset of a local file (test_loading_a_local_file_makes_no_network_request); with no
     network that can stall 5 s, so the ping is switched off for these tests."""
     import datasets
 
@@ -226,9 +226,6 @@ def test_malformed_rows_in_other_file_types(tmp_path, ext):
     assert path in str(e.value)
 
 
-@pytest.mark.xfail(reason="BUG: row_to_sample checks chat contents are strings but not that the final assistant "
-                   "answer is non-empty, so a chat row with an empty answer trains on the EOS alone, while an "
-                   "empty prompt_response/alpaca answer is a DataError", strict=True)
 @pytest.mark.parametrize("answer", ["", "   "])
 def test_chat_with_empty_answer(tmp_path, answer):
     path = write_rows(tmp_path / "c.jsonl", [GOOD_CHAT, {"messages": [USER("what is 1 plus 1"), ASSISTANT(answer)]}])
@@ -243,9 +240,6 @@ def test_wrong_role_in_parquet(tmp_path):
     assert path in str(e.value)
 
 
-@pytest.mark.xfail(reason="BUG: JSONL rows are numbered by parsed record, not by line: a blank line before a "
-                   "bad row makes the error name the wrong row (while the invalid-JSON check counts lines)",
-                   strict=True, raises=AssertionError)
 def test_row_number_counts_blank_lines(tmp_path):
     path = tmp_path / "gaps.jsonl"
     path.write_text(json.dumps(GOOD) + "\n\n" + json.dumps({"prompt": "what is 2 plus 2"}) + "\n")
@@ -253,18 +247,12 @@ def test_row_number_counts_blank_lines(tmp_path):
         load_samples([str(path)])
 
 
-@pytest.mark.xfail(reason="BUG: datasets infers an int column for numeric CSV cells, so a CSV whose answers are "
-                   "numbers ('4') is rejected with \"field 'response' must be a non-empty string, got 4\"",
-                   strict=True, raises=DataError)
 def test_csv_with_numeric_answers(tmp_path):
     path = tmp_path / "sums.csv"
     path.write_text("prompt,response\nwhat is 2 plus 2,4\nwhat is 1 plus 2,3\n")
     assert [s.response for s in load_samples([str(path)])] == ["4", "3"]
 
 
-@pytest.mark.xfail(reason="BUG: an empty data file makes datasets raise an exception with an empty message; "
-                   "_read_table's str(e).splitlines()[0] then raises IndexError instead of a DataError",
-                   strict=True, raises=IndexError)
 def test_empty_jsonl_file_is_a_data_error(tmp_path):
     path = tmp_path / "empty.jsonl"
     path.write_text("")
@@ -272,9 +260,6 @@ def test_empty_jsonl_file_is_a_data_error(tmp_path):
         load_samples([str(path)])
 
 
-@pytest.mark.xfail(reason="BUG: datasets.load_dataset('json'|'csv'|'parquet', data_files=local) sends a "
-                   "download-count HEAD request to s3.amazonaws.com on every call; on an offline node the DNS "
-                   "lookup can stall about 5 s per data file", strict=True, raises=AssertionError)
 def test_loading_a_local_file_makes_no_network_request(tmp_path, monkeypatch):
     import socket
 
@@ -297,8 +282,8 @@ def test_loading_a_local_file_makes_no_network_request(tmp_path, monkeypatch):
     ("data.txt", "prompt response\n", "unsupported extension '.txt'"),
     ("data.tsv", "prompt\tresponse\n", "unsupported extension '.tsv'"),
     ("broken.json", "{not json", "cannot be read as json"),
-    ("header_only.csv", "prompt,response\n", "cannot be read as csv"),
-    ("blank.jsonl", "\n\n", "cannot be read"),
+    ("header_only.csv", "prompt,response\n", "has no rows"),
+    ("blank.jsonl", "\n\n", "has no rows"),
 ])
 def test_unreadable_files(tmp_path, name, content, must_contain):
     path = tmp_path / name

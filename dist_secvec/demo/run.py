@@ -48,7 +48,6 @@ QUICK = {
     "sizes": {"n_align_benign": 1600, "n_align_refusals": 400, "n_harmful_ft": 400, "n_eval": 40,
               "n_heldout_benign": 40, "n_new_countries": 20},
     "align": {"optim": {"epochs": 6}},
-    "train_sv": {"optim": {"epochs": 8}},
     "finetune": {"optim": {"epochs": 8}},
 }
 
