@@ -203,8 +203,10 @@ def run_demo(cfg: Config) -> list[dict]:
         res = run_finetune(ft_cfg, keep_model=True)
         rows.append({"setting": setting, **evaluate_model(res.model, res.tokenizer, cfg.eval, world.eval_harmful,
                                                           world.eval_new_task)})
-    for r in rows:
-        r.pop("examples", None) if not cfg.logging.level == "debug" else None
+    for r in rows:  # a few generations per setting, for the log rather than the results file
+        for kind, pairs in r.pop("examples").items():
+            for prompt, answer in pairs:
+                log.debug("%s %s: %r -> %r", r["setting"], kind, prompt, answer)
     write_results(out, rows, {"vector_shift": sv.shift, "quick": quick, "seconds": round(time.time() - t0, 1),
                               "sizes": sizes.__dict__})
     if runtime.is_main():
