@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,8 @@ from dist_secvec.data import IGNORE_INDEX, batches, collate, load_samples, token
 from dist_secvec.errors import SecurityVectorError
 from dist_secvec.model import add_trainable_adapter, count_parameters, load_model, load_tokenizer
 from dist_secvec.secvec import (attach_security_vector, check_fingerprint, detach_security_vector,
-                                load_security_vector, vector_digest)
+                                fold_security_vector, load_security_vector, unfold_security_vector,
+                                vector_digest)
 from dist_secvec.training import append_jsonl, build_optimizer, pick_device, to_device, total_steps
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,20 @@ def _endless(examples, batch_size, gen, shuffle):
         yield from batches(examples, batch_size, gen, shuffle)
 
 
+def fold_choice(cfg: Config) -> tuple[bool, str]:
+    """Fold the vector into the base weights only when they are frozen and unquantized (a LoRA on a
+    16/32-bit base); full fine-tuning changes W every step and a quantized W cannot hold it."""
+    if os.environ.get("DIST_SECVEC_FOLD", "").strip() == "0":
+        return False, "DIST_SECVEC_FOLD=0"
+    if not cfg.security_vector.fold:
+        return False, "security_vector.fold=false"
+    if cfg.adapter.type != "lora":
+        return False, "full fine-tuning trains the base weights"
+    if cfg.model.quantization != "none":
+        return False, f"{cfg.model.quantization} base weights"
+    return True, "LoRA on a frozen unquantized base"
+
+
 def run_finetune(cfg: Config, keep_model: bool = False) -> FinetuneResult:
     # ---- setup: tokenizer, data, model, trainable part, frozen vector, optimizer
     runtime.seed_everything(cfg.seed)
@@ -58,18 +74,26 @@ def run_finetune(cfg: Config, keep_model: bool = False) -> FinetuneResult:
 
     model = load_model(cfg.model, device, for_training=True)
     model = add_trainable_adapter(model, cfg.adapter)
-    sv_layers = []
+    sv_layers, folded = [], []
     if cfg.security_vector.path:
         sv = load_security_vector(cfg.security_vector.path)
         check_fingerprint(sv, model, cfg.model.path)
-        sv_layers = attach_security_vector(model, sv, backend=cfg.security_vector.backend)
-        log.info("security vector %s: %d layers, rank %d, scale %g, active and frozen",
-                 sv.path, len(sv_layers), sv.rank, sv.scale)
+        fold, why = fold_choice(cfg)
+        if fold:
+            folded = fold_security_vector(model, sv)
+            log.info("security vector %s: folded into %d frozen base weights (%s), rank %d, scale %g",
+                     sv.path, len(folded), why, sv.rank, sv.scale)
+        else:
+            sv_layers = attach_security_vector(model, sv, backend=cfg.security_vector.backend)
+            log.info("security vector %s: %d SecVecLinear layers (not folded: %s), rank %d, scale %g, "
+                     "active and frozen", sv.path, len(sv_layers), why, sv.rank, sv.scale)
     sv_params = {id(p) for layer in sv_layers for p in (layer.secvec_A, layer.secvec_B)}
     params = [p for p in model.parameters() if p.requires_grad]
     if any(id(p) in sv_params for p in params):  # a bug, not a user error
         raise RuntimeError("security vector parameters are trainable")
-    digest = vector_digest(sv_layers) if sv_layers else None
+    if any(f.linear.weight.requires_grad for f in folded):
+        raise RuntimeError("a base weight holding the folded security vector is trainable")
+    digest = vector_digest(sv_layers or folded) if (sv_layers or folded) else None
     trainable, total = count_parameters(model)
     log.info("parameters: %d trainable of %d (%s)", trainable, total,
              "full fine-tuning" if cfg.adapter.type == "none" else f"LoRA r={cfg.adapter.rank}")
@@ -124,6 +148,12 @@ def run_finetune(cfg: Config, keep_model: bool = False) -> FinetuneResult:
         if vector_digest(sv_layers) != digest:
             raise SecurityVectorError("the security vector changed during stage 2; the run is not safe to use")
         detach_security_vector(model)
+    if folded:
+        if any(f.linear.weight.grad is not None for f in folded):
+            raise RuntimeError("a gradient was allocated for a base weight holding the folded security vector")
+        if vector_digest(folded) != digest:
+            raise SecurityVectorError("the security vector changed during stage 2; the run is not safe to use")
+        unfold_security_vector(model, folded)  # the original base weights, bit for bit
 
     # ---- save the trained model (or adapter) with no trace of the vector
     info = {"steps": steps, "final_loss": losses[-1] if losses else None, "n_examples": len(train.examples),

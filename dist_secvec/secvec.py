@@ -10,6 +10,9 @@ In stage 2 each targeted linear is wrapped in a `SecVecLinear` that owns A and B
 parameters (requires_grad False, so no .grad, no optimizer state) and applies the delta inside
 its own forward, where ZeRO-3 has gathered them. A trainable peft LoRA on the same layer sits
 outside the wrapper: peft's lora.Linear calls `base_layer(x)`, which is the SecVecLinear.
+When the base weights are frozen and unquantized (a LoRA on a 16/32-bit base), stage 2 folds
+s * B @ A into them once instead (`fold_security_vector`), and `unfold_security_vector` restores
+the original weights bit for bit.
 """
 
 from __future__ import annotations
@@ -343,8 +346,93 @@ def security_vector_off(model) -> Iterator[None]:
             layer.active = was
 
 
-def vector_digest(layers: list[SecVecLinear]) -> str:
-    """sha256 of every A and B: the stage-2 invariant that the vector never changes."""
+# ---------------------------------------------------------------------------------------------
+# folding: a frozen 16/32-bit base weight absorbs the vector once (no per-step cost)
+
+
+@dataclass
+class FoldedLayer:
+    """One base linear whose weight holds W + s * B @ A; `original` restores W bit-exactly.
+
+    secvec_A / secvec_B are the vector's tensors as read from the file (plain tensors, not
+    parameters: nothing of the vector can reach an optimizer), so `vector_digest` works on these
+    as on SecVecLinear layers.
+    """
+
+    name: str
+    linear: nn.Module  # the innermost linear (under any peft wrapper)
+    secvec_A: torch.Tensor
+    secvec_B: torch.Tensor
+    scale: float
+    original: torch.Tensor  # CPU copy of the weight before folding
+
+
+FOLDABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def fold_security_vector(model, sv: SecurityVector) -> list[FoldedLayer]:
+    """Add s * B @ A (computed in float32, rounded once to the weight's dtype) into each targeted
+    base weight. Only for frozen, unquantized weights (e.g. the base under a trainable LoRA): a
+    trained weight would mix the vector into what is learned, and a quantized one cannot hold it.
+    Undo with `unfold_security_vector`."""
+    from dist_secvec.model import unwrap_base
+
+    base = unwrap_base(model)
+    targets = []
+    for mod, (A, B) in sv.weights.items():
+        try:
+            sub = base.get_submodule(mod)
+        except AttributeError:
+            raise SecurityVectorError(f"security vector '{sv.path}' targets module '{mod}', which this model "
+                                      "does not have: it was made for another base model") from None
+        if isinstance(_find_secvec(sub), SecVecLinear):
+            raise SecurityVectorError(f"security vector already attached to '{mod}'")
+        lin = _inner_linear(sub)
+        want = [int(B.shape[0]), int(A.shape[1])]
+        if linear_shape(lin) != want:
+            raise SecurityVectorError(
+                f"security vector '{sv.path}': module '{mod}' is {linear_shape(lin)} "
+                f"(out, in) in this model but {want} in the vector: it was made for another base model")
+        w = getattr(lin, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.dtype not in FOLDABLE_DTYPES or type(w) not in (
+                torch.Tensor, nn.Parameter):
+            raise SecurityVectorError(f"cannot fold the security vector into '{mod}': its weight is not a plain "
+                                      "16/32-bit tensor (quantized?); attach it instead")
+        if w.requires_grad:
+            raise SecurityVectorError(f"cannot fold the security vector into '{mod}': its weight is trained "
+                                      "(full fine-tuning); attach it instead")
+        if getattr(lin, "_secvec_folded", False) or any(t.name == mod for t in targets):
+            raise SecurityVectorError(f"security vector already folded into '{mod}'")
+        targets.append(FoldedLayer(mod, lin, A.detach().clone(), B.detach().clone(), sv.scale,
+                                   w.detach().to("cpu", copy=True)))
+    with torch.no_grad():
+        for t in targets:
+            w = t.linear.weight
+            delta = (t.secvec_B.to(w.device, torch.float32) @ t.secvec_A.to(w.device, torch.float32)) * t.scale
+            w.copy_((w.float() + delta).to(w.dtype))
+            t.linear._secvec_folded = True
+    return targets
+
+
+def unfold_security_vector(model, folded: list[FoldedLayer]) -> int:
+    """Put every folded weight back to its original bits; returns how many."""
+    with torch.no_grad():
+        for t in folded:
+            w = t.linear.weight
+            w.copy_(t.original.to(w.device))
+            t.linear._secvec_folded = False
+    return len(folded)
+
+
+def _find_secvec(module: nn.Module):
+    while module is not None and not isinstance(module, SecVecLinear):
+        module = getattr(module, "base_layer", None)
+    return module
+
+
+def vector_digest(layers: list) -> str:
+    """sha256 of every A and B (of SecVecLinear or FoldedLayer): the stage-2 invariant that the
+    vector never changes."""
     h = hashlib.sha256()
     for layer in layers:
         for t in (layer.secvec_A, layer.secvec_B):

@@ -39,3 +39,40 @@ def build_tiny_world(root: Path, seed: int = 0, hidden: int = 32, layers: int = 
 def tiny_world(tmp_path_factory) -> TinyWorld:
     """Read-only for tests: copy files before modifying them."""
     return build_tiny_world(tmp_path_factory.mktemp("tiny_world"))
+
+
+def write_random_vector(model_dir: Path, out: Path, seed: int = 0, rank: int = 4, alpha: float = 8.0,
+                        targets=("q_proj", "v_proj", "down_proj"), b_std: float = 0.1) -> Path:
+    """A security vector in the stage-1 format (peft LoRA adapter + secvec.json with the base's
+    fingerprint) with random nonzero A and B, without training one."""
+    import json
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from dist_secvec.secvec import base_fingerprint
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    peft_model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0,
+                                                 target_modules=list(targets), bias="none"))
+    gen = torch.Generator().manual_seed(seed)
+    modules = []
+    with torch.no_grad():
+        for name, m in peft_model.base_model.model.named_modules():
+            if hasattr(m, "lora_B") and "default" in getattr(m, "lora_B", {}):
+                m.lora_B["default"].weight.copy_(torch.randn(m.lora_B["default"].weight.shape, generator=gen) * b_std)
+                modules.append(name)
+    out.mkdir(parents=True, exist_ok=True)
+    peft_model.save_pretrained(str(out), safe_serialization=True)
+    meta = {"base_fingerprint": base_fingerprint(peft_model, str(model_dir), sorted(modules)),
+            "rank": rank, "alpha": alpha, "target_modules": sorted(targets), "n_samples": 0}
+    (out / "secvec.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+@pytest.fixture(scope="session")
+def random_vector(tiny_world, tmp_path_factory) -> Path:
+    """A random (untrained) security vector for tiny_world's model; read-only for tests."""
+    return write_random_vector(tiny_world.model_dir, tmp_path_factory.mktemp("random_vector") / "sv")

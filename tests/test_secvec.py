@@ -220,8 +220,10 @@ def stage2_full(tiny_world, stage1, harmful_ft_batch, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stage2_lora(tiny_world, stage1, harmful_ft_batch, tmp_path_factory):
+    # fold=false: these tests observe the SecVecLinear path; tests/test_fold.py covers folding
     return _stage2(tiny_world, stage1, harmful_ft_batch, tmp_path_factory.mktemp("ft_lora"),
-                   "adapter.type=lora", "adapter.rank=4", "adapter.alpha=8", "optim.lr=1e-2")
+                   "adapter.type=lora", "adapter.rank=4", "adapter.alpha=8", "optim.lr=1e-2",
+                   "security_vector.fold=false")
 
 
 @pytest.fixture(scope="module")
