@@ -30,6 +30,9 @@ COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dist-secvec", description=__doc__.split("\n\n")[0])
+    # the deepspeed launcher puts --local_rank=N before the command (`-m dist_secvec --local_rank=0 finetune`)
+    parser.add_argument("--local_rank", "--local-rank", dest="launcher_local_rank", type=int, default=None,
+                        help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, help_text in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -44,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.local_rank is not None:
-        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    local_rank = args.local_rank if args.local_rank is not None else args.launcher_local_rank
+    if local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
     try:
         return _run(args)
     except UserError as e:

@@ -296,3 +296,12 @@ def test_export_refuses_a_dir_without_a_model(tmp_path, cli_main):
     assert rc == 2
     (line,) = error_lines(cap.err, "export")
     assert "'export.checkpoint'" in line and "config.json" in line
+
+
+@pytest.mark.parametrize("flag", ["--local_rank=0", "--local-rank=2"])
+def test_local_rank_accepted_before_the_subcommand(flag):
+    """`deepspeed --module dist_secvec` passes it first: `-m dist_secvec --local_rank=0 finetune ...`."""
+    args = build_parser().parse_args([flag, "finetune", "optim.lr=1e-4"])
+    assert args.launcher_local_rank == int(flag.split("=")[1]) and args.overrides == ["optim.lr=1e-4"]
+    res = cli(flag, "finetune", "bogus.key=1")
+    assert res.returncode == 2 and "bogus.key" in res.stderr and "unrecognized" not in res.stderr
