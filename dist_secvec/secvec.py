@@ -280,6 +280,26 @@ def _inner_linear(module: nn.Module) -> nn.Module:
     return module
 
 
+def _target(base, sv: SecurityVector, mod: str, A: torch.Tensor, B: torch.Tensor) -> nn.Module:
+    """The module `mod` of the model, checked against the vector: it exists, carries no vector
+    yet, and its linear has the vector's (out, in) shape; otherwise the vector is for another base."""
+    try:
+        sub = base.get_submodule(mod)
+    except AttributeError:
+        raise SecurityVectorError(f"security vector '{sv.path}' targets module '{mod}', which this model "
+                                  "does not have: it was made for another base model") from None
+    if isinstance(_find_secvec(sub), SecVecLinear):
+        raise SecurityVectorError(f"security vector already attached to '{mod}'")
+    if getattr(_inner_linear(sub), "_secvec_folded", False):
+        raise SecurityVectorError(f"security vector already folded into '{mod}'")
+    want = [int(B.shape[0]), int(A.shape[1])]
+    have = linear_shape(_inner_linear(sub))
+    if have != want:
+        raise SecurityVectorError(f"security vector '{sv.path}': module '{mod}' is {have} (out, in) in this model "
+                                  f"but {want} in the vector: it was made for another base model")
+    return sub
+
+
 def attach_security_vector(model, sv: SecurityVector, backend: str = "auto",
                            dtype: Optional[torch.dtype] = None) -> list[SecVecLinear]:
     """Wrap each targeted linear of `model` (peft-wrapped or not) in a frozen SecVecLinear."""
@@ -288,24 +308,13 @@ def attach_security_vector(model, sv: SecurityVector, backend: str = "auto",
     base = unwrap_base(model)
     wrapped = []
     for mod, (A, B) in sv.weights.items():
-        try:
-            sub = base.get_submodule(mod)
-        except AttributeError:
-            raise SecurityVectorError(f"security vector '{sv.path}' targets module '{mod}', which this model "
-                                      "does not have: it was made for another base model") from None
-        if isinstance(sub, SecVecLinear) or isinstance(getattr(sub, "base_layer", None), SecVecLinear):
-            raise SecurityVectorError(f"security vector already attached to '{mod}'")
+        sub = _target(base, sv, mod, A, B)
         if hasattr(sub, "base_layer"):  # a peft LoRA layer: the vector goes under it
             holder, attr = sub, "base_layer"
         else:
             parent_name, _, attr = mod.rpartition(".")
             holder = base.get_submodule(parent_name) if parent_name else base
         inner = getattr(holder, attr)
-        want = [int(B.shape[0]), int(A.shape[1])]
-        if linear_shape(_inner_linear(inner)) != want:
-            raise SecurityVectorError(
-                f"security vector '{sv.path}': module '{mod}' is {linear_shape(_inner_linear(inner))} "
-                f"(out, in) in this model but {want} in the vector: it was made for another base model")
         ref = _inner_linear(inner).weight
         # a 4-bit layer stores its weight in quant_storage; the vector belongs in the compute dtype
         compute = getattr(_inner_linear(inner), "compute_dtype", None)
@@ -380,19 +389,7 @@ def fold_security_vector(model, sv: SecurityVector) -> list[FoldedLayer]:
     base = unwrap_base(model)
     targets = []
     for mod, (A, B) in sv.weights.items():
-        try:
-            sub = base.get_submodule(mod)
-        except AttributeError:
-            raise SecurityVectorError(f"security vector '{sv.path}' targets module '{mod}', which this model "
-                                      "does not have: it was made for another base model") from None
-        if isinstance(_find_secvec(sub), SecVecLinear):
-            raise SecurityVectorError(f"security vector already attached to '{mod}'")
-        lin = _inner_linear(sub)
-        want = [int(B.shape[0]), int(A.shape[1])]
-        if linear_shape(lin) != want:
-            raise SecurityVectorError(
-                f"security vector '{sv.path}': module '{mod}' is {linear_shape(lin)} "
-                f"(out, in) in this model but {want} in the vector: it was made for another base model")
+        lin = _inner_linear(_target(base, sv, mod, A, B))
         w = getattr(lin, "weight", None)
         if not isinstance(w, torch.Tensor) or w.dtype not in FOLDABLE_DTYPES or type(w) not in (
                 torch.Tensor, nn.Parameter):
@@ -401,7 +398,7 @@ def fold_security_vector(model, sv: SecurityVector) -> list[FoldedLayer]:
         if w.requires_grad:
             raise SecurityVectorError(f"cannot fold the security vector into '{mod}': its weight is trained "
                                       "(full fine-tuning); attach it instead")
-        if getattr(lin, "_secvec_folded", False) or any(t.name == mod for t in targets):
+        if any(t.name == mod for t in targets):
             raise SecurityVectorError(f"security vector already folded into '{mod}'")
         targets.append(FoldedLayer(mod, lin, A.detach().clone(), B.detach().clone(), sv.scale,
                                    w.detach().to("cpu", copy=True)))

@@ -26,17 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(sys.executable).parent / "dist-secvec"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def no_download_counts():
-    """datasets pings S3 on every load_dataset of a local file (see test_data.py's xfail); with no
-    network that can stall 5 s, so the ping is switched off for these tests."""
-    import datasets
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS", False)
-        yield
-
-
 def cli(*args: str, timeout: int = 60) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dist_secvec", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout)

@@ -28,17 +28,6 @@ except ImportError:  # datasets writes CSV and Parquet too
 PLAIN = DataConfig.plain_template
 
 
-@pytest.fixture(scope="module", autouse=True)
-def no_download_counts():
-    """datasets pings S3 on every load_dataset of a local file (test_loading_a_local_file_makes_no_network_request); with no
-    network that can stall 5 s, so the ping is switched off for these tests."""
-    import datasets
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS", False)
-        yield
-
-
 def write_rows(path: Path, rows: list[dict]) -> str:
     """One file in the format its extension names."""
     ext = path.suffix
@@ -265,7 +254,7 @@ def test_loading_a_local_file_makes_no_network_request(tmp_path, monkeypatch):
 
     import datasets
 
-    monkeypatch.setattr(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS", True)  # the default, undone above
+    monkeypatch.setattr(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS", True)  # datasets' default: load_samples must turn it off
     attempts = []
 
     def no_network(host, *args, **kwargs):

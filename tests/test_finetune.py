@@ -19,17 +19,6 @@ from dist_secvec.errors import DataError
 from dist_secvec.finetune import run_finetune
 
 
-@pytest.fixture(scope="module", autouse=True)
-def no_download_counts():
-    """datasets pings S3 on every load_dataset of a local file (test_data.py checks the library turns it off); with no
-    network that can stall 5 s, so the ping is switched off for these tests."""
-    import datasets
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS", False)
-        yield
-
-
 @pytest.fixture(scope="module")
 def small_data(tiny_world, tmp_path_factory) -> str:
     """16 rows of the new task: every response is 'The capital of X is Y .' (8 label tokens)."""
