@@ -40,6 +40,8 @@ def setup_logging(level: str = "info") -> None:
     root.setLevel(lvl if is_main() else max(lvl, logging.WARNING))
     for noisy in ("datasets", "urllib3", "filelock", "httpx", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # bitsandbytes warns on every start that the optional PyPI package `kernels` is absent
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def progress(iterable: Optional[Iterable] = None, total: Optional[int] = None, desc: str = "",
