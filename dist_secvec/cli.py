@@ -25,6 +25,8 @@ COMMANDS = {
     "finetune": "stage 2: fine-tune with the security vector active and frozen (or plain SFT without one)",
     "eval": "generate with the vector off and judge harmfulness and utility (or judge given responses)",
     "export": "write the fine-tuned model or adapter for inference, with no trace of the vector",
+    "profile": "time, tokens/s, FLOPs/MFU and memory of the stage-2 job, and the vector's overhead "
+               "(no --config: the demo's job)",
 }
 
 
@@ -42,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
         if name == "demo":
             p.add_argument("--quick", action="store_true", help="small world and few steps (tests, smoke runs)")
+        if name == "profile":
+            p.add_argument("--steps", type=int, default=None, help="measured steps (profile.steps)")
+            p.add_argument("--warmup", type=int, default=None, help="unmeasured warmup steps (profile.warmup)")
     return parser
 
 
@@ -74,6 +79,10 @@ def _run(args) -> int:
 
         overrides = list(args.overrides) + (["demo.quick=true"] if args.quick else [])
         cfg = validate(load_config(args.config, overrides, base=demo_defaults()), "demo")
+    elif args.command == "profile":  # no --config: the demo's stage-2 job (dist_secvec.profile)
+        from dist_secvec.profile import cli_main as profile_main
+
+        return profile_main(args.config, list(args.overrides), args.steps, args.warmup, debug=args.debug)
     else:
         cfg = validate(load_config(args.config, args.overrides), args.command)
 

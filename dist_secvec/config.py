@@ -150,6 +150,14 @@ class DemoConfig:
 
 
 @dataclass
+class ProfileConfig:
+    steps: int = 20  # measured optimizer steps (`dist-secvec profile --steps`)
+    warmup: int = 3  # steps run first and not measured (`--warmup`)
+    peak_tflops: Optional[float] = None  # accelerator peak for MFU; None = a known-GPU table (null on CPU)
+    trace: bool = False  # also write a torch.profiler Chrome trace of the measured steps
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -161,6 +169,7 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     output_dir: str = "runs/default"
     seed: int = 42
     source: Optional[str] = None  # the YAML file this came from (set by load_config)

@@ -1,0 +1,129 @@
+"""`dist-secvec profile`: hand-counted FLOPs, measured memory, the vector's zero bytes, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from dist_secvec.config import load_config
+from dist_secvec.profile import (build_job, flops_per_token, optimizer_state_bytes, run_steps, secvec_grad_bytes,
+                                 secvec_optimizer_bytes)
+
+REQUIRED = ("tokens_per_s", "tokens_per_s_per_rank", "step_time_s", "flops_per_token", "flops_formula", "mfu",
+            "peak_memory_bytes", "secvec_grad_bytes", "secvec_optimizer_bytes", "world_size", "phases",
+            "loss_tokens_per_s", "memory_breakdown", "secvec_overhead")
+
+
+def _cfg(tiny_world, tmp_path, vector, **over):
+    base = {"model": {"path": str(tiny_world.model_dir)}, "data": {"train": [tiny_world.data["finetune_mixed"]],
+                                                                   "max_length": 64},
+            "security_vector": {"path": str(vector) if vector else None},
+            "optim": {"micro_batch_size": 4, "lr": 1e-3}, "output_dir": str(tmp_path / "out"),
+            "logging": {"progress": False}, "seed": 0}
+    for k, v in over.items():
+        base[k] = {**base.get(k, {}), **v}
+    return load_config(None, None, base=base)
+
+
+def _vocab(job):
+    return job.model.config.vocab_size if hasattr(job.model, "config") else None
+
+
+def test_flops_full_finetune_matches_hand_count(tiny_world, random_vector, tmp_path):
+    job = build_job(_cfg(tiny_world, tmp_path, random_vector), 1)
+    assert job.vector_mode == "attached"
+    V, T = _vocab(job), 50.0
+    # tiny Llama: hidden 32, 2 layers, intermediate 64, 4 heads of 8
+    per_layer = 4 * 32 * 32 + 2 * 32 * 64 + 64 * 32  # q,k,v,o + gate,up + down = 10240
+    linear = 2 * per_layer + 32 * V  # + lm_head
+    attention = 12 * 2 * T * 4 * 8  # fwd QK^T + AV = 2*2*T*d per layer, x3 for fwd+bwd
+    # vector rank 4 on q_proj (32->32), v_proj (32->32), down_proj (64->32) in both layers: 4*r*(K+N)
+    delta = 2 * (4 * 4 * (32 + 32) + 4 * 4 * (32 + 32) + 4 * 4 * (64 + 32))
+    assert delta == 7168
+    flops, formula, parts = flops_per_token(job.model, T, job.sv_layers, job.folded)
+    assert flops == 6 * linear + attention + delta  # every weight trainable in full fine-tuning
+    assert parts["frozen_linear_params"] == 0 and parts["trainable_linear_params"] == linear
+    assert "4*r*(K+N)" in formula and "12*n_layers*seq_len*n_heads*head_dim" in formula
+
+
+def test_flops_lora_folded_matches_hand_count(tiny_world, random_vector, tmp_path):
+    cfg = _cfg(tiny_world, tmp_path, random_vector,
+               adapter={"type": "lora", "rank": 2, "alpha": 4.0, "target_modules": ["q_proj", "v_proj"]})
+    job = build_job(cfg, 1)
+    assert job.vector_mode == "folded" and not job.sv_layers
+    V, T = job.model.get_base_model().config.vocab_size, 40.0
+    frozen = 2 * (4 * 32 * 32 + 2 * 32 * 64 + 64 * 32) + 32 * V
+    lora = 2 * 2 * (2 * 32 + 32 * 2)  # 2 layers x (q, v) x (A: 2x32 + B: 32x2)
+    flops, _, _ = flops_per_token(job.model, T, job.sv_layers, job.folded)
+    assert flops == 4 * frozen + 6 * lora + 12 * 2 * T * 4 * 8 + 0  # folded vector: no per-token cost
+
+
+def test_memory_breakdown_is_the_tensors_sizes(tiny_world, random_vector, tmp_path):
+    job = build_job(_cfg(tiny_world, tmp_path, random_vector), 2)
+    res = run_steps(job, steps=2, warmup=0)
+    mem = res["memory"]
+    all_params = list(job.model.parameters())
+    trainable = [p for p in all_params if p.requires_grad]
+    assert all(p.dtype == torch.float32 for p in all_params)
+    assert mem["param_bytes"] == 4 * sum(p.numel() for p in all_params)
+    assert mem["grad_bytes"] == 4 * sum(p.numel() for p in trainable)  # grads only for trainable weights
+    # AdamW: exp_avg + exp_avg_sq per trainable weight, plus a float32 scalar `step` each
+    assert mem["optimizer_state_bytes"] == 2 * 4 * sum(p.numel() for p in trainable) + 4 * len(trainable)
+    assert mem["secvec_param_bytes"] == 4 * sum(l.secvec_A.numel() + l.secvec_B.numel() for l in job.sv_layers) > 0
+    assert mem["secvec_grad_bytes"] == 0 and mem["secvec_optimizer_bytes"] == 0
+    assert mem["peak"]["kind"] == ("cuda" if torch.cuda.is_available() else "process_rss")
+    assert len(res["records"]) == 2 and all(r["step"] > 0 and r["tokens_loss"] > 0 for r in res["records"])
+
+
+def test_secvec_byte_measures_can_fail(tiny_world, random_vector, tmp_path):
+    job = build_job(_cfg(tiny_world, tmp_path, random_vector), 1)
+    run_steps(job, steps=1, warmup=0)
+    assert secvec_grad_bytes(job.sv_layers, job.folded) == 0
+    assert secvec_optimizer_bytes(job.optimizer, job.sv_layers, job.folded) == 0
+    A = job.sv_layers[0].secvec_A
+    A.grad = torch.zeros_like(A)  # a gradient where none may be: the measure must see it
+    assert secvec_grad_bytes(job.sv_layers, job.folded) == A.numel() * 4
+    job.optimizer.state[A] = {"exp_avg": torch.zeros_like(A), "exp_avg_sq": torch.zeros_like(A)}
+    assert secvec_optimizer_bytes(job.optimizer, job.sv_layers, job.folded) == 2 * A.numel() * 4
+    assert optimizer_state_bytes(job.optimizer, {id(A)}) == 2 * A.numel() * 4
+
+
+def test_cli_profile_on_tiny_world(tiny_world, random_vector, tmp_path):
+    from dist_secvec.cli import main
+
+    out = tmp_path / "prof"
+    cfg_file = tmp_path / "job.yaml"
+    cfg_file.write_text(yaml.safe_dump({
+        "model": {"path": str(tiny_world.model_dir)},
+        "data": {"train": [tiny_world.data["finetune_mixed"]], "max_length": 64},
+        "security_vector": {"path": str(random_vector)}, "optim": {"micro_batch_size": 4},
+        "logging": {"progress": False}}))
+    assert main(["profile", "--config", str(cfg_file), f"output_dir={out}", "--steps", "3", "--warmup", "1"]) == 0
+    r = json.loads((out / "profile.json").read_text())
+    for key in REQUIRED:
+        assert key in r, key
+    assert r["world_size"] == 1 and len(r["tokens_per_s_per_rank"]) == 1 and len(r["peak_memory_bytes"]) == 1
+    assert r["job"]["steps"] == 3 and r["step_time"]["n"] == 3
+    assert r["tokens_per_s"] > 0 and r["loss_tokens_per_s"] <= r["tokens_per_s"] <= r["padded_tokens_per_s"]
+    assert r["secvec_grad_bytes"] == 0 and r["secvec_optimizer_bytes"] == 0
+    assert r["flops_per_token"] > 0 and r["flops_formula"].startswith("flops_per_token =")
+    ov = r["secvec_overhead"]
+    assert ov["no_vector"]["step_time_ratio"] == 1.0 and ov["torch"]["step_time_ratio"] > 0
+    if not torch.cuda.is_available():
+        assert r["mfu"] is None and ov["triton"]["step_time_ratio"] is None and "CUDA" in ov["triton"]["reason"]
+        assert r["memory_breakdown"]["activation_bytes_estimate"] is None
+    for name in ("profile.md", "profile_step_time.png", "profile_memory.png", "profile_overhead.png"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_profile_refuses_multi_rank(monkeypatch):
+    from dist_secvec.errors import UserError
+    from dist_secvec.profile import gather
+
+    assert gather(3) == [3]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="not implemented"):
+        gather(3)
