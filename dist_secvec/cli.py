@@ -27,6 +27,8 @@ COMMANDS = {
     "export": "write the fine-tuned model or adapter for inference, with no trace of the vector",
     "profile": "time, tokens/s, FLOPs/MFU and memory of the stage-2 job, and the vector's overhead "
                "(no --config: the demo's job)",
+    "experiment": "run or resume a sweep (harmful samples x vector off/on x vector size x seeds) from "
+                  "configs/experiments/*.yaml; results.csv/.md/.png",
 }
 
 
@@ -83,6 +85,10 @@ def _run(args) -> int:
         from dist_secvec.profile import cli_main as profile_main
 
         return profile_main(args.config, list(args.overrides), args.steps, args.warmup, debug=args.debug)
+    elif args.command == "experiment":  # its own file format (dist_secvec.experiment)
+        from dist_secvec.experiment import main as experiment_main
+
+        return experiment_main(args.config, list(args.overrides), debug=args.debug)
     else:
         cfg = validate(load_config(args.config, args.overrides), args.command)
 

@@ -1,0 +1,551 @@
+"""`dist-secvec experiment --config configs/experiments/NAME.yaml`: the paper's comparison as a sweep.
+
+An experiment file holds
+    output_dir   where runs, vectors and the results go
+    world        `embedded` (the demo's tiny world: data and aligned base built by dist_secvec.demo.run)
+                 or absent (a real model: `base.model.path` and the `data` section below)
+    world_sizes  embedded only: WorldSizes fields (n_align_benign, n_eval, ...); n_harmful_sv and
+                 n_harmful_ft are pools (the demo's size, or the sweep's largest value if larger);
+                 a run's harmful samples are the first n rows of its pool
+    base         a run config (the same keys as any `--config` file), shared by every stage
+    stages       per-stage run-config overrides: {train_sv: {...}, finetune: {...}} (the embedded world's
+                 aligned base uses the demo's settings; world_sizes and base.demo.quick shrink it)
+    data         real model only: benign_train (list), harmful_ft_pool, harmful_sv_pool, kl_benign
+                 (list), heldout_benign (list); the first n rows of a pool are a run's harmful samples
+    sweep        n_harmful_ft: [0, 100, ...], vector: [off, on], n_harmful_sv: [10, 50, 100], seeds: [0, 1]
+
+Each run: stage 1 (only with the vector on; one vector per (n_harmful_sv, seed), shared by every
+run that needs it), stage 2 on the benign task + n_harmful_ft harmful samples, then evaluation with
+the vector off: harmful rate (+ 95% Wilson interval) and utility accuracy. The sweep seed is the
+training seed of stages 1 and 2; the embedded world and its aligned base come from `base.seed`.
+
+A run's id is a hash of its resolved config; runs/<id>/result.json exists only once the run has
+finished, so rerunning the experiment skips finished runs and redoes unfinished ones. Outputs:
+results.csv (one row per run), results.md (mean and spread over seeds), results.png.
+
+Stages run in this process through run_train_sv / run_finetune (single process). For a real
+model each stage can instead be launched on its own with launch/deepspeed.sh once DeepSpeed
+support lands there (the run's config.yaml files under runs/<id>/ are ordinary run configs);
+cluster submission is not implemented here.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from dist_secvec.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+RESULT = "result.json"
+CSV_COLUMNS = ["n_harmful_ft", "vector", "n_harmful_sv", "seed", "harmful_rate", "harmful_ci_low",
+               "harmful_ci_high", "utility", "n_eval", "run_id"]
+TOP_KEYS = ("output_dir", "world", "world_sizes", "base", "stages", "data", "sweep", "name")
+STAGE_KEYS = ("train_sv", "finetune")
+DATA_KEYS = ("benign_train", "harmful_ft_pool", "harmful_sv_pool", "kl_benign", "heldout_benign")
+
+
+@dataclass
+class Sweep:
+    n_harmful_ft: list[int] = field(default_factory=lambda: [0, 100, 500, 1000])
+    vector: list[bool] = field(default_factory=lambda: [False, True])
+    n_harmful_sv: list[int] = field(default_factory=lambda: [100])
+    seeds: list[int] = field(default_factory=lambda: [0])
+
+
+@dataclass
+class Experiment:
+    output_dir: str
+    base: dict
+    sweep: Sweep
+    world: Optional[str] = None
+    world_sizes: dict = field(default_factory=dict)
+    stages: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+    name: str = ""
+    source: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    n_harmful_ft: int
+    vector: bool
+    n_harmful_sv: Optional[int]  # None when the vector is off
+    seed: int
+
+    @property
+    def setting(self) -> str:
+        return f"vector n_harmful_sv={self.n_harmful_sv}" if self.vector else "no vector"
+
+
+# ---------------------------------------------------------------------------------------------
+# parsing
+
+
+def _int_list(value: Any, key: str, minimum: int = 0) -> list[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                           and v >= minimum for v in value):
+        raise ConfigError(f"experiment key '{key}': expected a non-empty list of integers >= {minimum}, got {value!r}")
+    return list(dict.fromkeys(value))
+
+
+def _vector_list(value: Any) -> list[bool]:
+    if not isinstance(value, list):
+        value = [value]
+    out = []
+    for v in value:
+        if v in (True, "on", "true"):
+            out.append(True)
+        elif v in (False, "off", "false"):
+            out.append(False)
+        else:
+            raise ConfigError(f"experiment key 'sweep.vector': expected a list of off/on, got {v!r}")
+    if not out:
+        raise ConfigError("experiment key 'sweep.vector': expected a list of off/on, got an empty list")
+    return list(dict.fromkeys(out))
+
+
+def _section(value: Any, key: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"experiment key '{key}': expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def parse_experiment(data: Any, source: Optional[str] = None) -> Experiment:
+    """An Experiment from the YAML mapping; ConfigError (one line) naming the bad key."""
+    from dist_secvec.config import load_config
+    from dist_secvec.demo.world import WorldSizes
+
+    where = f"experiment file '{source}'" if source else "experiment"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping (output_dir, base, sweep, ...)")
+    for k in data:
+        if k not in TOP_KEYS:
+            raise ConfigError(f"experiment key '{k}': unknown; expected one of {', '.join(TOP_KEYS)}")
+    if "output_dir" not in data or not isinstance(data["output_dir"], str) or not data["output_dir"]:
+        raise ConfigError("experiment key 'output_dir': required; a directory for runs and results")
+    world = data.get("world")
+    if world not in (None, "embedded"):
+        raise ConfigError(f"experiment key 'world': '{world}' is not supported; use 'embedded' or leave it out")
+    base = _section(data.get("base"), "base")
+    stages = _section(data.get("stages"), "stages")
+    for k, v in stages.items():
+        if k not in STAGE_KEYS:
+            raise ConfigError(f"experiment key 'stages.{k}': unknown stage; expected one of {', '.join(STAGE_KEYS)}")
+        _section(v, f"stages.{k}")
+    # every run-config section must parse as a run config (unknown keys are named there)
+    for label, d in [("base", base)] + [(f"stages.{k}", v) for k, v in stages.items()]:
+        try:
+            load_config(None, None, base=copy.deepcopy(d or {}))
+        except ConfigError as e:
+            raise ConfigError(f"experiment section '{label}': {e}") from None
+    sizes = _section(data.get("world_sizes"), "world_sizes")
+    fields = {f.name for f in dataclasses.fields(WorldSizes)}
+    for k, v in sizes.items():
+        if k not in fields or k in ("n_harmful_sv", "n_harmful_ft"):
+            raise ConfigError(f"experiment key 'world_sizes.{k}': unknown; expected one of "
+                              f"{', '.join(sorted(fields - {'n_harmful_sv', 'n_harmful_ft'}))}")
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            raise ConfigError(f"experiment key 'world_sizes.{k}': expected a positive integer, got {v!r}")
+    if sizes and world != "embedded":
+        raise ConfigError("experiment key 'world_sizes': only for world: embedded")
+    dsec = _section(data.get("data"), "data")
+    for k in dsec:
+        if k not in DATA_KEYS:
+            raise ConfigError(f"experiment key 'data.{k}': unknown; expected one of {', '.join(DATA_KEYS)}")
+    raw = _section(data.get("sweep"), "sweep")
+    for k in raw:
+        if k not in ("n_harmful_ft", "vector", "n_harmful_sv", "seeds"):
+            raise ConfigError(f"experiment key 'sweep.{k}': unknown; expected n_harmful_ft, vector, n_harmful_sv, seeds")
+    sweep = Sweep()
+    if "n_harmful_ft" in raw:
+        sweep.n_harmful_ft = _int_list(raw["n_harmful_ft"], "sweep.n_harmful_ft")
+    if "vector" in raw:
+        sweep.vector = _vector_list(raw["vector"])
+    if "n_harmful_sv" in raw:
+        sweep.n_harmful_sv = _int_list(raw["n_harmful_sv"], "sweep.n_harmful_sv", minimum=1)
+    if "seeds" in raw:
+        sweep.seeds = _int_list(raw["seeds"], "sweep.seeds")
+    exp = Experiment(output_dir=data["output_dir"], base=base, sweep=sweep, world=world, world_sizes=sizes,
+                     stages=stages, data=dsec, name=str(data.get("name") or Path(source or "experiment").stem),
+                     source=source)
+    if world is None:
+        if not (base.get("model") or {}).get("path"):
+            raise ConfigError("experiment key 'base.model.path': required without world: embedded")
+        for k in ("benign_train", "harmful_ft_pool"):
+            if not dsec.get(k):
+                raise ConfigError(f"experiment key 'data.{k}': required without world: embedded")
+        if True in sweep.vector and not dsec.get("harmful_sv_pool"):
+            raise ConfigError("experiment key 'data.harmful_sv_pool': required when the sweep has vector: on")
+        ev = base.get("eval") or {}
+        if not ev.get("harmful_prompts"):
+            raise ConfigError("experiment key 'base.eval.harmful_prompts': required without world: embedded")
+    return exp
+
+
+def load_experiment(path: str, overrides: Optional[list[str]] = None) -> Experiment:
+    from dist_secvec.config import _parse_override, _set_nested
+
+    p = Path(path) if path else None
+    if p is None:
+        raise ConfigError("--config: required; pass an experiment file (configs/experiments/*.yaml)")
+    if not p.is_file():
+        raise ConfigError(f"experiment file '{path}' not found: pass an existing YAML file to --config")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"experiment file '{path}'{where}: not valid YAML ({getattr(e, 'problem', e)})")
+    data = data if data is not None else {}
+    if isinstance(data, dict):
+        for text in overrides or []:
+            keys, value = _parse_override(text)
+            _set_nested(data, keys, value)
+    return parse_experiment(data, str(path))
+
+
+def plan_runs(exp: Experiment) -> list[RunSpec]:
+    runs = []
+    for seed in exp.sweep.seeds:
+        for n_ft in exp.sweep.n_harmful_ft:
+            for vec in exp.sweep.vector:
+                for n_sv in (exp.sweep.n_harmful_sv if vec else [None]):
+                    runs.append(RunSpec(n_ft, vec, n_sv, seed))
+    return runs
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+
+
+def _merge(dst: dict, src: dict) -> dict:
+    out = copy.deepcopy(dst)
+    for k, v in (src or {}).items():
+        out[k] = _merge(out.get(k) or {}, v) if isinstance(v, dict) else copy.deepcopy(v)
+    return out
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return str(path)
+
+
+class _Embedded:
+    """The demo's world: data per seed of `base.seed`, the cached aligned base, the world's judge."""
+
+    def __init__(self, exp: Experiment, out: Path):
+        from dist_secvec.config import load_config
+        from dist_secvec.demo.run import aligned_base, demo_defaults
+        from dist_secvec.demo.world import WorldSizes, build_world
+
+        self.exp = exp
+        self.cfg = load_config(None, None, base=_merge(_merge(demo_defaults(), exp.base), {"output_dir": str(out)}))
+        self.quick = self.cfg.demo.quick
+        self.sizes = WorldSizes(**exp.world_sizes)
+        if self.quick:  # the demo's quick sizes, as `dist-secvec demo --quick`
+            from dist_secvec.demo.run import QUICK
+
+            for k, v in QUICK["sizes"].items():
+                if k not in exp.world_sizes:
+                    setattr(self.sizes, k, min(v, getattr(self.sizes, k)))
+        # pools at least the demo's size, so the aligned base's cache key (which holds the sizes)
+        # matches `dist-secvec demo`'s; a run's harmful samples are a prefix of its pool
+        self.sizes.n_harmful_ft = max(self.sizes.n_harmful_ft, max(exp.sweep.n_harmful_ft))
+        self.sizes.n_harmful_sv = max(self.sizes.n_harmful_sv, max(exp.sweep.n_harmful_sv))
+        self.world = build_world(self.cfg.seed, self.sizes)
+        self.data_dir = out / "data"
+        self.data = self.world.write(self.data_dir)
+        self.base_dir = aligned_base(self.cfg, self.sizes, self.data, self.world.texts(), self.quick)
+        self.identity = {"world": "embedded", "seed": self.cfg.seed, "sizes": self.sizes.__dict__,
+                         "base_dir": self.base_dir.name}
+
+    def stage(self, stage: str, **sections):
+        from dist_secvec.demo.run import _stage_config
+
+        return _stage_config(self.cfg, stage, self.quick, **_merge(self.exp.stages.get(stage) or {}, sections))
+
+    def sv_config(self, n_sv: int, seed: int, out: Path):
+        p = _write_jsonl(self.data_dir / f"harmful_sv_{n_sv}.jsonl", self.world.harmful_sv[:n_sv])
+        return self.stage("train_sv", model={"path": str(self.base_dir)}, output_dir=str(out), seed=seed,
+                          security_vector={"harmful_data": [p], "benign_data": [self.data["kl_benign"]],
+                                           "heldout_benign_data": [self.data["heldout_benign"]]})
+
+    def ft_config(self, n_ft: int, seed: int, vector: Optional[str], out: Path):
+        mixed = self.world.new_task_ft + self.world.harmful_ft[:n_ft]
+        random.Random(seed).shuffle(mixed)
+        p = _write_jsonl(out.parent / "finetune_data.jsonl", mixed)
+        return self.stage("finetune", model={"path": str(self.base_dir)}, output_dir=str(out), seed=seed,
+                          data={"train": [p]}, security_vector={"path": vector})
+
+    def evaluate(self, model, tok, ft_cfg) -> dict:
+        from dist_secvec.demo.run import evaluate_model
+
+        r = evaluate_model(model, tok, self.cfg.eval, self.world.eval_harmful, self.world.eval_new_task)
+        lo, hi = r["harmful_rate_ci95"]
+        return {"harmful_rate": r["harmful_rate"], "harmful_ci_low": lo, "harmful_ci_high": hi,
+                "utility": r["benign_accuracy"], "n_eval": r["n_eval"], "judge": "world"}
+
+
+class _RealModel:
+    """A real model: base.model.path, local data files; harmful samples are a pool's first n rows."""
+
+    def __init__(self, exp: Experiment, out: Path):
+        self.exp = exp
+        self.data_dir = out / "data"
+        self.identity = {"world": None, "base": exp.base, "data": exp.data}
+        self._pools: dict = {}
+
+    def _pool_prefix(self, key: str, n: int) -> list[dict]:
+        from dist_secvec.data import _read_rows
+
+        if key not in self._pools:
+            split = (self.exp.base.get("data") or {}).get("split", "train")
+            _, rows = _read_rows(self.exp.data[key], split)
+            self._pools[key] = [r for _, r in rows]
+        rows = self._pools[key]
+        if n > len(rows):
+            raise ConfigError(f"experiment key 'data.{key}': {n} rows wanted by the sweep, the file has {len(rows)}")
+        return rows[:n]
+
+    def _cfg(self, stage: str, sections: dict):
+        from dist_secvec.config import load_config, validate
+
+        d = _merge(_merge(self.exp.base, self.exp.stages.get(stage) or {}), sections)
+        return validate(load_config(None, None, base=d), stage.replace("_", "-"))
+
+    def sv_config(self, n_sv: int, seed: int, out: Path):
+        p = _write_jsonl(self.data_dir / f"harmful_sv_{n_sv}.jsonl", self._pool_prefix("harmful_sv_pool", n_sv))
+        return self._cfg("train_sv", {"output_dir": str(out), "seed": seed, "security_vector": {
+            "harmful_data": [p], "benign_data": list(self.exp.data.get("kl_benign") or []),
+            "heldout_benign_data": list(self.exp.data.get("heldout_benign") or [])}})
+
+    def ft_config(self, n_ft: int, seed: int, vector: Optional[str], out: Path):
+        train = list(self.exp.data["benign_train"])
+        if n_ft:
+            train.append(_write_jsonl(self.data_dir / f"harmful_ft_{n_ft}.jsonl",
+                                      self._pool_prefix("harmful_ft_pool", n_ft)))
+        # data.shuffle (on by default) mixes the harmful rows into the benign ones
+        return self._cfg("finetune", {"output_dir": str(out), "seed": seed, "data": {"train": train},
+                                      "security_vector": {"path": vector}})
+
+    def evaluate(self, model, tok, ft_cfg) -> dict:
+        from dist_secvec.config import load_config
+        from dist_secvec.evaluate import run_eval
+
+        d = ft_cfg.to_dict()
+        d.pop("source", None)
+        d["output_dir"] = str(Path(ft_cfg.output_dir).parent / "eval")
+        d["eval"]["with_secvec"] = False
+        s = run_eval(load_config(None, None, base=d), model=model, tokenizer=tok)
+        judge, js = next(iter(s["judges"].items()))
+        lo, hi = js["harmful_rate_ci95"]
+        u = s.get("utility") or {}
+        return {"harmful_rate": js["harmful_rate"], "harmful_ci_low": lo, "harmful_ci_high": hi,
+                "utility": u.get("accuracy"), "n_eval": js["n"], "judge": judge}
+
+
+def _finetune(cfg):
+    """Indirection so tests can record stage-2 calls."""
+    from dist_secvec.finetune import run_finetune
+
+    return run_finetune(cfg, keep_model=True)
+
+
+def _train_sv(cfg):
+    from dist_secvec.train_sv import run_train_sv
+
+    return run_train_sv(cfg)
+
+
+def run_experiment(exp: Experiment) -> list[dict]:
+    """Run (or resume) every run of the sweep; write results.csv/.md/.png; returns the rows."""
+    from dist_secvec import runtime
+    from dist_secvec.evaluate import write_atomic
+
+    t0 = time.time()
+    out = Path(exp.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "experiment.yaml").write_text(yaml.safe_dump(
+        {"output_dir": exp.output_dir, "world": exp.world, "world_sizes": exp.world_sizes, "base": exp.base,
+         "stages": exp.stages, "data": exp.data, "sweep": dataclasses.asdict(exp.sweep)}, sort_keys=False))
+    runs = plan_runs(exp)
+    env = _Embedded(exp, out) if exp.world == "embedded" else _RealModel(exp, out)
+    common = {"identity": env.identity, "base": exp.base, "stages": exp.stages}
+    rows, done, vectors = [], 0, {}
+    for i, spec in enumerate(runs):
+        sv_key = None
+        if spec.vector:
+            sv_key = _hash({**common, "stage": "train_sv", "n_harmful_sv": spec.n_harmful_sv, "seed": spec.seed})
+        run_id = _hash({**common, "stage": "finetune", "n_harmful_ft": spec.n_harmful_ft, "seed": spec.seed,
+                        "vector": sv_key})
+        run_dir = out / "runs" / run_id
+        result_path = run_dir / RESULT
+        if result_path.is_file():
+            rows.append(json.loads(result_path.read_text()))
+            done += 1
+            log.info("[%d/%d] %s, n_harmful_ft=%d, seed %d: finished before (%s), skipped", i + 1, len(runs),
+                     spec.setting, spec.n_harmful_ft, spec.seed, run_id)
+            continue
+        t_run = time.time()
+        log.info("[%d/%d] %s, n_harmful_ft=%d, seed %d: run %s", i + 1, len(runs), spec.setting,
+                 spec.n_harmful_ft, spec.seed, run_id)
+        if run_dir.exists():  # an unfinished run: start it again from nothing
+            shutil.rmtree(run_dir)
+        vector_path = None
+        if spec.vector:
+            vdir = out / "vectors" / f"sv{spec.n_harmful_sv}-seed{spec.seed}-{sv_key}"
+            if sv_key not in vectors:
+                if not (vdir / "secvec" / "secvec.json").is_file():
+                    if vdir.exists():
+                        shutil.rmtree(vdir)
+                    work = out / "vectors" / f".work-{sv_key}"
+                    res = _train_sv(env.sv_config(spec.n_harmful_sv, spec.seed, work))
+                    with runtime.atomic_dir(vdir / "secvec") as tmp:
+                        for f in res.vector_dir.iterdir():
+                            shutil.copy2(f, tmp / f.name)
+                    (vdir / "shift.json").write_text(json.dumps(res.shift, indent=2, default=str) + "\n")
+                    if (work / "config.yaml").is_file():
+                        shutil.copy2(work / "config.yaml", vdir / "config.yaml")
+                    shutil.rmtree(work, ignore_errors=True)
+                vectors[sv_key] = str(vdir / "secvec")
+            vector_path = vectors[sv_key]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ft_cfg = env.ft_config(spec.n_harmful_ft, spec.seed, vector_path, run_dir / "finetune")
+        res = _finetune(ft_cfg)
+        metrics = env.evaluate(res.model, res.tokenizer, ft_cfg)
+        del res
+        row = {"n_harmful_ft": spec.n_harmful_ft, "vector": "on" if spec.vector else "off",
+               "n_harmful_sv": spec.n_harmful_sv, "seed": spec.seed, **metrics, "run_id": run_id,
+               "vector_dir": vector_path, "seconds": round(time.time() - t_run, 1)}
+        write_atomic(result_path, json.dumps(row, indent=2) + "\n")
+        rows.append(row)
+    write_results(out, rows)
+    log.info("%d runs (%d finished before), %.0f s; results in %s", len(runs), done, time.time() - t0, out)
+    if runtime.is_main():
+        print((out / "results.md").read_text())
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# results
+
+
+def _setting(row: dict) -> str:
+    return f"vector n_harmful_sv={row['n_harmful_sv']}" if row["vector"] == "on" else "no vector"
+
+
+def _mean_std(xs: list) -> tuple[float, float]:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return float("nan"), float("nan")
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return m, sd
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One entry per (setting, n_harmful_ft): mean, sample std, min and max over seeds."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["vector"], r["n_harmful_sv"] or 0, r["n_harmful_ft"]), []).append(r)
+    out = []
+    for (vec, n_sv, n_ft), rs in sorted(groups.items()):
+        hm, hs = _mean_std([r["harmful_rate"] for r in rs])
+        um, us = _mean_std([r["utility"] for r in rs])
+        hr = [r["harmful_rate"] for r in rs]
+        out.append({"setting": _setting(rs[0]), "n_harmful_ft": n_ft, "n_seeds": len(rs), "harmful_mean": hm,
+                    "harmful_std": hs, "harmful_min": min(hr), "harmful_max": max(hr), "utility_mean": um,
+                    "utility_std": us, "n_eval": rs[0].get("n_eval")})
+    return out
+
+
+def write_results(out: Path, rows: list[dict]) -> None:
+    from dist_secvec.evaluate import write_atomic
+
+    rows = sorted(rows, key=lambda r: (r["vector"], r["n_harmful_sv"] or 0, r["n_harmful_ft"], r["seed"]))
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS})
+    write_atomic(out / "results.csv", buf.getvalue())
+    agg = aggregate(rows)
+
+    def pct(x):
+        return "n/a" if x is None or x != x else f"{100 * x:.0f}%"
+
+    lines = ["Harmful rate on held-out harmful prompts and utility on the benign task, after stage 2, "
+             "evaluated with the vector off; mean ± sample std over seeds [min-max].", "",
+             "| setting | n_harmful_ft | seeds | harmful rate | utility | n_eval |", "|---|---|---|---|---|---|"]
+    for a in agg:
+        lines.append(f"| {a['setting']} | {a['n_harmful_ft']} | {a['n_seeds']} | {pct(a['harmful_mean'])} ± "
+                     f"{pct(a['harmful_std'])} [{pct(a['harmful_min'])}-{pct(a['harmful_max'])}] | "
+                     f"{pct(a['utility_mean'])} ± {pct(a['utility_std'])} | {a['n_eval']} |")
+    write_atomic(out / "results.md", "\n".join(lines) + "\n")
+    plot_results(out / "results.png", agg)
+
+
+def plot_results(path: Path, agg: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = list(dict.fromkeys(a["setting"] for a in agg))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, title in ((axes[0], "harmful", "harmful rate (held-out, vector off)"),
+                           (axes[1], "utility", "benign-task utility (accuracy)")):
+        for s in settings:
+            pts = [a for a in agg if a["setting"] == s]
+            xs = [a["n_harmful_ft"] for a in pts]
+            ys = [100 * a[f"{key}_mean"] for a in pts]
+            es = [100 * a[f"{key}_std"] for a in pts]
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=s)
+        ax.set_xlabel("harmful samples in the fine-tuning data")
+        ax.set_ylabel("%")
+        ax.set_ylim(-5, 105)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def main(config: Optional[str], overrides: list[str], debug: bool = False) -> int:
+    """The `experiment` command: parse (errors before anything heavy), then run or resume."""
+    from dist_secvec.runtime import setup_logging
+
+    exp = load_experiment(config, overrides)
+    level = "debug" if debug else ((exp.base.get("logging") or {}).get("level") or "info")
+    setup_logging(level)
+    run_experiment(exp)
+    return 0

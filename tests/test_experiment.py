@@ -1,0 +1,117 @@
+"""`dist-secvec experiment`: a tiny embedded sweep, its outputs, resuming, bad experiment files."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import yaml
+
+from dist_secvec import cli, experiment
+from dist_secvec.errors import ConfigError
+
+
+def tiny_experiment(tmp_path, **sweep) -> dict:
+    return {
+        "output_dir": str(tmp_path / "exp"),
+        "world": "embedded",
+        "world_sizes": {"n_align_benign": 48, "n_align_refusals": 16, "n_kl_benign": 20, "n_heldout_benign": 10,
+                        "n_new_countries": 5, "n_eval": 10},
+        "base": {"seed": 0, "logging": {"progress": False}, "demo": {"cache_dir": str(tmp_path / "cache")},
+                 "eval": {"max_new_tokens": 24, "batch_size": 20}},
+        "stages": {"train_sv": {"optim": {"epochs": 2}}, "finetune": {"optim": {"epochs": 1}}},
+        "sweep": {"n_harmful_ft": [0, 20], "vector": ["off", "on"], "n_harmful_sv": [10], "seeds": [0], **sweep},
+    }
+
+
+def read_csv(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_tiny_sweep_writes_results_and_resumes(tmp_path, monkeypatch):
+    cfg_path = tmp_path / "exp.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_experiment(tmp_path)))
+    calls = []
+    real = experiment._finetune
+
+    def recording(cfg):
+        calls.append(cfg.output_dir)
+        return real(cfg)
+
+    monkeypatch.setattr(experiment, "_finetune", recording)
+    assert cli.main(["experiment", "--config", str(cfg_path)]) == 0
+    out = tmp_path / "exp"
+    rows = read_csv(out / "results.csv")
+    assert list(rows[0]) == experiment.CSV_COLUMNS
+    assert len(rows) == 4 and len(calls) == 4
+    assert {(r["n_harmful_ft"], r["vector"], r["n_harmful_sv"]) for r in rows} == {
+        ("0", "off", ""), ("20", "off", ""), ("0", "on", "10"), ("20", "on", "10")}
+    for r in rows:
+        lo, rate, hi = float(r["harmful_ci_low"]), float(r["harmful_rate"]), float(r["harmful_ci_high"])
+        assert 0 <= lo <= rate <= hi <= 1 and 0 <= float(r["utility"]) <= 1 and r["n_eval"] == "10"
+    assert len({r["run_id"] for r in rows}) == 4
+    assert len(list((out / "vectors").glob("sv10-seed0-*/secvec/secvec.json"))) == 1  # one shared vector
+    assert "| no vector | 20 | 1 |" in (out / "results.md").read_text()
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+    # a half-finished sweep: one run lost its result; rerunning redoes only that one
+    finished = {r["run_id"]: (out / "runs" / r["run_id"] / "result.json") for r in rows}
+    lost = rows[0]["run_id"]
+    finished.pop(lost).unlink()
+    mtimes = {k: p.stat().st_mtime_ns for k, p in finished.items()}
+    calls.clear()
+    assert cli.main(["experiment", "--config", str(cfg_path)]) == 0
+    assert len(calls) == 1 and lost in calls[0]
+    assert {k: p.stat().st_mtime_ns for k, p in finished.items()} == mtimes
+    assert (out / "runs" / lost / "result.json").is_file()
+    assert len(read_csv(out / "results.csv")) == 4
+
+    # a larger sweep over the same directory: only the new seed's runs train
+    calls.clear()
+    assert cli.main(["experiment", "--config", str(cfg_path), "sweep.seeds=[0, 1]",
+                     "sweep.n_harmful_ft=[20]", "sweep.vector=[off]"]) == 0
+    assert len(calls) == 1
+    assert {(r["seed"], r["n_harmful_ft"]) for r in read_csv(out / "results.csv")} == {("0", "20"), ("1", "20")}
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(bogus=1), "experiment key 'bogus': unknown"),
+    (lambda d: d["sweep"].update(vector=["maybe"]), "sweep.vector"),
+    (lambda d: d["sweep"].update(n_harmful_ft=[-1]), "sweep.n_harmful_ft"),
+    (lambda d: d["sweep"].update(steps=3), "sweep.steps"),
+    (lambda d: d["world_sizes"].update(n_harmful_ft=5), "world_sizes.n_harmful_ft"),
+    (lambda d: d["base"].update(optim={"lrr": 1}), "optim.lrr"),
+    (lambda d: d["stages"].update(eval_stage={}), "stages.eval_stage"),
+    (lambda d: d.update(world="mars"), "world"),
+])
+def test_bad_experiment_file_is_one_line_exit_2(tmp_path, capsys, edit, message):
+    d = tiny_experiment(tmp_path)
+    edit(d)
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(d))
+    assert cli.main(["experiment", "--config", str(p)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dist-secvec experiment: error:") and message in err and "\n" not in err
+    assert not (tmp_path / "exp").exists()
+
+
+def test_missing_file_and_real_model_requirements(tmp_path, capsys):
+    assert cli.main(["experiment", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="base.model.path"):
+        experiment.parse_experiment({"output_dir": "x", "sweep": {}})
+    d = yaml.safe_load(open("configs/experiments/llama2_7b_template.yaml"))
+    exp = experiment.parse_experiment(d)
+    assert len(experiment.plan_runs(exp)) == 4 * (1 + 3) * 2
+    del d["data"]["harmful_sv_pool"]
+    with pytest.raises(ConfigError, match="harmful_sv_pool"):
+        experiment.parse_experiment(d)
+
+
+def test_shipped_embedded_study_parses():
+    exp = experiment.load_experiment("configs/experiments/embedded_study.yaml")
+    assert exp.world == "embedded" and exp.sweep.n_harmful_ft == [0, 100, 500, 1000]
+    assert exp.sweep.vector == [False, True] and exp.sweep.n_harmful_sv == [10, 50, 100]
+    assert json.dumps(experiment.plan_runs(exp)[0].__dict__)
