@@ -53,7 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # overrides may sit on both sides of a flag (`profile output_dir=X --steps 3 optim.lr=1e-4`)
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    args.overrides = list(args.overrides) + extra
     local_rank = args.local_rank if args.local_rank is not None else args.launcher_local_rank
     if local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(local_rank))

@@ -294,3 +294,11 @@ def test_local_rank_accepted_before_the_subcommand(flag):
     assert args.launcher_local_rank == int(flag.split("=")[1]) and args.overrides == ["optim.lr=1e-4"]
     res = cli(flag, "finetune", "bogus.key=1")
     assert res.returncode == 2 and "'bogus'" in res.stderr and "unrecognized" not in res.stderr
+
+
+def test_overrides_on_both_sides_of_a_flag():
+    """`finetune output_dir=X --debug optim.lr=abc`: the override after the flag is applied too."""
+    res = cli("finetune", "output_dir=/nonexistent-out", "--debug", "optim.lr=abc")
+    assert res.returncode == 2 and "optim.lr" in res.stderr
+    res = cli("finetune", "--no-such-flag")
+    assert res.returncode == 2 and "unrecognized arguments: --no-such-flag" in res.stderr
