@@ -308,22 +308,26 @@ def _set_nested(data: dict, keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
+def read_yaml(path: str, what: str) -> Any:
+    """A YAML file's content ({} when empty); missing file or bad YAML -> one-line ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} '{path}' not found: pass an existing YAML file to --config")
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{what} '{path}'{where}: not valid YAML ({getattr(e, 'problem', e)})")
+    return {} if loaded is None else loaded
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None,
                 base: Optional[dict] = None) -> Config:
     """Read a YAML recipe (or start from `base`/defaults), apply `key.sub=value` overrides."""
     data: dict = json.loads(json.dumps(base)) if base else {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file '{path}' not found: pass an existing YAML file to --config")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"config file '{path}'{where}: not valid YAML ({getattr(e, 'problem', e)})")
-        if loaded is None:
-            loaded = {}
+        loaded = read_yaml(path, "config file")
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file '{path}': the top level must be a mapping of sections")
         _deep_update(data, loaded)

@@ -202,20 +202,11 @@ def parse_experiment(data: Any, source: Optional[str] = None) -> Experiment:
 
 
 def load_experiment(path: str, overrides: Optional[list[str]] = None) -> Experiment:
-    from dist_secvec.config import _parse_override, _set_nested
+    from dist_secvec.config import _parse_override, _set_nested, read_yaml
 
-    p = Path(path) if path else None
-    if p is None:
+    if not path:
         raise ConfigError("--config: required; pass an experiment file (configs/experiments/*.yaml)")
-    if not p.is_file():
-        raise ConfigError(f"experiment file '{path}' not found: pass an existing YAML file to --config")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"experiment file '{path}'{where}: not valid YAML ({getattr(e, 'problem', e)})")
-    data = data if data is not None else {}
+    data = read_yaml(path, "experiment file")
     if isinstance(data, dict):
         for text in overrides or []:
             keys, value = _parse_override(text)

@@ -325,18 +325,12 @@ def summarize(job: Job, result: dict) -> dict:
 def default_job_config(cfg: Config) -> Config:
     """The embedded demo's stage-2 job (vector active): demo world, cached aligned base, a stage-1
     vector (cached next to the base; a short stage 1 is trained when none is there)."""
-    from dist_secvec.demo.run import QUICK, _cache_root, _stage_config, aligned_base
-    from dist_secvec.demo.world import WorldSizes, build_world
+    from dist_secvec.demo.run import _cache_root, _stage_config, aligned_base, demo_world
     from dist_secvec.train_sv import run_train_sv
 
     quick = cfg.demo.quick
     out = Path(cfg.output_dir)
-    sizes = WorldSizes(n_harmful_sv=cfg.demo.n_harmful_sv, n_harmful_ft=cfg.demo.n_harmful_ft, n_eval=cfg.demo.n_eval)
-    if quick:
-        for k, v in QUICK["sizes"].items():
-            setattr(sizes, k, min(v, getattr(sizes, k)))
-    world = build_world(cfg.seed, sizes)
-    data = world.write(out / "data")
+    sizes, world, data = demo_world(cfg)
     base_dir = aligned_base(cfg, sizes, data, world.texts(), quick)
     vec_dir = _cache_root(cfg) / f"secvec-{base_dir.name}"
     if not (vec_dir / "secvec.json").exists():

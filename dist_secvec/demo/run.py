@@ -160,6 +160,16 @@ def plot_results(path: Path, rows: list[dict]) -> None:
     plt.close(fig)
 
 
+def demo_world(cfg: Config):
+    """The world the demo's config describes, written to output_dir/data: (sizes, world, paths)."""
+    sizes = WorldSizes(n_harmful_sv=cfg.demo.n_harmful_sv, n_harmful_ft=cfg.demo.n_harmful_ft, n_eval=cfg.demo.n_eval)
+    if cfg.demo.quick:
+        for k, v in QUICK["sizes"].items():
+            setattr(sizes, k, min(v, getattr(sizes, k)))
+    world = build_world(cfg.seed, sizes)
+    return sizes, world, world.write(Path(cfg.output_dir) / "data")
+
+
 def run_demo(cfg: Config) -> list[dict]:
     from dist_secvec.finetune import run_finetune
     from dist_secvec.model import load_model, load_tokenizer
@@ -169,12 +179,7 @@ def run_demo(cfg: Config) -> list[dict]:
     quick = cfg.demo.quick
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    sizes = WorldSizes(n_harmful_sv=cfg.demo.n_harmful_sv, n_harmful_ft=cfg.demo.n_harmful_ft, n_eval=cfg.demo.n_eval)
-    if quick:
-        for k, v in QUICK["sizes"].items():
-            setattr(sizes, k, min(v, getattr(sizes, k)))
-    world = build_world(cfg.seed, sizes)
-    data = world.write(out / "data")
+    sizes, world, data = demo_world(cfg)
     log.info("world: %d alignment rows, %d harmful for the vector, %d harmful + %d new-task rows for stage 2",
              len(world.align), len(world.harmful_sv), len(world.harmful_ft), len(world.new_task_ft))
 
