@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    from dist_secvec.config import load_config, validate
+    from dist_secvec.config import load_config, refuse_finished_run, validate
 
     if args.command == "demo":
         from dist_secvec.demo.run import demo_defaults
@@ -97,6 +97,7 @@ def _run(args) -> int:
         return experiment_main(args.config, list(args.overrides), debug=args.debug)
     else:
         cfg = validate(load_config(args.config, args.overrides), args.command)
+        refuse_finished_run(cfg, args.command)
 
     from dist_secvec.runtime import setup_logging
 

@@ -470,5 +470,18 @@ def validate(cfg: Config, command: str) -> Config:
     return cfg
 
 
+FINISHED_MARKERS = {"train-sv": "secvec/secvec.json", "finetune": "final/dist_secvec_run.json"}
+
+
+def refuse_finished_run(cfg: Config, command: str) -> None:
+    """A CLI run never overwrites a finished run of the same stage in its output_dir.
+
+    (The demo and the experiment runner manage their own run directories and skip this.)"""
+    finished = FINISHED_MARKERS.get(command)
+    if finished and os.path.exists(os.path.join(os.path.expanduser(cfg.output_dir), finished)):
+        raise ConfigError(f"config key 'output_dir': '{cfg.output_dir}' already holds a finished {command} run "
+                          f"({finished.split('/')[0]}/); choose a new output_dir or delete the old run")
+
+
 def save_config(cfg: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

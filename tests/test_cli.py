@@ -302,3 +302,21 @@ def test_overrides_on_both_sides_of_a_flag():
     assert res.returncode == 2 and "optim.lr" in res.stderr
     res = cli("finetune", "--no-such-flag")
     assert res.returncode == 2 and "unrecognized arguments: --no-such-flag" in res.stderr
+
+
+@pytest.mark.parametrize("command, marker", [("finetune", "final/dist_secvec_run.json"),
+                                             ("train-sv", "secvec/secvec.json")])
+def test_finished_run_is_never_overwritten(tmp_path, command, marker):
+    """A second run into the output_dir of a finished one is refused before anything is touched."""
+    out = tmp_path / "run"
+    (out / marker).parent.mkdir(parents=True)
+    (out / marker).write_text('{"steps": 10}\n')
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n')
+    model = tmp_path / "model"
+    model.mkdir()
+    res = cli(command, f"output_dir={out}", f"model.path={model}", f"data.train={data}",
+              f"security_vector.harmful_data={data}", f"security_vector.benign_data={data}")
+    assert res.returncode == 2 and "already holds a finished" in res.stderr and "output_dir" in res.stderr
+    assert (out / marker).read_text() == '{"steps": 10}\n'
+    assert sorted(p.name for p in out.rglob("*")) == sorted([Path(marker).parent.name, Path(marker).name])
