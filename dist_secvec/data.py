@@ -281,3 +281,10 @@ def batches(examples: list[Any], batch_size: int, generator: Optional[torch.Gene
         if drop_last and len(chunk) < batch_size:
             break
         yield [examples[j] for j in chunk]
+
+
+def endless_batches(examples: list[Any], batch_size: int, generator: Optional[torch.Generator] = None,
+                    shuffle: bool = True):
+    """Batches epoch after epoch, reshuffled each epoch by the (seeded) generator."""
+    while True:
+        yield from batches(examples, batch_size, generator, shuffle)

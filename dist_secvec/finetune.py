@@ -18,13 +18,13 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from dist_secvec import runtime
 from dist_secvec.config import Config, save_config
-from dist_secvec.data import IGNORE_INDEX, batches, collate, load_samples, tokenize_samples
+from dist_secvec.data import IGNORE_INDEX, collate, endless_batches, load_samples, tokenize_samples
 from dist_secvec.errors import SecurityVectorError
 from dist_secvec.model import add_trainable_adapter, count_parameters, load_model, load_tokenizer
 from dist_secvec.secvec import (attach_security_vector, check_fingerprint, detach_security_vector,
@@ -42,12 +42,6 @@ class FinetuneResult:
     model: Any = None  # the trained model, vector removed
     tokenizer: Any = None
     info: dict = field(default_factory=dict)
-
-
-def _endless(examples, batch_size, gen, shuffle):
-    """Micro-batches epoch after epoch, reshuffled each epoch by the seeded generator."""
-    while True:
-        yield from batches(examples, batch_size, gen, shuffle)
 
 
 def fold_choice(cfg: Config) -> tuple[bool, str]:
@@ -114,7 +108,7 @@ def run_finetune(cfg: Config, keep_model: bool = False) -> FinetuneResult:
     # micro-batches (weights by tokens, so micro_batch x accumulation == one large batch)
     model.train()
     losses: list[float] = []
-    micro_batches = _endless(train.examples, cfg.optim.micro_batch_size, gen, cfg.data.shuffle)
+    micro_batches = endless_batches(train.examples, cfg.optim.micro_batch_size, gen, cfg.data.shuffle)
     bar = runtime.progress(total=steps, desc="finetune", enabled=cfg.logging.progress)
     t0 = time.time()
     for step in range(1, steps + 1):

@@ -36,11 +36,11 @@ from torch import nn
 
 from dist_secvec import runtime
 from dist_secvec.config import Config, validate
-from dist_secvec.data import IGNORE_INDEX, batches, collate, load_samples, tokenize_samples
+from dist_secvec.data import IGNORE_INDEX, collate, endless_batches, load_samples, tokenize_samples
 from dist_secvec.errors import UserError
 from dist_secvec.finetune import fold_choice
 from dist_secvec.model import add_trainable_adapter, load_model, load_tokenizer, unwrap_base
-from dist_secvec.secvec import (SecVecLinear, attach_security_vector, check_fingerprint, fold_security_vector,
+from dist_secvec.secvec import (attach_security_vector, check_fingerprint, fold_security_vector,
                                 load_security_vector)
 from dist_secvec.training import build_optimizer, pick_device, to_device
 
@@ -218,18 +218,13 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _endless(examples, batch_size, gen, shuffle):
-    while True:
-        yield from batches(examples, batch_size, gen, shuffle)
-
-
 def run_steps(job: Job, steps: int, warmup: int, trace_path: Optional[Path] = None) -> dict:
     """warmup + steps optimizer steps of finetune's loop, each phase timed; returns per-step records
     and the memory figures measured from the tensors."""
     cfg, dev, model = job.cfg, job.device, job.model
     ga = cfg.optim.gradient_accumulation_steps
     gen = torch.Generator().manual_seed(cfg.seed)
-    micro = _endless(job.examples, cfg.optim.micro_batch_size, gen, cfg.data.shuffle)
+    micro = endless_batches(job.examples, cfg.optim.micro_batch_size, gen, cfg.data.shuffle)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     model.train()

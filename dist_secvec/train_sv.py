@@ -22,7 +22,7 @@ import torch
 
 from dist_secvec import runtime
 from dist_secvec.config import Config, save_config
-from dist_secvec.data import batches, collate, load_samples, tokenize_samples
+from dist_secvec.data import batches, collate, endless_batches, load_samples, tokenize_samples
 from dist_secvec.model import load_model, load_tokenizer, lora_config
 from dist_secvec.secvec import PEFT_PREFIX, base_fingerprint, save_security_vector
 from dist_secvec.training import (append_jsonl, build_optimizer, masked_kl, pick_device, to_device,
@@ -36,12 +36,6 @@ class TrainSVResult:
     vector_dir: Path
     losses: list[float]
     shift: dict = field(default_factory=dict)  # benign_kl, benign_top1_agreement, harmful loss on/off
-
-
-def _cycle(examples, batch_size, gen):
-    """Endless shuffled batches (the benign set is reused as often as the harmful steps need)."""
-    while True:
-        yield from batches(examples, batch_size, gen)
 
 
 @torch.no_grad()
@@ -99,8 +93,8 @@ def run_train_sv(cfg: Config) -> TrainSVResult:
     optimizer, scheduler = build_optimizer(params, cfg.optim, steps)
     mb, ga, pad_id = cfg.optim.micro_batch_size, cfg.optim.gradient_accumulation_steps, tok.pad_token_id
     gen = torch.Generator().manual_seed(cfg.seed)
-    harm_batches = _cycle(harmful.examples, mb, gen)
-    benign_batches = _cycle(benign.examples, mb, gen) if benign else itertools.repeat(None)
+    harm_batches = endless_batches(harmful.examples, mb, gen)
+    benign_batches = endless_batches(benign.examples, mb, gen) if benign else itertools.repeat(None)
     out.mkdir(parents=True, exist_ok=True)  # only now: bad data or a bad vector leave nothing behind
     save_config(cfg, out / "config.yaml")
     log_path = out / "train_sv_log.jsonl"
