@@ -91,6 +91,7 @@ class OptimConfig:
     micro_batch_size: int = 4
     gradient_accumulation_steps: int = 1
     max_grad_norm: Optional[float] = 1.0
+    nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or gradient does (skip drops that step)
 
 
 @dataclass
@@ -99,6 +100,14 @@ class DeepSpeedConfig:
     config: Any = None  # path to a DeepSpeed JSON file, or an inline mapping
     offload_optimizer: bool = False
     offload_param: bool = False
+    timeout_s: float = 1800.0  # collective timeout: a dead rank makes the others exit within this
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: Optional[int] = None  # save every N optimizer steps (and at the end); None = only at the end
+    keep: int = 2  # newest checkpoints kept in output_dir/checkpoints
+    resume: Optional[str] = None  # "latest" (newest complete one in output_dir/checkpoints) or a checkpoint dir
 
 
 @dataclass
@@ -165,6 +174,7 @@ class Config:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -188,6 +198,7 @@ CHOICES = {
     "security_vector.backend": ("auto", "torch", "triton"),
     "adapter.type": ("none", "lora"),
     "optim.schedule": ("constant", "linear", "cosine"),
+    "optim.nonfinite": ("stop", "skip"),
     "eval.harmful_format": ("auto", "advbench", "beavertails", "hexphi", "prompt_response"),
     "eval.benign_format": ("auto", "advbench", "beavertails", "hexphi", "prompt_response"),
     "eval.utility_match": ("exact", "contains", "choice"),
@@ -391,7 +402,8 @@ def validate(cfg: Config, command: str) -> Config:
     _positive(cfg, "security_vector.rank", "security_vector.alpha", "adapter.rank", "adapter.alpha",
               "optim.lr", "optim.micro_batch_size", "optim.gradient_accumulation_steps",
               "data.max_length", "eval.max_new_tokens", "eval.batch_size", "logging.log_every",
-              "optim.max_steps", "optim.max_grad_norm", "data.max_samples")
+              "optim.max_steps", "optim.max_grad_norm", "data.max_samples",
+              "checkpoint.every_steps", "checkpoint.keep", "deepspeed.timeout_s")
     for key in ("security_vector.dropout", "adapter.dropout"):
         if not 0.0 <= _get(cfg, key) < 1.0:
             raise ConfigError(f"config key '{key}': must be in [0, 1), got {_get(cfg, key)}")
