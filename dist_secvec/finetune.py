@@ -13,19 +13,22 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from dist_secvec import runtime
+from dist_secvec.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from dist_secvec.config import Config, save_config
-from dist_secvec.data import IGNORE_INDEX, collate, endless_batches, load_samples, tokenize_samples
-from dist_secvec.errors import SecurityVectorError
+from dist_secvec.data import IGNORE_INDEX, collate, load_samples, tokenize_samples
+from dist_secvec.distributed import (DeepSpeedEngine, PlainEngine, all_reduce_sum, barrier, ds_config, gathered,
+                                     init_distributed, is_partitioned, rank_batches, uses_deepspeed, zero_stage)
+from dist_secvec.errors import ConfigError, SecurityVectorError, UserError
+from dist_secvec.interrupt import StopRequest, Stopped
 from dist_secvec.model import add_trainable_adapter, count_parameters, load_model, load_tokenizer
 from dist_secvec.secvec import (attach_security_vector, check_fingerprint, detach_security_vector,
                                 fold_security_vector, load_security_vector, unfold_security_vector,
@@ -33,6 +36,10 @@ from dist_secvec.secvec import (attach_security_vector, check_fingerprint, detac
 from dist_secvec.training import append_jsonl, build_optimizer, pick_device, to_device, total_steps
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteError(UserError):
+    """NaN/inf loss or gradients: the run stops, the last checkpoint stays as it was."""
 
 
 @dataclass
@@ -58,8 +65,36 @@ def fold_choice(cfg: Config) -> tuple[bool, str]:
     return True, "LoRA on a frozen unquantized base"
 
 
+def _check_frozen_vector(engine, sv_params: list) -> None:
+    """The vector's parameters are never trainable, never in an optimizer, never get a gradient."""
+    ids = {id(p) for p in sv_params}
+    if any(p.requires_grad for p in sv_params) or ids & engine.optimizer_param_ids():
+        raise RuntimeError("security vector parameters are trainable or in the optimizer")  # a bug
+    if any(p.grad is not None for p in sv_params):
+        raise RuntimeError("a gradient was allocated for the security vector")
+
+
+def _vector_digest(layers: list, sv_params: list) -> Optional[str]:
+    if not layers:
+        return None
+    with gathered(sv_params):
+        return vector_digest(layers)
+
+
 def run_finetune(cfg: Config, keep_model: bool = False) -> FinetuneResult:
-    # ---- setup: tokenizer, data, model, trainable part, frozen vector, optimizer
+    # ---- setup: processes, tokenizer, data, model, trainable part, frozen vector, engine
+    use_ds = uses_deepspeed(cfg)
+    if use_ds:
+        init_distributed(cfg)
+    rank, world = runtime.rank(), runtime.world_size()
+    ds = ds_config(cfg, world) if use_ds else None
+    stage = zero_stage(ds) if ds else None
+    if stage == 3 and cfg.model.quantization == "int8":
+        raise ConfigError("config keys 'model.quantization=int8' and ZeRO stage 3: 8-bit bases train wrong under "
+                          "ZeRO-3; use model.quantization=nf4 or ZeRO stage 2")
+    if use_ds and cfg.optim.nonfinite == "skip":
+        raise ConfigError("config key 'optim.nonfinite': skip is supported in single-process runs only; under "
+                          "DeepSpeed use stop (the default) and resume from the last checkpoint")
     runtime.seed_everything(cfg.seed)
     device = pick_device()
     out = Path(cfg.output_dir)
@@ -68,6 +103,11 @@ def run_finetune(cfg: Config, keep_model: bool = False) -> FinetuneResult:
                                                cfg.data.max_samples), cfg.data)
     log.info(train.report("train data"))
 
+    hf_ds = None
+    if stage == 3:  # from_pretrained partitions 16-bit weights while loading: no rank holds the whole model
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds = HfDeepSpeedConfig(ds)  # noqa: F841  (must stay alive while the model loads)
     model = load_model(cfg.model, device, for_training=True)
     model = add_trainable_adapter(model, cfg.adapter)
     sv_layers, folded = [], []
@@ -75,6 +115,8 @@ def run_finetune(cfg: Config, keep_model: bool = False) -> FinetuneResult:
         sv = load_security_vector(cfg.security_vector.path)
         check_fingerprint(sv, model, cfg.model.path)
         fold, why = fold_choice(cfg)
+        if fold and stage == 3:
+            fold, why = False, "ZeRO-3 partitions the base weights"
         if fold:
             folded = fold_security_vector(model, sv)
             log.info("security vector %s: folded into %d frozen base weights (%s), rank %d, scale %g",
@@ -83,85 +125,155 @@ def run_finetune(cfg: Config, keep_model: bool = False) -> FinetuneResult:
             sv_layers = attach_security_vector(model, sv, backend=cfg.security_vector.backend)
             log.info("security vector %s: %d SecVecLinear layers (not folded: %s), rank %d, scale %g, "
                      "active and frozen", sv.path, len(sv_layers), why, sv.rank, sv.scale)
-    sv_params = {id(p) for layer in sv_layers for p in (layer.secvec_A, layer.secvec_B)}
+    sv_params = [p for layer in sv_layers for p in (layer.secvec_A, layer.secvec_B)]
     params = [p for p in model.parameters() if p.requires_grad]
-    if any(id(p) in sv_params for p in params):  # a bug, not a user error
-        raise RuntimeError("security vector parameters are trainable")
     if any(f.linear.weight.requires_grad for f in folded):
         raise RuntimeError("a base weight holding the folded security vector is trainable")
-    digest = vector_digest(sv_layers or folded) if (sv_layers or folded) else None
+    digest = _vector_digest(sv_layers or folded, sv_params)
     trainable, total = count_parameters(model)
-    log.info("parameters: %d trainable of %d (%s)", trainable, total,
-             "full fine-tuning" if cfg.adapter.type == "none" else f"LoRA r={cfg.adapter.rank}")
+    log.info("parameters: %d trainable of %d (%s)%s", trainable, total,
+             "full fine-tuning" if cfg.adapter.type == "none" else f"LoRA r={cfg.adapter.rank}",
+             f"; DeepSpeed ZeRO-{stage} on {world} rank(s)" if use_ds else "")
 
-    steps = total_steps(len(train.examples), cfg.optim)
+    steps = total_steps(len(train.examples), cfg.optim, world)
     optimizer, scheduler = build_optimizer(params, cfg.optim, steps)
+    if use_ds:
+        engine = DeepSpeedEngine(model, params, optimizer, scheduler, ds)
+    else:
+        engine = PlainEngine(model, params, optimizer, scheduler, cfg.optim.max_grad_norm)
+    _check_frozen_vector(engine, sv_params)
+    model = engine.module
     ga = cfg.optim.gradient_accumulation_steps
     pad_id = tok.pad_token_id
-    gen = torch.Generator().manual_seed(cfg.seed)
-    out.mkdir(parents=True, exist_ok=True)  # only now: bad data or a bad vector leave nothing behind
-    save_config(cfg, out / "config.yaml")
-    log_path = out / "train_log.jsonl"
-    log_path.write_text("")
 
-    # ---- the training loop: every optimizer step averages over all label tokens of its
-    # micro-batches (weights by tokens, so micro_batch x accumulation == one large batch)
+    # ---- resume: the same run shape and the same vector, or a one-line refusal
+    run_shape = {"world_size": world, "micro_batch_size": cfg.optim.micro_batch_size,
+                 "gradient_accumulation_steps": ga, "zero_stage": stage, "seed": cfg.seed,
+                 "vector_digest": digest, "total_steps": steps}
+    resume_from = resolve_resume(cfg.checkpoint.resume, out)
+    start, losses = 0, []
+    if resume_from is not None:
+        state = load_checkpoint(engine, resume_from, run_shape)
+        start, losses = int(state["step"]), list(state["losses"])
+        if _vector_digest(sv_layers or folded, sv_params) != digest:
+            raise SecurityVectorError("the security vector changed while loading the checkpoint; refusing to train")
+    elif cfg.checkpoint.resume == "latest":
+        log.info("checkpoint.resume=latest: no checkpoint in %s yet, starting at step 0", out / "checkpoints")
+    if runtime.is_main():
+        out.mkdir(parents=True, exist_ok=True)  # only now: bad data or a bad vector leave nothing behind
+        save_config(cfg, out / "config.yaml")
+    log_path = out / "train_log.jsonl"
+    if runtime.is_main() and start == 0:
+        log_path.write_text("")
+
+    def checkpoint(step: int) -> None:
+        if _vector_digest(sv_layers or folded, sv_params) != digest:  # stage-2 invariant at every checkpoint
+            raise SecurityVectorError(f"the security vector changed during stage 2 (step {step}); refusing to "
+                                      "checkpoint a run that is not safe to use")
+        save_checkpoint(engine, out, step, dict(run_shape, losses=losses), cfg.checkpoint.keep)
+
+    # ---- the training loop: every optimizer step averages over all label tokens of the global
+    # batch (all ranks, all micro-batches), so ranks x micro-batch x accumulation == one large batch
     model.train()
-    losses: list[float] = []
-    micro_batches = endless_batches(train.examples, cfg.optim.micro_batch_size, gen, cfg.data.shuffle)
-    bar = runtime.progress(total=steps, desc="finetune", enabled=cfg.logging.progress)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    micro_batches = rank_batches(train.examples, cfg.optim.micro_batch_size, rank, world, gen,
+                                 cfg.data.shuffle, skip=start * ga)
+    bar = runtime.progress(total=steps, initial=start, desc="finetune", enabled=cfg.logging.progress)
+    every = cfg.checkpoint.every_steps
     t0 = time.time()
-    for step in range(1, steps + 1):
-        group = [to_device(collate(next(micro_batches), pad_id), device) for _ in range(ga)]
-        counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group]
-        n_tokens = max(sum(counts), 1)
-        step_loss = 0.0
-        for b, n in zip(group, counts):
-            loss = model(**b).loss  # mean over this micro-batch's n label tokens
-            (loss * (n / n_tokens)).backward()
-            step_loss += loss.item() * n / n_tokens
-        if not math.isfinite(step_loss):
-            raise RuntimeError(f"loss is {step_loss} at step {step}; lower optim.lr or check the data")
-        if cfg.optim.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(step_loss)
-        bar.update(1)
-        bar.set_postfix(loss=f"{step_loss:.4f}")
-        if step % cfg.logging.log_every == 0 or step == steps:
-            rec = {"step": step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
-                   "tokens": n_tokens, "elapsed_s": round(time.time() - t0, 2)}
-            append_jsonl(log_path, rec)
-            log.info("step %d/%d loss %.4f lr %.3g", step, steps, step_loss, rec["lr"])
+    step = start
+    with StopRequest() as stop:
+        for step in range(start + 1, steps + 1):
+            group = [to_device(collate(next(micro_batches), pad_id), device) for _ in range(ga)]
+            counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group]
+            n_tokens = max(sum(all_reduce_sum([float(sum(counts))])) if use_ds else sum(counts), 1)
+            local_loss, finite = 0.0, True
+            for i, (b, n) in enumerate(zip(group, counts)):
+                if n:
+                    loss = engine.module(**b).loss  # mean over this micro-batch's n label tokens
+                else:  # no label token (rows cut to their prompt): every rank still runs the forward
+                    loss = engine.module(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.sum() * 0
+                finite = finite and bool(torch.isfinite(loss.detach()))
+                engine.backward(loss * (n * world / n_tokens))
+                if i < ga - 1:
+                    engine.step(boundary=False)
+                local_loss += float(loss.detach()) * n / n_tokens
+            step_loss, bad = (all_reduce_sum([local_loss, 0.0 if finite else 1.0]) if use_ds
+                              else (local_loss, 0.0 if finite else 1.0))
+            if not use_ds and finite and not engine.grads_finite():
+                bad = 1.0
+            if bad:
+                if cfg.optim.nonfinite == "skip":
+                    engine.skip_step()
+                    log.warning("step %d: non-finite loss or gradient; step skipped (optim.nonfinite=skip)", step)
+                    losses.append(float("nan"))
+                    bar.update(1)
+                    continue
+                raise NonFiniteError(f"loss or gradients are not finite at step {step}; lower optim.lr or check the "
+                                     "data, then resume from the last checkpoint (checkpoint.resume=latest), "
+                                     "or set optim.nonfinite=skip")
+            grad_norm = engine.step(boundary=True)
+            losses.append(step_loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}")
+            if runtime.is_main() and (step % cfg.logging.log_every == 0 or step == steps):
+                rec = {"step": step, "loss": step_loss, "lr": engine.lr(), "grad_norm": grad_norm,
+                       "tokens": int(n_tokens), "elapsed_s": round(time.time() - t0, 2)}
+                append_jsonl(log_path, rec)
+                log.info("step %d/%d loss %.4f lr %.3g", step, steps, step_loss, rec["lr"])
+            if (every and (step % every == 0 or step == steps)) or stop.requested(step):
+                checkpoint(step)
+            if stop.requested(step) and step < steps:
+                bar.close()
+                log.warning("%s received: checkpoint of step %d saved; resume with checkpoint.resume=latest",
+                            stop.signal_name, step)
+                raise Stopped(f"stopped at step {step} of {steps} by {stop.signal_name}; checkpoint saved, "
+                                      "resume with checkpoint.resume=latest")
     bar.close()
 
     # ---- the vector must come out exactly as it went in, and without gradients
+    _check_frozen_vector(engine, sv_params)
+    if _vector_digest(sv_layers or folded, sv_params) != digest:
+        raise SecurityVectorError("the security vector changed during stage 2; the run is not safe to use")
     if sv_layers:
-        if any(p.grad is not None for layer in sv_layers for p in (layer.secvec_A, layer.secvec_B)):
-            raise RuntimeError("a gradient was allocated for the security vector")
-        if vector_digest(sv_layers) != digest:
-            raise SecurityVectorError("the security vector changed during stage 2; the run is not safe to use")
         detach_security_vector(model)
     if folded:
         if any(f.linear.weight.grad is not None for f in folded):
             raise RuntimeError("a gradient was allocated for a base weight holding the folded security vector")
-        if vector_digest(folded) != digest:
-            raise SecurityVectorError("the security vector changed during stage 2; the run is not safe to use")
         unfold_security_vector(model, folded)  # the original base weights, bit for bit
 
-    # ---- save the trained model (or adapter) with no trace of the vector
+    # ---- save the trained model (or adapter), gathered from every rank, with no trace of the vector
     info = {"steps": steps, "final_loss": losses[-1] if losses else None, "n_examples": len(train.examples),
             "n_truncated": train.n_truncated, "n_dropped": train.n_dropped, "trainable_params": trainable,
             "security_vector": cfg.security_vector.path, "adapter": cfg.adapter.type,
-            "base_model": cfg.model.path}
+            "base_model": cfg.model.path, "world_size": world, "zero_stage": stage}
     final = out / "final"
-    with runtime.atomic_dir(final) as tmp:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tok.save_pretrained(str(tmp))
-        (tmp / "dist_secvec_run.json").write_text(json.dumps(info, indent=2) + "\n")
-    log.info("saved %s to %s (security vector removed)",
-             "model" if cfg.adapter.type == "none" else "adapter", final)
+    state_dict = gathered_state_dict(engine, cfg.adapter.type == "lora")
+    if runtime.is_main():
+        with runtime.atomic_dir(final) as tmp:
+            model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+            tok.save_pretrained(str(tmp))
+            (tmp / "dist_secvec_run.json").write_text(json.dumps(info, indent=2) + "\n")
+        log.info("saved %s to %s (security vector removed)",
+                 "model" if cfg.adapter.type == "none" else "adapter", final)
+    barrier()
     model.eval()
+    del hf_ds
     return FinetuneResult(final, losses, model if keep_model else None, tok if keep_model else None, info)
+
+
+def gathered_state_dict(engine, adapter_only: bool) -> Optional[dict]:
+    """What `save_pretrained` writes, complete on rank 0: the LoRA weights (peft's keys) or the whole
+    model. Under ZeRO-3 each partitioned tensor is gathered first (collective: every rank calls
+    this); elsewhere None lets save_pretrained read the model itself."""
+    model = engine.module
+    if not any(is_partitioned(p) for p in model.parameters()):
+        return None
+    if adapter_only:
+        from peft.utils import get_peft_model_state_dict
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        with gathered(params):
+            sd = get_peft_model_state_dict(model)
+            return {k: v.detach().cpu().clone() for k, v in sd.items()} if runtime.is_main() else None
+    return engine.engine._zero3_consolidated_16bit_state_dict()

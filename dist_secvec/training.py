@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -13,14 +14,18 @@ from dist_secvec.config import OptimConfig
 
 
 def pick_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    """This rank's GPU (LOCAL_RANK under a launcher), or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
-def total_steps(n_examples: int, cfg: OptimConfig) -> int:
-    """Optimizer steps: optim.max_steps, or optim.epochs passes over the data."""
+def total_steps(n_examples: int, cfg: OptimConfig, world_size: int = 1) -> int:
+    """Optimizer steps: optim.max_steps, or optim.epochs passes over the data (a global batch is
+    micro_batch_size x gradient_accumulation_steps x ranks examples)."""
     if cfg.max_steps is not None:
         return cfg.max_steps
-    per_epoch = math.ceil(n_examples / (cfg.micro_batch_size * cfg.gradient_accumulation_steps))
+    per_epoch = math.ceil(n_examples / (cfg.micro_batch_size * cfg.gradient_accumulation_steps * world_size))
     return max(1, per_epoch * cfg.epochs)
 
 

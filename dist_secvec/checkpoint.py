@@ -1,0 +1,255 @@
+"""Training checkpoints of stage 2: save every N steps, resume from the latest or a named one.
+
+Layout, one directory per checkpoint:
+
+    output_dir/checkpoints/step_00000040/
+        trainable.safetensors, optimizer.pt, scheduler.pt   (one process, plain torch)
+        deepspeed/...                                        (DeepSpeed: its own per-rank files)
+        rng_rank0.json, rng_rank1.json, ...                  (python, numpy, torch RNG per rank)
+        trainer_state.json                                   (step, losses, world, batch sizes, vector digest)
+        manifest.json                                        (every file: size and sha256; written last)
+
+Every rank writes into `.step_00000040.tmp`; rank 0 writes the manifest last and renames the
+directory into place, so a directory without a manifest (a crash mid-save) is never resumed
+from. On resume the manifest is checked file by file before anything is loaded.
+Data order needs no state: the stream of micro-batches is a function of the seed, and the
+resumed run passes over the `step * gradient_accumulation_steps` micro-batches already trained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from dist_secvec import runtime
+from dist_secvec.distributed import barrier
+from dist_secvec.errors import UserError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+STATE = "trainer_state.json"
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be resumed from: incomplete, corrupted, or from another run."""
+
+
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_manifest(d: Path) -> dict:
+    files = {}
+    for p in sorted(d.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            files[str(p.relative_to(d))] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+    manifest = {"files": files}
+    (d / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def verify_manifest(d: Path) -> None:
+    """Every file the manifest lists exists with its size and hash; else a one-line CheckpointError."""
+    m = d / MANIFEST
+    if not m.is_file():
+        raise CheckpointError(f"checkpoint '{d}' has no {MANIFEST}: it was not completely written; "
+                              "resume from an earlier checkpoint (checkpoint.resume=DIR) or delete it")
+    try:
+        files = json.loads(m.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint '{d}': {MANIFEST} is corrupted ({type(e).__name__}); "
+                              "resume from an earlier checkpoint or delete this one")
+    for rel, want in files.items():
+        p = d / rel
+        if not p.is_file():
+            raise CheckpointError(f"checkpoint '{d}': file '{rel}' is missing; resume from an earlier checkpoint")
+        if p.stat().st_size != want["size"] or _sha256(p) != want["sha256"]:
+            raise CheckpointError(f"checkpoint '{d}': file '{rel}' is corrupted (size or sha256 differs from "
+                                  f"{MANIFEST}); resume from an earlier checkpoint")
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Finished checkpoints (with a manifest), oldest first."""
+    d = checkpoints_dir(output_dir)
+    if not d.is_dir():
+        return []
+    found = [p for p in d.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / MANIFEST).is_file()]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def resolve_resume(resume: Optional[str], output_dir: str | Path) -> Optional[Path]:
+    """checkpoint.resume: None -> start fresh; "latest" -> the newest complete checkpoint in
+    output_dir (None when there is none yet, so a requeued job can always pass it); a path."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = complete_checkpoints(output_dir)
+        return found[-1] if found else None
+    p = Path(os.path.expanduser(resume))
+    if not p.is_dir():
+        raise CheckpointError(f"config key 'checkpoint.resume': checkpoint directory '{resume}' not found "
+                              "(use \"latest\" or a directory under output_dir/checkpoints)")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG state as JSON (no pickle)
+
+
+def rng_state() -> dict:
+    import numpy as np
+
+    np_state = np.random.get_state()
+    state = {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+             "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+             "torch": torch.get_rng_state().tolist()}
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    v, internal, gauss = state["python"]
+    random.setstate((v, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+# ---------------------------------------------------------------------------------------------
+# save / load
+
+
+def _trainable(module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in module.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(engine, output_dir: str | Path, step: int, state: dict, keep: int) -> Path:
+    """Collective under DeepSpeed (every rank calls it). Returns the checkpoint directory."""
+    root = checkpoints_dir(output_dir)
+    final = root / step_dir_name(step)
+    tmp = root / f".{final.name}.tmp"
+    if runtime.is_main():
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    barrier()
+    try:
+        if engine.deepspeed:
+            engine.engine.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False)
+        elif runtime.is_main():
+            from safetensors.torch import save_file
+
+            save_file({n: p.detach().contiguous().cpu() for n, p in _trainable(engine.module).items()},
+                      str(tmp / "trainable.safetensors"))
+            torch.save(engine.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(engine.scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / f"rng_rank{runtime.rank()}.json").write_text(json.dumps(rng_state()))
+        barrier()
+        if runtime.is_main():
+            (tmp / STATE).write_text(json.dumps(dict(state, step=step), indent=1) + "\n")
+            write_manifest(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            for old in complete_checkpoints(output_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        if runtime.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot write checkpoint '{final}' ({e.strerror or e}); free disk space or set "
+                        "output_dir elsewhere; earlier checkpoints are intact") from e
+    barrier()
+    log.info("checkpoint step %d saved to %s", step, final)
+    return final
+
+
+def _broadcast_error(err: Optional[str]) -> None:
+    """Rank 0 checked; every rank raises the same one-line error (or none)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [err]
+        dist.broadcast_object_list(box, src=0)
+        err = box[0]
+    if err:
+        raise CheckpointError(err)
+
+
+def load_checkpoint(engine, d: Path, expect: dict) -> dict:
+    """Verify `d` (manifest, same run shape, same vector) and load model, optimizer, schedule and
+    this rank's RNG into `engine`. Returns the trainer state. Collective under DeepSpeed."""
+    err = None
+    state: dict = {}
+    if runtime.is_main():
+        try:
+            verify_manifest(d)
+            state = json.loads((d / STATE).read_text())
+            for key, want in expect.items():
+                if state.get(key) != want:
+                    what = "the security vector differs" if key == "vector_digest" else \
+                        f"{key} is {state.get(key)!r} there, {want!r} now"
+                    raise CheckpointError(f"checkpoint '{d}' belongs to another run setup ({what}); "
+                                          "resume with the settings it was written with, or start a new output_dir")
+        except CheckpointError as e:
+            err = str(e)
+        except (OSError, json.JSONDecodeError) as e:
+            err = f"checkpoint '{d}': cannot read {STATE} ({type(e).__name__}); resume from an earlier checkpoint"
+    _broadcast_error(err)
+    state = json.loads((d / STATE).read_text())
+    if engine.deepspeed:
+        path, _ = engine.engine.load_checkpoint(str(d), tag="deepspeed", load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+        if path is None:
+            raise CheckpointError(f"checkpoint '{d}': DeepSpeed could not load it; resume from an earlier one")
+    else:
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(d / "trainable.safetensors"))
+            opt = torch.load(d / "optimizer.pt", weights_only=True)
+            sched = torch.load(d / "scheduler.pt", weights_only=True)
+        except Exception as e:  # verified by hash above, so this is a format mismatch
+            raise CheckpointError(f"checkpoint '{d}': cannot read it ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:120]})") from e
+        params = _trainable(engine.module)
+        if set(tensors) != set(params):
+            raise CheckpointError(f"checkpoint '{d}': its trainable parameters do not match this model's "
+                                  "(another adapter or model?); start a new output_dir")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(tensors[n])
+        engine.optimizer.load_state_dict(opt)
+        engine.scheduler.load_state_dict(sched)
+    rng = d / f"rng_rank{runtime.rank()}.json"
+    if rng.is_file():
+        set_rng_state(json.loads(rng.read_text()))
+    log.info("resumed from %s at step %d", d, state["step"])
+    return state

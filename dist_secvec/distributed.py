@@ -1,0 +1,281 @@
+"""Data parallelism and ZeRO sharding with DeepSpeed, and the engine the training loop drives.
+
+A run uses DeepSpeed when `deepspeed.zero_stage` or `deepspeed.config` is set, or when a launcher
+started several ranks (WORLD_SIZE > 1); otherwise it is one plain-torch process. Both sides offer
+the same small `Engine` interface (backward, step, save, load), so stage 2's loop is one loop.
+
+Batches: every rank reads the same shuffled stream of examples (one seeded generator); each
+global micro-batch is `micro_batch_size * world_size` consecutive examples and rank r trains on
+its r-th slice. So 1 rank with micro-batch 4 sees exactly what 2 ranks with micro-batch 2 see.
+
+Loss scaling: an optimizer step averages over every label token of the global batch (all ranks,
+all micro-batches). A micro-batch with n label tokens out of N in the global batch contributes
+loss * n / N; DeepSpeed averages gradients over the ranks, so each rank multiplies by the
+world size to undo that average.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import socket
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import torch
+
+from dist_secvec import runtime
+from dist_secvec.config import Config
+from dist_secvec.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# what a bare `deepspeed.zero_stage=N` (no JSON) runs with
+BASE_DS_CONFIG = {
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "bf16": {"enabled": "auto"},
+    "fp16": {"enabled": "auto"},
+    "zero_optimization": {"stage": 0},
+    "steps_per_print": 1000000000,
+    "wall_clock_breakdown": False,
+}
+
+
+def uses_deepspeed(cfg: Config) -> bool:
+    return cfg.deepspeed.zero_stage is not None or cfg.deepspeed.config is not None or runtime.world_size() > 1
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(cfg: Config) -> None:
+    """Join the process group (gloo on CPU, nccl on GPU, picked by DeepSpeed's accelerator).
+    A plain single process gets the environment of a one-rank launch."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed(timeout=timedelta(seconds=cfg.deepspeed.timeout_s), verbose=False,
+                               auto_mpi_discovery=False)
+
+
+def _read_ds_json(value: Any) -> dict:
+    if value is None:
+        return copy.deepcopy(BASE_DS_CONFIG)
+    if isinstance(value, dict):
+        return copy.deepcopy(value)
+    try:
+        data = json.loads(Path(value).read_text())
+    except OSError as e:
+        raise ConfigError(f"config key 'deepspeed.config': cannot read '{value}' ({e.strerror}); fix the path")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config key 'deepspeed.config': '{value}' is not valid JSON ({e}); fix the file")
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key 'deepspeed.config': '{value}' must hold a JSON object")
+    return data
+
+
+def _fill(section: dict, key: str, value: Any, where: str, ours: str) -> None:
+    """Set an "auto" (or absent) key; a concrete value must agree with the run config."""
+    have = section.get(key, "auto")
+    if have == "auto":
+        section[key] = value
+    elif have != value:
+        raise ConfigError(f"DeepSpeed JSON {where}: '{key}' is {have!r} but {ours} gives {value!r}; "
+                          f"set it to \"auto\" or make them agree")
+
+
+def ds_config(cfg: Config, world_size: int) -> dict:
+    """The DeepSpeed config of this run: the JSON (or the built-in base) with every "auto" filled
+    from the run config, the ZeRO stage and offload switches applied, and no optimizer block (the
+    optimizer is the run's torch AdamW over the trainable parameters only)."""
+    src = cfg.deepspeed.config if isinstance(cfg.deepspeed.config, str) else "(inline)"
+    ds = _read_ds_json(cfg.deepspeed.config)
+    for block in ("optimizer", "scheduler"):
+        if block in ds:
+            raise ConfigError(f"DeepSpeed JSON {src}: remove the \"{block}\" block; the optimizer and schedule "
+                              "come from the run config's optim section (optim.lr, optim.schedule, ...)")
+    o = cfg.optim
+    _fill(ds, "train_micro_batch_size_per_gpu", o.micro_batch_size, src, "optim.micro_batch_size")
+    _fill(ds, "gradient_accumulation_steps", o.gradient_accumulation_steps, src,
+          "optim.gradient_accumulation_steps")
+    _fill(ds, "train_batch_size", o.micro_batch_size * o.gradient_accumulation_steps * world_size, src,
+          "micro_batch_size x gradient_accumulation_steps x ranks")
+    _fill(ds, "gradient_clipping", float(o.max_grad_norm or 0.0), src, "optim.max_grad_norm")
+    dtype = cfg.model.dtype
+    for name, want in (("bf16", dtype == "bfloat16"), ("fp16", dtype == "float16")):
+        block = ds.setdefault(name, {})
+        if block.get("enabled", "auto") == "auto":
+            block["enabled"] = want
+        elif bool(block["enabled"]) != want:
+            raise ConfigError(f"DeepSpeed JSON {src}: '{name}.enabled' is {block['enabled']} but model.dtype is "
+                              f"{dtype}; set it to \"auto\"")
+    zero = ds.setdefault("zero_optimization", {})
+    if cfg.deepspeed.zero_stage is not None:
+        zero["stage"] = cfg.deepspeed.zero_stage
+    zero.setdefault("stage", 0)
+    if cfg.deepspeed.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if cfg.deepspeed.offload_param:
+        if zero["stage"] != 3:
+            raise ConfigError("config key 'deepspeed.offload_param': parameter offload needs deepspeed.zero_stage=3")
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if zero.get("offload_optimizer", {}).get("device", "none") != "none":
+        ds["zero_force_ds_cpu_optimizer"] = False  # the run's torch AdamW steps on the CPU copy
+    for k, v in list(zero.items()):
+        if v == "auto":  # HF-style size keys we do not derive: DeepSpeed's defaults
+            del zero[k]
+    ds.setdefault("steps_per_print", 1000000000)
+    return ds
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def is_partitioned(p: torch.nn.Parameter) -> bool:
+    return hasattr(p, "ds_id")
+
+
+@contextlib.contextmanager
+def gathered(params: list, modifier_rank: Optional[int] = None) -> Iterator[None]:
+    """Whole tensors inside the block for ZeRO-3 partitioned parameters; a no-op otherwise."""
+    zp = [p for p in params if is_partitioned(p)]
+    if not zp:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(zp, modifier_rank=modifier_rank):
+        yield
+
+
+def all_reduce_sum(values: list[float]) -> list[float]:
+    """Sum over ranks (identity in one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    if torch.cuda.is_available() and dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def rank_batches(examples: list, micro_batch_size: int, rank: int, world: int,
+                 generator: torch.Generator, shuffle: bool = True, skip: int = 0) -> Iterator[list]:
+    """This rank's micro-batches of an endless stream of examples, reshuffled each epoch by the
+    seeded generator (the same on every rank); the first `skip` micro-batches are passed over
+    (resume). Every micro-batch is full: the stream runs on into the next epoch."""
+    def stream():
+        while True:
+            order = torch.randperm(len(examples), generator=generator).tolist() if shuffle else range(len(examples))
+            yield from order
+
+    it = stream()
+    size = micro_batch_size * world
+    n = 0
+    while True:
+        idx = [next(it) for _ in range(size)]
+        n += 1
+        if n > skip:
+            yield [examples[j] for j in idx[rank * micro_batch_size:(rank + 1) * micro_batch_size]]
+
+
+# ---------------------------------------------------------------------------------------------
+# the engine
+
+
+class PlainEngine:
+    """One process, plain torch: AdamW over the trainable parameters, clipping, schedule."""
+
+    deepspeed = False
+
+    def __init__(self, model, params: list, optimizer, scheduler, max_grad_norm: Optional[float]):
+        self.module, self.params, self.optimizer, self.scheduler = model, params, optimizer, scheduler
+        self.max_grad_norm = max_grad_norm
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def step(self, boundary: bool) -> Optional[float]:
+        """At the accumulation boundary: clip, update, advance the schedule; returns the grad norm."""
+        if not boundary:
+            return None
+        norm = None
+        if self.max_grad_norm:
+            norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def skip_step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def grads_finite(self) -> bool:
+        return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.params)
+
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def optimizer_param_ids(self) -> set[int]:
+        return {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+
+
+class DeepSpeedEngine:
+    """deepspeed.initialize around the model, the run's torch AdamW and schedule."""
+
+    deepspeed = True
+
+    def __init__(self, model, params: list, optimizer, scheduler, ds: dict):
+        import deepspeed
+
+        self.ds = ds
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=params, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+        self.module = self.engine.module
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)  # the loop weights by tokens itself
+
+    def step(self, boundary: bool) -> Optional[float]:
+        self.engine.step()  # DeepSpeed counts micro-steps and updates at its accumulation boundary
+        if not boundary:
+            return None
+        norm = self.engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+    def optimizer_param_ids(self) -> set[int]:
+        """The parameters the (ZeRO) optimizer owns: its partitioned 16-bit groups."""
+        opt = self.engine.optimizer
+        groups = getattr(opt, "fp16_groups", None) or getattr(opt, "bit16_groups", None)
+        if groups is None:
+            groups = [g["params"] for g in opt.param_groups]
+        return {id(p) for g in groups for p in g}
