@@ -11,7 +11,8 @@ import os
 
 import torch
 
-from dist_secvec_kernels.reference import SecVecDeltaTorch, secvec_delta_reference
+from dist_secvec_kernels.reference import (SecVecDeltaTorch, SecVecLoraDeltaTorch, secvec_delta_reference,
+                                           secvec_lora_delta_reference)
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -44,4 +45,23 @@ def apply_secvec_delta(x: torch.Tensor, base_out: torch.Tensor, A: torch.Tensor,
     return SecVecDeltaTorch.apply(x, base_out, A, B, scale, inplace)
 
 
-__all__ = ["apply_secvec_delta", "resolve_backend", "secvec_delta_reference", "SecVecDeltaTorch"]
+def apply_secvec_lora_delta(x: torch.Tensor, base_out: torch.Tensor, A_v: torch.Tensor, B_v: torch.Tensor,
+                            s_v: float, A_l: torch.Tensor, B_l: torch.Tensor, s_l: float, backend: str = "auto",
+                            *, inplace: bool = False) -> torch.Tensor:
+    """Return base_out + s_v (x A_v^T) B_v^T + s_l (x A_l^T) B_l^T, both shrinks in one pass over x.
+
+    The QLoRA case: a frozen security vector (A_v: r_v x K, B_v: N x r_v) and a trainable LoRA
+    (A_l: r_l x K, B_l: N x r_l) on the same layer. Gradients: x, base_out, A_l and B_l get exact
+    ones (dx = s_v (dy B_v) A_v + s_l (dy B_l) A_l, dA_l = s_l (dy B_l)^T x, dB_l = s_l dy^T h_l);
+    A_v and B_v never get one, whatever their requires_grad. The LoRA sees x itself (no dropout).
+    Dtypes and inplace as apply_secvec_delta; dA_l / dB_l come back in A_l's / B_l's dtype.
+    """
+    if resolve_backend(backend, x.device) == "triton":
+        from dist_secvec_kernels.secvec_lora_delta import SecVecLoraDeltaTriton
+
+        return SecVecLoraDeltaTriton.apply(x, base_out, A_v, B_v, s_v, A_l, B_l, s_l, inplace)
+    return SecVecLoraDeltaTorch.apply(x, base_out, A_v, B_v, s_v, A_l, B_l, s_l, inplace)
+
+
+__all__ = ["apply_secvec_delta", "apply_secvec_lora_delta", "resolve_backend", "secvec_delta_reference",
+           "secvec_lora_delta_reference", "SecVecDeltaTorch", "SecVecLoraDeltaTorch"]

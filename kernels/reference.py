@@ -100,3 +100,112 @@ class SecVecDeltaTorch(torch.autograd.Function):
             dx = ((dy2d @ B.to(dy.dtype)) @ A.to(dy.dtype)).mul_(ctx.scale)
             dx = dx.view(ctx.x_shape).to(ctx.x_dtype)
         return dx, dy, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------
+# Frozen vector + trainable LoRA on the same layer (QLoRA): one shrink over x for both.
+#
+#   h = x [A_v; A_l]^T = [h_v, h_l]                    (M, r_v + r_l), one pass over x
+#   y = base_out + s_v h_v B_v^T + s_l h_l B_l^T
+#   g = dy [B_v, B_l] = [g_v, g_l]                     (M, r_v + r_l), one pass over dy
+#   dx = s_v g_v A_v + s_l g_l A_l      dA_l = s_l g_l^T x      dB_l = s_l dy^T h_l
+#   d(base_out) = dy;  A_v and B_v get no gradient.
+# Saved for backward: A_v, B_v, A_l, B_l, and x / h_l only when A_l / B_l need gradients.
+# ---------------------------------------------------------------------------------------------
+
+
+def secvec_lora_delta_reference(x: torch.Tensor, A_v: torch.Tensor, B_v: torch.Tensor, s_v: float,
+                                A_l: torch.Tensor, B_l: torch.Tensor, s_l: float) -> torch.Tensor:
+    """s_v (x A_v^T) B_v^T + s_l (x A_l^T) B_l^T in x's dtype, plain autograd (the float64 oracle)."""
+    return (secvec_delta_reference(x, A_v, B_v, s_v)
+            + ((x @ A_l.to(x.dtype).t()) @ B_l.to(x.dtype).t()) * s_l)
+
+
+def check_lora_shapes(x: torch.Tensor, base_out: torch.Tensor, A_v: torch.Tensor, B_v: torch.Tensor,
+                      A_l: torch.Tensor, B_l: torch.Tensor) -> None:
+    """check_shapes for the vector, then the same one-line check for the LoRA pair."""
+    check_shapes(x, base_out, A_v, B_v)
+    ok = (A_l.dim() == 2 and B_l.dim() == 2 and A_l.shape[1] == x.shape[-1]
+          and B_l.shape[1] == A_l.shape[0] and B_l.shape[0] == base_out.shape[-1])
+    if not ok:
+        raise ValueError(f"LoRA shapes disagree with the layer: x {tuple(x.shape)}, base_out "
+                         f"{tuple(base_out.shape)}, lora A {tuple(A_l.shape)} (want r x K), lora B "
+                         f"{tuple(B_l.shape)} (want N x r)")
+
+
+def lora_grads(ctx, dy2d: torch.Tensor, g_l: torch.Tensor | None):
+    """dA_l = s_l g_l^T x and dB_l = s_l dy^T h_l (in the LoRA weights' dtypes), each only when
+    needed; ctx holds x2d / h_l as saved by the forward. Shared by the torch and Triton paths."""
+    need_a, need_b = ctx.needs_input_grad[5], ctx.needs_input_grad[6]
+    dA = dB = None
+    if need_a:
+        dA = (g_l.t() @ ctx.x2d).mul_(ctx.s_l).to(ctx.a_l_dtype)
+    if need_b:
+        dB = (dy2d.t() @ ctx.h_l.to(dy2d.dtype)).mul_(ctx.s_l).to(ctx.b_l_dtype)
+    return dA, dB
+
+
+def save_for_lora_backward(ctx, x2d, h_l, A_v, B_v, A_l, B_l, s_v, s_l, x_shape, x_dtype):
+    """Save A_v, B_v, A_l, B_l always; x only if A_l needs a gradient, h_l only if B_l does."""
+    need_a, need_b = ctx.needs_input_grad[5], ctx.needs_input_grad[6]
+    ctx.save_for_backward(A_v, B_v, A_l, B_l, x2d if need_a else None, h_l if need_b else None)
+    ctx.s_v, ctx.s_l, ctx.x_shape, ctx.x_dtype = s_v, s_l, x_shape, x_dtype
+    ctx.a_l_dtype, ctx.b_l_dtype = A_l.dtype, B_l.dtype
+
+
+def unpack_lora_saved(ctx):
+    A_v, B_v, A_l, B_l, x2d, h_l = ctx.saved_tensors
+    ctx.x2d, ctx.h_l = x2d, h_l
+    return A_v, B_v, A_l, B_l
+
+
+class SecVecLoraDeltaTorch(torch.autograd.Function):
+    """base_out + s_v (x A_v^T) B_v^T + s_l (x A_l^T) B_l^T with one shrink matmul over x.
+
+    Exact gradients for x, base_out, A_l and B_l; none for A_v, B_v. All four weights are cast to
+    x's dtype for the matmuls (as secvec_delta does); dA_l / dB_l come back in A_l's / B_l's dtype.
+    The expand is one addmm of [s_v h_v, s_l h_l] with [B_v, B_l] into base_out (one pass over
+    the output); inplace follows SecVecDeltaTorch.
+    """
+
+    @staticmethod
+    def forward(ctx, x, base_out, A_v, B_v, s_v, A_l, B_l, s_l, inplace=False):
+        check_lora_shapes(x, base_out, A_v, B_v, A_l, B_l)
+        K, N, r_v = x.shape[-1], base_out.shape[-1], A_v.shape[0]
+        dt = x.dtype
+        rows = rows_view(base_out) if inplace and can_update_in_place(x, base_out) else None
+        x2d = x.reshape(-1, K)
+        h = x2d @ torch.cat([A_v.to(dt), A_l.to(dt)]).t()  # the one pass over x
+        h_l = h[:, r_v:]
+        hs = torch.cat([h[:, :r_v] * s_v, h_l * s_l], dim=1)
+        Bt = torch.cat([B_v.to(dt), B_l.to(dt)], dim=1).t()
+        if base_out.dtype == dt:
+            if rows is not None:
+                rows.addmm_(hs, Bt)
+            else:
+                out = torch.addmm(base_out.reshape(-1, N), hs, Bt).view(base_out.shape)
+        else:
+            delta = (hs @ Bt).to(base_out.dtype)
+            if rows is not None:
+                rows.add_(delta)
+            else:
+                out = base_out + delta.view(base_out.shape)
+        if rows is not None:
+            ctx.mark_dirty(base_out)
+            out = base_out
+        save_for_lora_backward(ctx, x2d, h_l, A_v, B_v, A_l, B_l, s_v, s_l, x.shape, dt)
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        A_v, B_v, A_l, B_l = unpack_lora_saved(ctx)
+        N, r_v, dt = B_v.shape[0], A_v.shape[0], dy.dtype
+        dy2d = dy.reshape(-1, N)
+        g = dy2d @ torch.cat([B_v.to(dt), B_l.to(dt)], dim=1)  # the one pass over dy for dx and dA_l
+        g_l = g[:, r_v:]
+        dx = None
+        if ctx.needs_input_grad[0]:
+            gs = torch.cat([g[:, :r_v] * ctx.s_v, g_l * ctx.s_l], dim=1)
+            dx = (gs @ torch.cat([A_v.to(dt), A_l.to(dt)])).view(ctx.x_shape).to(ctx.x_dtype)
+        dA, dB = lora_grads(ctx, dy2d, g_l.to(ctx.x2d.dtype) if ctx.x2d is not None else None)
+        return dx, dy, None, None, None, dA, dB, None, None
