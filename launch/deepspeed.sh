@@ -47,9 +47,8 @@ LAUNCH_MODULE=name runs another module than dist_secvec (for tests).
 EOF
 }
 
-die() {
-    echo "launch/deepspeed.sh: $*" >&2
-    echo "run 'launch/deepspeed.sh --help' for usage" >&2
+die() {  # one line on stderr, exit code 2 (bad input)
+    echo "launch/deepspeed.sh: $* (see launch/deepspeed.sh --help)" >&2
     exit 2
 }
 
@@ -94,7 +93,16 @@ if [[ -n $MASTER_PORT_OPT ]]; then
     is_uint "$MASTER_PORT_OPT" && [[ $MASTER_PORT_OPT -ge 1 && $MASTER_PORT_OPT -le 65535 ]] \
         || die "--master-port must be a port number, got '$MASTER_PORT_OPT'"
 fi
-if [[ -n $HOSTFILE && ! -f $HOSTFILE ]]; then die "hostfile '$HOSTFILE' not found"; fi
+if [[ -n $HOSTFILE ]]; then
+    [[ -f $HOSTFILE ]] || die "hostfile '$HOSTFILE' not found: pass an existing file (launch/hostfile.example shows the format)"
+    [[ -r $HOSTFILE ]] || die "hostfile '$HOSTFILE' is not readable: check its permissions"
+    # every line but comments and blanks: "<host> slots=<N>" (what the deepspeed runner accepts)
+    # (and no host twice, which the runner refuses too)
+    BAD_LINE=$(awk '{line = $0; sub(/#.*/, "")}
+                    NF && !(NF == 2 && $2 ~ /^slots=[1-9][0-9]*$/) {printf "%d: %s", NR, line; exit}
+                    NF && seen[$1]++ {printf "%d: %s (host listed twice)", NR, line; exit}' "$HOSTFILE" | tr -d '\r')
+    [[ -z $BAD_LINE ]] || die "hostfile '$HOSTFILE' line ${BAD_LINE%%:*} is malformed ('${BAD_LINE#*: }'); each line must be '<host> slots=<N>' with N >= 1, one line per host"
+fi
 if [[ -n $INCLUDE && ( -n $GPUS || -n $NODES ) ]]; then die "--include cannot be combined with --gpus/--nodes"; fi
 if [[ -n $NODES && $NODES -gt 1 && -z $HOSTFILE ]]; then die "--nodes $NODES needs --hostfile"; fi
 case "$LAUNCHER" in

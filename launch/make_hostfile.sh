@@ -24,9 +24,8 @@ Write a DeepSpeed hostfile ("host slots=N" per node) for a Slurm node list.
 EOF
 }
 
-die() {
-    echo "launch/make_hostfile.sh: $*" >&2
-    echo "run 'launch/make_hostfile.sh -h' for usage" >&2
+die() {  # one line on stderr, exit code 2 (bad input)
+    echo "launch/make_hostfile.sh: $* (see launch/make_hostfile.sh -h)" >&2
     exit 2
 }
 
@@ -70,7 +69,15 @@ fi
 LINES=$(awk -v s="$SLOTS" 'NF {print $1 " slots=" s}' <<< "$HOSTS")
 [[ -n $LINES ]] || die "node list '$NODELIST' expanded to no hosts"
 if [[ -n $OUT ]]; then
-    printf '%s\n' "$LINES" > "$OUT"
+    OUT_DIR=$(dirname -- "$OUT")
+    [[ -d $OUT_DIR ]] || die "cannot write '$OUT': directory '$OUT_DIR' does not exist"
+    [[ ! -d $OUT ]] || die "cannot write '$OUT': it is a directory; name a file"
+    # a temporary file renamed into place: a failed write (disk full) leaves any old hostfile intact
+    TMP_OUT=$(mktemp "$OUT_DIR/.hostfile.XXXXXX" 2>/dev/null) || die "cannot write to directory '$OUT_DIR' (permissions?)"
+    if ! printf '%s\n' "$LINES" > "$TMP_OUT" 2>/dev/null || ! mv -f -- "$TMP_OUT" "$OUT" 2>/dev/null; then
+        rm -f -- "$TMP_OUT"
+        die "cannot write '$OUT' (disk full or no permission); nothing was changed"
+    fi
 else
     printf '%s\n' "$LINES"
 fi

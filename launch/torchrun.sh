@@ -38,9 +38,8 @@ LAUNCH_MODULE=name runs another module than dist_secvec (for tests).
 EOF
 }
 
-die() {
-    echo "launch/torchrun.sh: $*" >&2
-    echo "run 'launch/torchrun.sh --help' for usage" >&2
+die() {  # one line on stderr, exit code 2 (bad input)
+    echo "launch/torchrun.sh: $* (see launch/torchrun.sh --help)" >&2
     exit 2
 }
 
