@@ -212,6 +212,27 @@ def test_saves_only_weights_x_and_h_l(backend, lora_trains):
     assert x.grad is not None and (A_l.grad is not None) == lora_trains
 
 
+@pytest.mark.parametrize("x_grad,lora_grad", [(False, True), (True, False)])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_partial_grads(backend, x_grad, lora_grad, nan_empty):
+    """x without grad (LoRA trains) or a frozen LoRA (x needs grad): the rest still exact."""
+    K, N, s_v, s_l = 100, 70, 2.0, 0.5
+    x = torch.randn(37, K, device=DEVICE, requires_grad=x_grad)
+    base = torch.randn(37, N, device=DEVICE, requires_grad=True)
+    A_v, B_v = _pair(8, K, N, f32)
+    A_l, B_l = _pair(4, K, N, f32, requires_grad=lora_grad)
+    dy = torch.randn(37, N, device=DEVICE)
+    apply_secvec_lora_delta(x, base, A_v, B_v, s_v, A_l, B_l, s_l, backend=backend).backward(dy)
+    x64, A_l64, B_l64 = (t.detach().double().requires_grad_() for t in (x, A_l, B_l))
+    secvec_lora_delta_reference(x64, A_v.double(), B_v.double(), s_v, A_l64, B_l64, s_l).backward(dy.double())
+    for t, ref, want in ((x, x64, x_grad), (A_l, A_l64, lora_grad), (B_l, B_l64, lora_grad)):
+        if want:
+            _close(t.grad, ref.grad, f32)
+        else:
+            assert t.grad is None
+    torch.testing.assert_close(base.grad, dy)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_two_separate_deltas(backend):
     """Same result as the unfused way: peft's LoRA expression plus the vector's delta."""
