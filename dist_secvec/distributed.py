@@ -218,6 +218,9 @@ class PlainEngine:
         self.module, self.params, self.optimizer, self.scheduler = model, params, optimizer, scheduler
         self.max_grad_norm = max_grad_norm
 
+    def __call__(self, **batch):
+        return self.module(**batch)
+
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
@@ -259,6 +262,11 @@ class DeepSpeedEngine:
             model=model, model_parameters=params, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
         self.module = self.engine.module
 
+    def __call__(self, **batch):
+        # through the engine, not the module: its forward advances ZeRO's micro-step counter,
+        # without which a second micro-batch overwrites the first one's gradients
+        return self.engine(**batch)
+
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)  # the loop weights by tokens itself
 
@@ -279,3 +287,31 @@ class DeepSpeedEngine:
         if groups is None:
             groups = [g["params"] for g in opt.param_groups]
         return {id(p) for g in groups for p in g}
+
+
+def numel(p: torch.nn.Parameter) -> int:
+    """Elements of the whole parameter, partitioned (ZeRO-3) or not."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
+def held_numel(p: torch.nn.Parameter) -> int:
+    """Elements this rank holds: its ZeRO-3 partition, or the whole tensor."""
+    return int(p.ds_tensor.numel()) if is_partitioned(p) else int(p.numel())
+
+
+def partition_report(groups: dict[str, list]) -> list[dict]:
+    """Per rank and parameter group: elements held vs total and the largest share of any one
+    parameter this rank holds (1/ranks, rounded up, when ZeRO-3 partitions everything).
+    Collective: every rank calls it; every rank gets the list for all ranks."""
+    import torch.distributed as dist
+
+    mine = {}
+    for name, params in groups.items():
+        params = [p for p in params if numel(p)]
+        mine[name] = {"held": sum(held_numel(p) for p in params), "total": sum(numel(p) for p in params),
+                      "max_share": max((held_numel(p) / numel(p) for p in params), default=0.0)}
+    if not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, mine)
+    return out

@@ -26,10 +26,10 @@ from dist_secvec.checkpoint import load_checkpoint, resolve_resume, save_checkpo
 from dist_secvec.config import Config, save_config
 from dist_secvec.data import IGNORE_INDEX, collate, load_samples, tokenize_samples
 from dist_secvec.distributed import (DeepSpeedEngine, PlainEngine, all_reduce_sum, barrier, ds_config, gathered,
-                                     init_distributed, is_partitioned, rank_batches, uses_deepspeed, zero_stage)
+                                     init_distributed, is_partitioned, numel, partition_report, rank_batches, uses_deepspeed, zero_stage)
 from dist_secvec.errors import ConfigError, SecurityVectorError, UserError
 from dist_secvec.interrupt import StopRequest, Stopped
-from dist_secvec.model import add_trainable_adapter, count_parameters, load_model, load_tokenizer
+from dist_secvec.model import add_trainable_adapter, load_model, load_tokenizer
 from dist_secvec.secvec import (attach_security_vector, check_fingerprint, detach_security_vector,
                                 fold_security_vector, load_security_vector, unfold_security_vector,
                                 vector_digest)
@@ -130,7 +130,7 @@ def run_finetune(cfg: Config, keep_model: bool = False) -> FinetuneResult:
     if any(f.linear.weight.requires_grad for f in folded):
         raise RuntimeError("a base weight holding the folded security vector is trainable")
     digest = _vector_digest(sv_layers or folded, sv_params)
-    trainable, total = count_parameters(model)
+    trainable, total = sum(numel(p) for p in params), sum(numel(p) for p in model.parameters())
     log.info("parameters: %d trainable of %d (%s)%s", trainable, total,
              "full fine-tuning" if cfg.adapter.type == "none" else f"LoRA r={cfg.adapter.rank}",
              f"; DeepSpeed ZeRO-{stage} on {world} rank(s)" if use_ds else "")
@@ -143,6 +143,12 @@ def run_finetune(cfg: Config, keep_model: bool = False) -> FinetuneResult:
         engine = PlainEngine(model, params, optimizer, scheduler, cfg.optim.max_grad_norm)
     _check_frozen_vector(engine, sv_params)
     model = engine.module
+    sv_ids = {id(p) for p in sv_params}
+    partition = partition_report({"security_vector": sv_params, "trainable": params,
+                                  "frozen": [p for p in model.parameters()
+                                             if not p.requires_grad and id(p) not in sv_ids]})
+    if use_ds:
+        log.info("rank 0 holds %s", ", ".join(f"{k} {v['held']}/{v['total']}" for k, v in partition[0].items()))
     ga = cfg.optim.gradient_accumulation_steps
     pad_id = tok.pad_token_id
 
@@ -190,9 +196,9 @@ def run_finetune(cfg: Config, keep_model: bool = False) -> FinetuneResult:
             local_loss, finite = 0.0, True
             for i, (b, n) in enumerate(zip(group, counts)):
                 if n:
-                    loss = engine.module(**b).loss  # mean over this micro-batch's n label tokens
+                    loss = engine(**b).loss  # mean over this micro-batch's n label tokens
                 else:  # no label token (rows cut to their prompt): every rank still runs the forward
-                    loss = engine.module(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.sum() * 0
+                    loss = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.sum() * 0
                 finite = finite and bool(torch.isfinite(loss.detach()))
                 engine.backward(loss * (n * world / n_tokens))
                 if i < ga - 1:
@@ -246,7 +252,7 @@ def run_finetune(cfg: Config, keep_model: bool = False) -> FinetuneResult:
     info = {"steps": steps, "final_loss": losses[-1] if losses else None, "n_examples": len(train.examples),
             "n_truncated": train.n_truncated, "n_dropped": train.n_dropped, "trainable_params": trainable,
             "security_vector": cfg.security_vector.path, "adapter": cfg.adapter.type,
-            "base_model": cfg.model.path, "world_size": world, "zero_stage": stage}
+            "base_model": cfg.model.path, "world_size": world, "zero_stage": stage, "partition": partition}
     final = out / "final"
     state_dict = gathered_state_dict(engine, cfg.adapter.type == "lora")
     if runtime.is_main():

@@ -1,0 +1,52 @@
+"""Started on every rank by tests/test_deepspeed.py through the real deepspeed launcher.
+
+    python -m deepspeed.launcher.runner --num_accelerators N --no_local_rank tests/ds_probe.py CONFIG OUT [overrides]
+
+Runs stage 2 (`run_finetune`) and then the trained model's logits on a fixed input: under ZeRO-3
+that forward is itself a collective (every rank gathers each layer). Rank 0 writes OUT/probe.json
+(losses, run info with the per-rank partition report) and OUT/logits.safetensors.
+PROBE_STOP_AT_STEP=k makes every rank see a stop request at step k, as after a SIGTERM.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def main() -> int:
+    cfg_path, out = sys.argv[1], Path(sys.argv[2])
+    import torch
+
+    from dist_secvec import runtime
+    from dist_secvec.config import load_config, validate
+    from dist_secvec.finetune import run_finetune
+    from dist_secvec.interrupt import StopRequest, Stopped
+
+    runtime.setup_logging("warning")
+    cfg = validate(load_config(cfg_path, sys.argv[3:]), "finetune")
+    stop_at = os.environ.get("PROBE_STOP_AT_STEP")
+    if stop_at:
+        StopRequest.requested = lambda self, step: (setattr(self, "signal_name", "SIGTERM (probe)")
+                                                    or step >= int(stop_at))
+    try:
+        res = run_finetune(cfg, keep_model=True)
+    except Stopped as e:
+        if runtime.is_main():
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "probe.json").write_text(json.dumps({"stopped": str(e)}))
+        return 0
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29, 33, 37]])
+    with torch.no_grad():
+        logits = res.model(input_ids=ids).logits.float()
+    if runtime.is_main():
+        from safetensors.torch import save_file
+
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({"logits": logits.contiguous()}, str(out / "logits.safetensors"))
+        (out / "probe.json").write_text(json.dumps({"losses": res.losses, "info": res.info}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""Stage 2 under DeepSpeed: real ranks started by the real deepspeed launcher (gloo on CPU).
+
+Each `slow` test starts tests/ds_probe.py on 1 or 2 CPU ranks. What they show:
+- ZeRO-3 partitions every parameter, the 4-bit base and the frozen security vector included
+  (each rank holds half of each, rounded up), and the vector never reaches an optimizer;
+- 2 ranks x micro-batch 2 follow the loss trajectory of 1 rank x micro-batch 4 (and of the
+  plain single-process loop) on the same global batches;
+- full fine-tuning and QLoRA (NF4 base) both train and export a model/adapter that reloads on one
+  process to the logits of the gathered model;
+- stop at step k with a checkpoint, resume: steps k+1.. repeat the uninterrupted run's losses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+PROBE = Path(__file__).with_name("ds_probe.py")
+DEEPSPEED = Path(sys.executable).with_name("deepspeed")
+STEPS = 6
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(ranks: int, cfg: dict, out: Path, *overrides: str, env: dict | None = None,
+           timeout: float = 300) -> dict:
+    """Run ds_probe.py on `ranks` CPU ranks; returns rank 0's probe.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        full_env.pop(k, None)
+    cmd = [str(DEEPSPEED), "--num_accelerators", str(ranks), "--master_port", str(_port()), "--no_local_rank",
+           str(PROBE), str(cfg_path), str(out / "probe"), *overrides]
+    r = subprocess.run(cmd, cwd=out, env=full_env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"launcher exit {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    return json.loads((out / "probe" / "probe.json").read_text())
+
+
+def base_cfg(tw, vector: Path, out: Path, **sections) -> dict:
+    cfg = {"model": {"path": str(tw.model_dir)},
+           "data": {"train": [tw.data["finetune_mixed"]], "max_length": 64},
+           "adapter": {"type": "none"},
+           "security_vector": {"path": str(vector)},
+           "optim": {"lr": 1e-3, "max_steps": STEPS, "micro_batch_size": 2, "gradient_accumulation_steps": 2,
+                     "schedule": "linear", "warmup_steps": 1},
+           "deepspeed": {"config": {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}},
+           "logging": {"log_every": 1, "progress": False},
+           "output_dir": str(out / "run"), "seed": 3}
+    for k, v in sections.items():
+        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
+    return cfg
+
+
+def reload_logits(final: Path, base_dir: Path, adapter: bool, dtype=None):
+    """The exported model (or base + adapter) on one process, plain transformers/peft."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype),
+                                          str(final))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(final), dtype=dtype)
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29, 33, 37]])
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def gathered_logits(out: Path):
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "probe" / "logits.safetensors"))["logits"]
+
+
+def assert_partitioned(info: dict, groups: tuple[str, ...]) -> None:
+    parts = info["partition"]
+    assert len(parts) == 2
+    for g in groups:
+        held = [p[g]["held"] for p in parts]
+        total = parts[0][g]["total"]
+        assert total > 0, g
+        for p in parts:  # every parameter split in two (rounded up), none kept whole
+            assert 0.5 <= p[g]["max_share"] <= 0.5 + 2 / max(total, 1) + 0.01, (g, p[g])
+        assert sum(held) >= total and max(held) <= total // 2 + len(parts[0]) * 64, (g, held, total)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def full_ft(tiny_world, random_vector, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ds_full")
+    return out, launch(2, base_cfg(tiny_world, random_vector, out), out)
+
+
+@pytest.mark.slow
+def test_zero3_two_ranks_partition_base_and_vector(full_ft):
+    out, probe = full_ft
+    info = probe["info"]
+    assert info["world_size"] == 2 and info["zero_stage"] == 3
+    assert_partitioned(info, ("security_vector", "trainable"))
+
+
+@pytest.mark.slow
+def test_zero3_full_finetune_loss_falls_and_export_reloads(full_ft, tiny_world):
+    import torch
+
+    out, probe = full_ft
+    losses = probe["losses"]
+    assert len(losses) == STEPS and losses[-1] < losses[0] - 0.05, losses
+    final = out / "run" / "final"
+    assert json.loads((final / "dist_secvec_run.json").read_text())["security_vector"]
+    from safetensors import safe_open
+
+    with safe_open(str(final / "model.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+    assert not any("secvec" in k or "lora" in k for k in keys)
+    torch.testing.assert_close(reload_logits(final, tiny_world.model_dir, adapter=False), gathered_logits(out),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_one_rank_and_plain_loop_follow_the_two_rank_losses(full_ft, tiny_world, random_vector, tmp_path):
+    """Same global batches (2 x 2 vs 1 x 4 examples per micro-batch): the same losses."""
+    _, probe2 = full_ft
+    cfg = base_cfg(tiny_world, random_vector, tmp_path, optim={"micro_batch_size": 4})
+    probe1 = launch(1, cfg, tmp_path / "one")
+    assert probe1["info"]["world_size"] == 1
+    assert probe1["losses"] == pytest.approx(probe2["losses"], rel=2e-5)
+
+    from dist_secvec.config import load_config
+    from dist_secvec.finetune import run_finetune
+
+    plain = dict(cfg, deepspeed={}, output_dir=str(tmp_path / "plain"))
+    (tmp_path / "plain.yaml").write_text(yaml.safe_dump(plain))
+    res = run_finetune(load_config(str(tmp_path / "plain.yaml")))
+    assert res.info["zero_stage"] is None
+    assert res.losses == pytest.approx(probe2["losses"], rel=2e-5)
+
+
+@pytest.mark.slow
+def test_zero3_qlora_nf4_two_ranks(tiny_world, random_vector, tmp_path):
+    import torch
+
+    cfg = base_cfg(tiny_world, random_vector, tmp_path,
+                   model={"path": str(tiny_world.model_dir), "dtype": "bfloat16", "quantization": "nf4",
+                          "quant_storage": "bfloat16", "compute_dtype": "bfloat16"},
+                   adapter={"type": "lora", "rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+                   optim={"lr": 5e-3})
+    probe = launch(2, cfg, tmp_path)
+    info = probe["info"]
+    assert_partitioned(info, ("security_vector", "trainable", "frozen"))  # frozen = the 4-bit base
+    losses = probe["losses"]
+    assert losses[-1] < losses[0] - 0.05, losses
+    final = tmp_path / "run" / "final"
+    assert (final / "adapter_model.safetensors").exists()
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(final / "adapter_model.safetensors"))
+    assert adapter and all(v.numel() > 0 for v in adapter.values())  # gathered, not empty partitions
+    assert not any("secvec" in k for k in adapter)
+    # reload on one process: the same NF4 base (bitsandbytes) + the adapter
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from peft import PeftModel
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                           bnb_4bit_use_double_quant=True, bnb_4bit_quant_storage=torch.bfloat16)
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_world.model_dir), dtype=torch.bfloat16,
+                                                quantization_config=q, device_map={"": "cpu"})
+    model = PeftModel.from_pretrained(base, str(final))
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29, 33, 37]])
+    with torch.no_grad():
+        mine = model(input_ids=ids).logits.float()
+    torch.testing.assert_close(mine, gathered_logits(tmp_path), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.slow
+def test_zero3_stop_at_step_k_then_resume_repeats_the_losses(full_ft, tiny_world, random_vector, tmp_path):
+    _, uninterrupted = full_ft
+    cfg = base_cfg(tiny_world, random_vector, tmp_path, checkpoint={"every_steps": 2, "keep": 2})
+    first = launch(2, cfg, tmp_path / "a", env={"PROBE_STOP_AT_STEP": "3"})
+    assert "stopped at step 3" in first["stopped"]
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert ckpts == ["step_00000002", "step_00000003"]
+    assert not (tmp_path / "run" / "final").exists()
+    resumed = launch(2, dict(cfg, checkpoint={"every_steps": 2, "resume": "latest"}), tmp_path / "b")
+    assert len(resumed["losses"]) == STEPS
+    assert resumed["losses"][3:] == pytest.approx(uninterrupted["losses"][3:], rel=1e-6, abs=1e-7)
+    assert resumed["losses"][:3] == pytest.approx(uninterrupted["losses"][:3], rel=1e-6, abs=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# the DeepSpeed config a run gets (no processes)
+
+
+def _cfg(*overrides):
+    from dist_secvec.config import load_config
+
+    return load_config(None, ["model.path=/m", *overrides])
+
+
+def test_ds_config_fills_auto_from_the_run_config():
+    from dist_secvec.distributed import ds_config
+
+    repo_json = str(Path(__file__).parents[1] / "configs" / "ds_zero3.json")
+    ds = ds_config(_cfg(f"deepspeed.config={repo_json}", "optim.micro_batch_size=3",
+                        "optim.gradient_accumulation_steps=5", "optim.max_grad_norm=0.5", "model.dtype=bfloat16"), 4)
+    assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 5
+    assert ds["train_batch_size"] == 60 and ds["gradient_clipping"] == 0.5
+    assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+    assert ds["zero_optimization"]["stage"] == 3 and "optimizer" not in ds
+
+
+def test_ds_config_stage_and_offload_switches():
+    from dist_secvec.distributed import ds_config
+
+    ds = ds_config(_cfg("deepspeed.zero_stage=3", "deepspeed.offload_optimizer=true", "deepspeed.offload_param=true"), 2)
+    z = ds["zero_optimization"]
+    assert z["stage"] == 3 and z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
+    assert ds["zero_force_ds_cpu_optimizer"] is False  # the run's torch AdamW steps on the offloaded copy
+    assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False  # model.dtype float32
+
+
+@pytest.mark.parametrize("inline, msg", [
+    ({"optimizer": {"type": "AdamW"}}, "remove the \"optimizer\" block"),
+    ({"train_micro_batch_size_per_gpu": 8}, "'train_micro_batch_size_per_gpu' is 8 but optim.micro_batch_size gives 4"),
+    ({"bf16": {"enabled": True}}, "'bf16.enabled' is True but model.dtype is float32"),
+])
+def test_ds_config_conflicts_are_one_line_errors(inline, msg):
+    from dist_secvec.distributed import ds_config
+    from dist_secvec.errors import ConfigError
+
+    cfg = _cfg()
+    cfg.deepspeed.config = inline
+    with pytest.raises(ConfigError, match=msg.replace("(", r"\(").replace(")", r"\)")):
+        ds_config(cfg, 1)
+
+
+def test_ds_config_bad_json_file(tmp_path):
+    from dist_secvec.distributed import ds_config
+    from dist_secvec.errors import ConfigError
+
+    bad = tmp_path / "ds.json"
+    bad.write_text("{not json")
+    with pytest.raises(ConfigError, match="ds.json' is not valid JSON"):
+        ds_config(_cfg(f"deepspeed.config={bad}"), 1)
+    bad.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="must hold a JSON object"):
+        ds_config(_cfg(f"deepspeed.config={bad}"), 1)
+
+
+def test_rank_batches_two_ranks_split_the_one_rank_stream():
+    import torch
+
+    from dist_secvec.distributed import rank_batches
+
+    ex = list(range(10))
+    one = rank_batches(ex, 4, 0, 1, torch.Generator().manual_seed(1))
+    r0 = rank_batches(ex, 2, 0, 2, torch.Generator().manual_seed(1))
+    r1 = rank_batches(ex, 2, 1, 2, torch.Generator().manual_seed(1))
+    for _ in range(7):  # across epoch boundaries: every micro-batch is full
+        a, b, c = next(one), next(r0), next(r1)
+        assert a == b + c and len(b) == len(c) == 2
+    skipped = rank_batches(ex, 4, 0, 1, torch.Generator().manual_seed(1), skip=3)
+    again = rank_batches(ex, 4, 0, 1, torch.Generator().manual_seed(1))
+    for _ in range(3):
+        next(again)
+    assert [next(skipped) for _ in range(4)] == [next(again) for _ in range(4)]
