@@ -6,9 +6,11 @@ Logs name the rank that speaks; progress bars and info logs come from rank 0 onl
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import random
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -67,22 +69,71 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     """Write a directory under a temporary name and rename it into place only when complete.
 
     A crash leaves the previous `final` untouched and at most a `.tmp-*` sibling behind, so a
-    half-written directory is never mistaken for a finished one.
+    half-written directory is never mistaken for a finished one. A write that fails (disk full,
+    file too large, no permission) removes the temporary directory and ends in a one-line
+    `UserError` naming `final` (see `save_error`), the previous `final` untouched.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except OSError as e:
+        raise save_error(final, e) from e
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        err = save_error(final, e)
+        if err is not None:
+            raise err from e
         raise
     old = final.parent / f".{final.name}.old-{os.getpid()}"
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
+    try:
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not final.exists():
+            old.rename(final)  # the previous version back in place
+        raise save_error(final, e) from e
     if old.exists():
-        shutil.rmtree(old)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# failed writes as user errors
+
+_NO_SPACE = {errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_NO_ACCESS = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def _os_errno(e: BaseException) -> Optional[int]:
+    """The errno of an OSError, or of a library error that wraps one in its message
+    (safetensors: "I/O error: File too large (os error 27)")."""
+    if isinstance(e, OSError):
+        return e.errno
+    m = re.search(r"\(os error (\d+)\)", str(e))
+    return int(m.group(1)) if m else None
+
+
+def save_error(final: Path, e: BaseException):
+    """A one-line UserError for a failed write of `final`, or None when `e` is no I/O error."""
+    from dist_secvec.errors import UserError
+
+    if isinstance(e, UserError):
+        return None
+    code = _os_errno(e)
+    if code is None:
+        return None
+    if code in _NO_SPACE:
+        why = (f"the disk is full or the file is too large ({os.strerror(code)}); free space or raise the "
+               "file-size limit (ulimit -f), then rerun")
+    elif code in _NO_ACCESS:
+        why = f"no permission to write there ({os.strerror(code)}); choose a writable output_dir"
+    else:
+        why = f"{type(e).__name__}: {os.strerror(code)}; check the file system, then rerun"
+    return UserError(f"cannot save '{final}': {why} (nothing was written; any previous version is unchanged)")
