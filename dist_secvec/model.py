@@ -25,6 +25,107 @@ def _hub_error(what: str, name: str, e: Exception) -> UserError:
                      "point it at a local model directory")
 
 
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "model.ckpt",
+                  "adapter_model.bin", "tf_model.h5", "flax_model.msgpack")
+
+
+def safetensors_problem(path: str) -> str | None:
+    """Why `path` is not a complete safetensors file (header and data size checked without reading
+    the tensors), or None when it looks whole."""
+    import json
+    import struct
+
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"it is {size} bytes, too short for a safetensors header"
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8:
+                return "its header runs past the end of the file (truncated?)"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        return f"its header cannot be read ({type(e).__name__})"
+    if not isinstance(header, dict):
+        return "its header is not a mapping of tensors"
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            end = max(end, int(info["data_offsets"][1]))
+        except (TypeError, KeyError, IndexError, ValueError):
+            return f"its header entry for '{name}' is malformed"
+    if 8 + n + end != size:
+        return f"it is {size} bytes but its header describes {8 + n + end} (truncated or padded)"
+    return None
+
+
+def check_model_dir(path: str, key: str = "model.path", need_weights: bool = True) -> None:
+    """A local model directory that from_pretrained can load with safetensors only, checked in
+    milliseconds before anything heavy: config.json, weights as safetensors (one file or a
+    shard index whose shards exist), no pickle fallback, no truncated file.
+    Hub ids (not a local directory) are left to from_pretrained."""
+    import json
+
+    d = os.path.expanduser(path)
+    if not os.path.isdir(d):
+        if os.path.exists(d):
+            raise UserError(f"config key '{key}': '{path}' is a file; point it at the model directory")
+        return
+    names = set(os.listdir(d))
+    if "config.json" not in names and "adapter_config.json" in names:  # a LoRA run's final/: peft loads its base
+        if "adapter_model.safetensors" not in names:
+            raise UserError(f"config key '{key}': adapter directory '{path}' has no adapter_model.safetensors"
+                            + (" (only adapter_model.bin, a pickle: only safetensors are loaded)"
+                               if "adapter_model.bin" in names else "") + "; copy the whole final/ directory")
+        problem = safetensors_problem(os.path.join(d, "adapter_model.safetensors"))
+        if problem:
+            raise UserError(f"config key '{key}': '{os.path.join(path, 'adapter_model.safetensors')}' is corrupted: "
+                            f"{problem}; re-copy the run")
+        return
+    if "config.json" not in names:
+        what = "is empty" if not names else "has no config.json"
+        raise UserError(f"config key '{key}': model directory '{path}' {what}; point it at a Hugging Face "
+                        "model directory (config.json + model.safetensors + tokenizer files)")
+    try:
+        json.loads(open(os.path.join(d, "config.json"), encoding="utf-8").read())
+    except (OSError, ValueError) as e:
+        raise UserError(f"config key '{key}': '{os.path.join(path, 'config.json')}' is not valid JSON "
+                        f"({type(e).__name__}); re-copy the model directory") from e
+    if not need_weights:
+        return
+    shards: list[str] = []
+    if "model.safetensors.index.json" in names:
+        index = os.path.join(d, "model.safetensors.index.json")
+        try:
+            weight_map = json.loads(open(index, encoding="utf-8").read())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"config key '{key}': '{index}' is not a valid shard index ({type(e).__name__}); "
+                            "re-copy the model directory") from e
+        missing = [s for s in shards if s not in names]
+        if missing:
+            raise UserError(f"config key '{key}': model directory '{path}' lacks shard '{missing[0]}' named in "
+                            "model.safetensors.index.json; re-copy the model directory")
+    elif "model.safetensors" in names:
+        shards = ["model.safetensors"]
+    else:
+        pickles = sorted(names & set(PICKLE_WEIGHTS)) or sorted(n for n in names if n.endswith((".bin", ".pt", ".pth")))
+        if pickles:
+            raise UserError(f"config key '{key}': model directory '{path}' has weights only as '{pickles[0]}' "
+                            "(pickle, which can run code when loaded); only safetensors are loaded: convert it "
+                            "(save_pretrained(..., safe_serialization=True)) on a trusted machine")
+        raise UserError(f"config key '{key}': model directory '{path}' has config.json but no weights "
+                        "(model.safetensors or model.safetensors.index.json); copy the weights too")
+    for shard in shards:
+        problem = safetensors_problem(os.path.join(d, shard))
+        if problem:
+            raise UserError(f"config key '{key}': '{os.path.join(path, shard)}' is corrupted: {problem}; "
+                            "re-copy or re-download the model")
+
+
 def load_tokenizer(cfg: ModelConfig):
     """The tokenizer, with a pad token (the EOS token when the model has none)."""
     from transformers import AutoTokenizer
@@ -62,7 +163,9 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu", for_trainin
     """AutoModelForCausalLM in the configured dtype/quantization; every base weight frozen."""
     from transformers import AutoModelForCausalLM
 
-    kwargs = dict(dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
+    check_model_dir(cfg.path)
+    # weights from safetensors only: a pickle checkpoint can run code when loaded
+    kwargs = dict(dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, use_safetensors=True)
     qcfg = quantization_config(cfg)
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg
