@@ -189,25 +189,96 @@ def base_fingerprint(model, model_path: str, module_paths: list[str]) -> dict:
     }
 
 
-def check_fingerprint(sv: SecurityVector, model, model_path: str) -> None:
-    """Refuse a vector made for another base model, naming the first difference."""
+FINGERPRINT_KEYS = ("architecture", "hidden_size", "num_hidden_layers", "vocab_size", "shapes", "weights_sha256")
+
+
+def _wanted_fingerprint(sv: SecurityVector) -> dict:
     want = sv.meta.get("base_fingerprint")
     if not want:
         raise SecurityVectorError(f"security vector '{sv.path}': {META_FILE} has no base_fingerprint; "
                                   "re-train it with `dist-secvec train-sv`")
-    have = base_fingerprint(model, model_path, list(sv.weights))
-    for key in ("architecture", "hidden_size", "num_hidden_layers", "vocab_size", "shapes", "weights_sha256"):
+    return want
+
+
+def _compare_fingerprint(sv: SecurityVector, want: dict, have: dict, warn: bool = True) -> None:
+    """Raise on the first key both sides know and disagree on."""
+    for key in FINGERPRINT_KEYS:
+        if key not in have:
+            continue
         a, b = want.get(key), have.get(key)
         if key == "weights_sha256" and (a is None or b is None):
-            if a != b:
+            if a != b and warn:
                 log.warning("security vector %s: base weight hash unavailable (%s), checked shapes only",
                             sv.path, "vector" if a is None else "model")
+            continue
+        if key == "shapes" and isinstance(a, dict) and isinstance(b, dict):
+            diff = [m for m in sorted(set(a) | set(b)) if m in b and a.get(m) != b[m]]
+            if diff:
+                raise SecurityVectorError(
+                    f"security vector '{sv.path}' was trained on another base model (shapes: module "
+                    f"'{diff[0]}' is {a.get(diff[0])} in the vector, {b[diff[0]]} in the model); "
+                    "train a vector for this base with `dist-secvec train-sv`")
             continue
         if a != b:
             detail = f"vector has {a}, model has {b}" if key != "shapes" else "layer shapes differ"
             raise SecurityVectorError(
                 f"security vector '{sv.path}' was trained on another base model ({key}: {detail}); "
                 "train a vector for this base with `dist-secvec train-sv`")
+
+
+def check_fingerprint(sv: SecurityVector, model, model_path: str) -> None:
+    """Refuse a vector made for another base model, naming the first difference."""
+    want = _wanted_fingerprint(sv)
+    have = base_fingerprint(model, model_path, list(sv.weights))
+    have["shapes"] = {m: have["shapes"].get(m) for m in sorted(set(have["shapes"]) | set(want.get("shapes") or {}))}
+    _compare_fingerprint(sv, want, have)
+
+
+def check_fingerprint_on_disk(sv: SecurityVector, model_path: str) -> None:
+    """The same refusal before the model is loaded, from its config.json and safetensors headers
+    (milliseconds instead of minutes for a large base). Only what the files state for certain is
+    compared; `check_fingerprint` on the loaded model still runs. Hub ids are left to it."""
+    want = _wanted_fingerprint(sv)
+    model_dir = os.path.expanduser(model_path)
+    if not os.path.isdir(model_dir):
+        return
+    have: dict = {}
+    try:
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        config = {}
+    if isinstance(config, dict):
+        if isinstance(config.get("architectures"), list) and config["architectures"]:
+            have["architecture"] = config["architectures"][0]
+        for key in ("hidden_size", "num_hidden_layers", "vocab_size"):
+            if isinstance(config.get(key), int):
+                have[key] = config[key]
+    try:
+        files = _safetensors_files(model_dir)
+    except Exception:  # a broken file: check_model_dir / from_pretrained say so
+        return
+    from safetensors import safe_open
+
+    shapes = {}
+    for mod in sv.weights:
+        key = f"{mod}.weight"
+        if key in files:
+            try:
+                with safe_open(files[key], framework="pt") as f:
+                    sl = f.get_slice(key)
+                    shape, dtype = sl.get_shape(), sl.get_dtype()
+            except Exception:
+                return
+            if len(shape) == 2 and dtype in ("F32", "F16", "BF16", "F64"):  # not a pre-quantized weight
+                shapes[mod] = [int(shape[0]), int(shape[1])]
+    if shapes:
+        have["shapes"] = shapes
+    try:
+        have["weights_sha256"] = weights_hash(model_dir, list(sv.weights))
+    except Exception:
+        pass
+    _compare_fingerprint(sv, want, have, warn=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,18 +297,23 @@ def load_security_vector(path: str) -> SecurityVector:
                                       "safetensors are loaded (re-save it with safe_serialization=True)")
         raise SecurityVectorError(f"security vector '{path}': {ADAPTER_WEIGHTS} is missing")
     try:
-        cfg = json.loads((d / ADAPTER_CONFIG).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        cfg = json.loads((d / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SecurityVectorError(f"security vector '{path}': {ADAPTER_CONFIG} is missing or not JSON ({e})")
+    if not isinstance(cfg, dict):
+        raise SecurityVectorError(f"security vector '{path}': {ADAPTER_CONFIG} must hold a JSON object")
     if cfg.get("peft_type") != "LORA":
         raise SecurityVectorError(f"security vector '{path}': {ADAPTER_CONFIG} is not a LoRA adapter "
                                   f"(peft_type={cfg.get('peft_type')})")
     meta = {}
     if (d / META_FILE).exists():
         try:
-            meta = json.loads((d / META_FILE).read_text())
-        except json.JSONDecodeError as e:
+            meta = json.loads((d / META_FILE).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise SecurityVectorError(f"security vector '{path}': {META_FILE} is not valid JSON ({e})")
+        if not isinstance(meta, dict):
+            raise SecurityVectorError(f"security vector '{path}': {META_FILE} must hold a JSON object")
+    _check_file_hashes(path, d, meta)
     from safetensors.torch import load_file
 
     try:
@@ -255,18 +331,79 @@ def load_security_vector(path: str) -> SecurityVector:
         else:
             raise SecurityVectorError(f"security vector '{path}': unexpected tensor '{key}' (a vector holds "
                                       "only lora_A/lora_B weights, no bias or modules_to_save)")
-    rank = int(cfg["r"])
+    try:
+        rank, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    except (KeyError, TypeError, ValueError):
+        raise SecurityVectorError(f"security vector '{path}': {ADAPTER_CONFIG} lacks a numeric 'r' or "
+                                  "'lora_alpha'; re-copy the vector directory") from None
     for mod, (A, B) in weights.items():
-        if A is None or B is None or A.shape[0] != rank or B.shape[1] != rank:
-            raise SecurityVectorError(f"security vector '{path}': module '{mod}' lacks lora_A or lora_B of "
-                                      f"rank {rank}; the file is incomplete")
+        if A is None or B is None:
+            raise SecurityVectorError(f"security vector '{path}': module '{mod}' lacks lora_A or lora_B; "
+                                      "the file is incomplete")
+        if A.shape[0] != B.shape[1]:
+            raise SecurityVectorError(f"security vector '{path}': module '{mod}' has lora_A of rank {A.shape[0]} "
+                                      f"but lora_B of rank {B.shape[1]}; the file is inconsistent")
+        if A.shape[0] != rank:
+            raise SecurityVectorError(f"security vector '{path}': {ADAPTER_CONFIG} says rank r={rank} but "
+                                      f"{ADAPTER_WEIGHTS} holds rank {A.shape[0]} (module '{mod}'); the files "
+                                      "do not belong together: re-copy the vector directory")
     if not weights:
         raise SecurityVectorError(f"security vector '{path}': {ADAPTER_WEIGHTS} holds no LoRA weights")
     targets = cfg.get("target_modules") or []
-    return SecurityVector(path=str(d), rank=rank, alpha=float(cfg["lora_alpha"]),
+    _check_consistent(path, rank, targets, weights, meta)
+    return SecurityVector(path=str(d), rank=rank, alpha=alpha,
                           target_modules=sorted(targets) if isinstance(targets, list) else [targets],
                           weights={k: (v[0], v[1]) for k, v in sorted(weights.items())}, meta=meta,
                           use_rslora=bool(cfg.get("use_rslora", False)))
+
+
+def _check_file_hashes(path: str, d: Path, meta: dict) -> None:
+    """The weights file against secvec.json's manifest (`record_file_hashes`): a truncated,
+    corrupted or edited file is refused before it is read. A vector saved before the manifest
+    existed is accepted with a warning."""
+    files = meta.get("files")
+    if not files:
+        if meta:
+            log.warning("security vector %s: %s records no file hashes (an older vector); its integrity is "
+                        "not checked", path, META_FILE)
+        return
+    if not isinstance(files, dict):
+        raise SecurityVectorError(f"security vector '{path}': {META_FILE} 'files' must map file names to "
+                                  "{size, sha256}; re-train or re-copy the vector")
+    for name, want in sorted(files.items()):
+        f = d / name
+        if not f.is_file():
+            raise SecurityVectorError(f"security vector '{path}': {name} (listed in {META_FILE}) is missing; "
+                                      "re-copy the whole vector directory")
+        have = file_record(f)
+        if not isinstance(want, dict) or have["size"] != want.get("size"):
+            raise SecurityVectorError(f"security vector '{path}': {name} is corrupted or truncated "
+                                      f"({have['size']} bytes, {META_FILE} records "
+                                      f"{want.get('size') if isinstance(want, dict) else want}); re-train or re-copy it")
+        if have["sha256"] != want.get("sha256"):
+            raise SecurityVectorError(f"security vector '{path}': {name} does not match the sha256 in {META_FILE} "
+                                      "(changed since it was saved: tampered or corrupted); refusing it: re-train "
+                                      "or re-copy the vector")
+
+
+def _check_consistent(path: str, rank: int, targets, weights: dict, meta: dict) -> None:
+    """adapter_config.json, the tensors and secvec.json must describe the same vector."""
+    names = sorted(targets) if isinstance(targets, list) else None
+    if names is not None:
+        stray = sorted(m.rsplit(".", 1)[-1] for m in weights
+                       if not any(m == t or m.endswith("." + t) for t in names))
+        if stray:
+            raise SecurityVectorError(f"security vector '{path}': {ADAPTER_WEIGHTS} holds weights for "
+                                      f"'{stray[0]}', which {ADAPTER_CONFIG} target_modules {names} does not "
+                                      "name; the files do not belong together: re-copy the vector directory")
+    if "rank" in meta and meta["rank"] != rank:
+        raise SecurityVectorError(f"security vector '{path}': {META_FILE} says rank {meta['rank']} but "
+                                  f"{ADAPTER_CONFIG} says r={rank}; the files do not belong together: re-copy "
+                                  "the vector directory")
+    if names is not None and isinstance(meta.get("target_modules"), list) and sorted(meta["target_modules"]) != names:
+        raise SecurityVectorError(f"security vector '{path}': {META_FILE} says target_modules "
+                                  f"{sorted(meta['target_modules'])} but {ADAPTER_CONFIG} says {names}; the files "
+                                  "do not belong together: re-copy the vector directory")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,7 +574,27 @@ def vector_digest(layers: list) -> str:
     return h.hexdigest()
 
 
+def file_record(path: Path) -> dict:
+    """size and sha256 of a file, as secvec.json's "files" manifest records them."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return {"size": os.path.getsize(path), "sha256": h.hexdigest()}
+
+
+def record_file_hashes(vector_dir: Path) -> dict:
+    """Add the weights file's size and sha256 to secvec.json (`files`); returns the new metadata.
+    load_security_vector refuses a vector whose weights no longer match (tampered or corrupted)."""
+    vector_dir = Path(vector_dir)
+    meta = json.loads((vector_dir / META_FILE).read_text()) if (vector_dir / META_FILE).exists() else {}
+    meta["files"] = {ADAPTER_WEIGHTS: file_record(vector_dir / ADAPTER_WEIGHTS)}
+    (vector_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
 def save_security_vector(peft_model, out_dir: Path, meta: dict) -> None:
-    """peft's own adapter format (safetensors) plus secvec.json."""
+    """peft's own adapter format (safetensors) plus secvec.json, with the weights file's sha256."""
     peft_model.save_pretrained(str(out_dir), safe_serialization=True)
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    record_file_hashes(out_dir)
