@@ -12,9 +12,10 @@ the response only. Truncation keeps the prompt and cuts the response; it is coun
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -53,59 +54,123 @@ def _read_rows(source: str, split: str) -> tuple[list[str], list[tuple[int, dict
     """(columns, [(row number, row)]) from a local file or a hub dataset.
 
     Row numbers are what a user finds in an editor: the line of a JSONL file, the data line of a
-    CSV (header excluded), the index (from 1) of a JSON array or Parquet table.
+    CSV (header excluded), the index (from 1) of a JSON array or Parquet table. Local files are
+    read without `datasets` (no cache written next to them, errors that name the row).
     """
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False  # a local file must not ping the hub
     if looks_local(source):
         path = os.path.expanduser(source)
         if not os.path.exists(path):
             raise DataError(f"data file '{source}' not found: fix the path in the config")
+        if os.path.isdir(path):
+            raise DataError(f"data file '{source}' is a directory: name the files in it "
+                            f"({', '.join(LOADERS)}) in the config")
         ext = os.path.splitext(path)[1].lower()
         if ext not in LOADERS:
             raise DataError(f"data file '{source}': unsupported extension '{ext}' "
                             f"(use one of {', '.join(LOADERS)})")
         if os.path.getsize(path) == 0:
             raise DataError(f"data file '{source}' is empty: add rows or remove it from the config")
-        if ext == ".jsonl":
-            return _read_jsonl(path, source)
-        if ext == ".csv":  # the csv module keeps every cell a string ("4" stays an answer)
-            with open(path, newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                rows = [(i, dict(r)) for i, r in enumerate(reader, 1)]
-            if not rows:
-                raise DataError(f"data file '{source}' has no rows: add rows or remove it from the config")
-            return list(reader.fieldnames or []), rows
-        try:
-            table = datasets.load_dataset(LOADERS[ext], data_files=path, split="train")
-        except Exception as e:  # pyarrow/json errors carry no row; say which file
-            raise DataError(f"data file '{source}': cannot be read as {ext[1:]} "
-                            f"({type(e).__name__}: {_first_line(e)})") from e
-    else:
-        try:
-            table = datasets.load_dataset(source, split=split)
-        except Exception as e:
-            raise DataError(f"dataset '{source}': cannot be loaded from the hub ({type(e).__name__}); "
-                            "download it and point the config at a local file") from e
+        if ext == ".parquet":
+            return _read_parquet(path, source)
+        text = _read_text(path, source)
+        if not text.strip():
+            raise DataError(f"data file '{source}' has no rows (only blank lines): add rows or remove it from "
+                            "the config")
+        if ext == ".csv":
+            return _read_csv(text, source)
+        if ext == ".json" and text.lstrip().startswith("["):
+            return _read_json_array(text, source)
+        return _read_jsonl(text, source)
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        table = datasets.load_dataset(source, split=split)
+    except Exception as e:
+        raise DataError(f"dataset '{source}': cannot be loaded from the hub ({type(e).__name__}); "
+                        "download it and point the config at a local file") from e
     return list(table.column_names), list(enumerate(table, 1))
 
 
-def _read_jsonl(path: str, source: str) -> tuple[list[str], list[tuple[int, dict]]]:
+def _read_text(path: str, source: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"data file '{source}' cannot be read ({e.strerror or type(e).__name__}); "
+                        "check its permissions") from e
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"data file '{source}' row {line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+                        f"{e.start}); re-save the file as UTF-8") from None
+    return text[1:] if text.startswith("\ufeff") else text  # a byte-order mark is not data
+
+
+def _read_csv(text: str, source: str) -> tuple[list[str], list[tuple[int, dict]]]:
+    """The csv module keeps every cell a string ("4" stays an answer). Row N is the Nth data line."""
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows = []
+    try:
+        for i, r in enumerate(reader, 1):
+            if None in r:  # more cells than header columns
+                raise DataError(f"data file '{source}' row {i}: {len(reader.fieldnames) + len(r[None])} cells "
+                                f"but the header has {len(reader.fieldnames)} columns; quote cells that contain "
+                                "commas")
+            rows.append((i, dict(r)))
+    except csv.Error as e:
+        raise DataError(f"data file '{source}' row {max(len(rows), 1)}: not valid CSV ({e})") from None
+    if not rows:
+        raise DataError(f"data file '{source}' has no rows: add rows or remove it from the config")
+    return list(reader.fieldnames or []), rows
+
+
+def _read_parquet(path: str, source: str) -> tuple[list[str], list[tuple[int, dict]]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow's errors carry no row; say which file
+        raise DataError(f"data file '{source}': cannot be read as parquet ({type(e).__name__}: {_first_line(e)}); "
+                        "re-export it") from e
+    rows = table.to_pylist()
+    if not rows:
+        raise DataError(f"data file '{source}' has no rows: add rows or remove it from the config")
+    return list(table.column_names), list(enumerate(rows, 1))
+
+
+def _check_object(obj: Any, source: str, i: int) -> dict:
+    if not isinstance(obj, dict):
+        raise DataError(f"data file '{source}' row {i}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _read_json_array(text: str, source: str) -> tuple[list[str], list[tuple[int, dict]]]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"data file '{source}' line {e.lineno}: not valid JSON ({e.msg}); fix the file") from None
+    rows = [(i, _check_object(obj, source, i)) for i, obj in enumerate(data, 1)]
+    if not rows:
+        raise DataError(f"data file '{source}' has no rows: add rows or remove it from the config")
+    columns: dict = {}
+    for _, obj in rows:
+        columns.update(dict.fromkeys(obj))
+    return list(columns), rows
+
+
+def _read_jsonl(text: str, source: str) -> tuple[list[str], list[tuple[int, dict]]]:
     rows, columns = [], {}
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"data file '{source}' row {i}: not valid JSON ({e.msg}); fix or remove the line")
-            if not isinstance(obj, dict):
-                raise DataError(f"data file '{source}' row {i}: expected a JSON object, got {type(obj).__name__}")
-            columns.update(dict.fromkeys(obj))
-            rows.append((i, obj))
+    for i, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"data file '{source}' row {i}: not valid JSON ({e.msg}); fix or remove the line") from None
+        columns.update(dict.fromkeys(_check_object(obj, source, i)))
+        rows.append((i, obj))
     if not rows:
         raise DataError(f"data file '{source}' has no rows: add rows or remove it from the config")
     return list(columns), rows
@@ -232,6 +297,7 @@ class TokenizedSet:
     examples: list[dict]
     n_truncated: int
     n_dropped: int  # prompt alone filled max_length: no response token left to learn from
+    dropped: list[str] = field(default_factory=list)  # "file row N" of the first dropped rows
 
     def report(self, name: str) -> str:
         n = len(self.examples) + self.n_dropped
@@ -239,23 +305,32 @@ class TokenizedSet:
         if self.n_truncated:
             msg += f", {self.n_truncated} of {n} truncated to data.max_length"
         if self.n_dropped:
-            msg += f", {self.n_dropped} dropped (prompt alone exceeds data.max_length)"
+            more = f" and {self.n_dropped - len(self.dropped)} more" if self.n_dropped > len(self.dropped) else ""
+            msg += (f", {self.n_dropped} dropped (prompt alone exceeds data.max_length: "
+                    f"{', '.join(self.dropped)}{more})")
         return msg
 
 
 def tokenize_samples(tokenizer, samples: list[Sample], cfg: DataConfig) -> TokenizedSet:
-    examples, n_trunc, n_drop = [], 0, 0
+    """Tokenize every sample. A response longer than the room left is cut (counted); a row whose
+    prompt alone fills data.max_length has nothing left to learn from and is dropped (counted and
+    named in the report); when every row is dropped, a DataError names the first."""
+    examples, n_trunc, n_drop, dropped = [], 0, 0, []
     for s in samples:
         ex, truncated = tokenize_sample(tokenizer, s, cfg)
         if all(label == IGNORE_INDEX for label in ex["labels"]):
             n_drop += 1
+            if len(dropped) < 3:
+                dropped.append(f"'{s.source}' row {s.row}")
             continue
         n_trunc += truncated
         examples.append(ex)
     if not examples:
-        raise DataError(f"data: every example was dropped by truncation; raise data.max_length "
-                        f"(now {cfg.max_length})")
-    return TokenizedSet(examples, n_trunc, n_drop)
+        first = f" (e.g. {dropped[0]})" if dropped else ""
+        raise DataError(f"data: every example was dropped by truncation: each prompt alone fills "
+                        f"data.max_length={cfg.max_length} tokens{first}; raise data.max_length or shorten the "
+                        "prompts")
+    return TokenizedSet(examples, n_trunc, n_drop, dropped)
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

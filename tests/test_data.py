@@ -270,7 +270,7 @@ def test_loading_a_local_file_makes_no_network_request(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name, content, must_contain", [
     ("data.txt", "prompt response\n", "unsupported extension '.txt'"),
     ("data.tsv", "prompt\tresponse\n", "unsupported extension '.tsv'"),
-    ("broken.json", "{not json", "cannot be read as json"),
+    ("broken.json", "{not json", "row 1: not valid JSON"),
     ("header_only.csv", "prompt,response\n", "has no rows"),
     ("blank.jsonl", "\n\n", "has no rows"),
 ])
