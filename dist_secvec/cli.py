@@ -66,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except UserError as e:
-        print(f"dist-secvec {args.command}: error: {e}", file=sys.stderr)
+        if args.debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"dist-secvec {args.command}: error: {one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"dist-secvec {args.command}: interrupted", file=sys.stderr)
@@ -74,13 +78,65 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug: say so in one line unless asked for the traceback
         if args.debug:
             raise
-        print(f"dist-secvec {args.command}: internal error: {type(e).__name__}: {e} "
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"dist-secvec {args.command}: internal error: {type(e).__name__}: {first} "
               "(rerun with --debug for the traceback)", file=sys.stderr)
         return 1
 
 
+def one_line(text: str) -> str:
+    """A message on one line: embedded newlines (from library errors) become spaces."""
+    return " ".join(part.strip() for part in text.strip().splitlines() if part.strip())
+
+
+def preflight(cfg, command: str) -> None:
+    """Checks of the input files that need no model loaded, so a bad model directory or security
+    vector is reported in seconds rather than after the data and the model are loaded:
+    the model directory (config.json, safetensors weights, whole files, no pickle), and for
+    stage 2 the vector's files (hashes, consistency) and its base fingerprint from the model's
+    config.json and safetensors headers. The stages repeat the full checks on what they load."""
+    from dist_secvec.config import looks_local
+
+    needs_model = command in ("train-sv", "finetune") or (command == "eval" and cfg.eval.responses is None)
+    if needs_model and cfg.model.path and looks_local(cfg.model.path):
+        from dist_secvec.model import check_model_dir
+
+        check_model_dir(cfg.model.path)
+        if cfg.model.tokenizer and looks_local(cfg.model.tokenizer):
+            check_model_dir(cfg.model.tokenizer, key="model.tokenizer", need_weights=False)
+    if command == "finetune" and cfg.security_vector.path:
+        from dist_secvec.secvec import check_fingerprint_on_disk, load_security_vector
+
+        sv = load_security_vector(cfg.security_vector.path)
+        if cfg.model.path:
+            check_fingerprint_on_disk(sv, cfg.model.path)
+
+
+def check_utf8(path: str | None, what: str = "config file") -> None:
+    """A config file that is not UTF-8 text is a one-line ConfigError naming the line, not a
+    UnicodeDecodeError from deep inside the YAML reader."""
+    if not path or not os.path.isfile(path):
+        return  # missing: load_config says so
+    from dist_secvec.errors import ConfigError
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(f"{what} '{path}' cannot be read ({e.strerror or type(e).__name__}); check its "
+                          "permissions") from e
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{what} '{path}' line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); re-save it "
+                          "as UTF-8") from None
+
+
 def _run(args) -> int:
     from dist_secvec.config import load_config, refuse_finished_run, validate
+
+    check_utf8(args.config)
 
     if args.command == "demo":
         from dist_secvec.demo.run import demo_defaults
@@ -102,7 +158,11 @@ def _run(args) -> int:
     from dist_secvec.runtime import setup_logging
 
     setup_logging("debug" if args.debug else cfg.logging.level)
+    if not cfg.logging.progress:  # the hub's and transformers' loading/saving bars too
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     log = logging.getLogger("dist_secvec")
+    if args.command != "demo":
+        preflight(cfg, args.command)
     if args.command == "demo":
         from dist_secvec.demo.run import run_demo
 
