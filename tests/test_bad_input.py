@@ -1,0 +1,626 @@
+"""The bad-input suite (issue 8): for every user-facing input, the malformed cases a user really
+produces, each run through the real CLI (or launch script) in a subprocess. Every case must:
+
+- exit with code 2 (a user error),
+- print exactly ONE line on stderr (no traceback, no log noise) that names the file, key or row and
+  says what to do,
+- leave every pre-existing file under its inputs and its output dir byte-identical (sha256 before
+  and after) and create nothing new there.
+
+Each case builds its inputs in its own directory from one tiny model and one tiny security vector
+made once for the module. The subprocesses of all selected cases run side by side (a few at a
+time) in one module fixture; each parametrised test then checks its own case. Most cases fail in
+validation or in the CLI's preflight (model directory and vector files are checked before
+anything is loaded); data cases pay for loading the tokenizer.
+
+Also here: an internal error is exit 1 with one line and `--debug` shows the traceback, and an
+atomic save that fails keeps the previous directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import pytest
+
+from conftest import write_random_vector
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+WORKERS = 3  # subprocesses at a time (most of their time is imports, on a 2-core machine)
+
+GOOD_ROWS = [{"prompt": "what is 1 plus 2", "response": "3 ."}, {"prompt": "what is 2 plus 2", "response": "4 ."}]
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """relative path -> sha256 of every file under root (directories by their files)."""
+    root = Path(root)
+    if root.is_file():
+        return {".": hashlib.sha256(root.read_bytes()).hexdigest()}
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def jsonl(rows) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# the shared tiny world: a model, a sealed vector, vectors for other bases
+
+
+@dataclass
+class Env:
+    model: Path  # tiny Llama + tokenizer, safetensors (read-only)
+    train: Path  # a good JSONL training file (read-only)
+    vector: Path  # a security vector for `model`, with file hashes in secvec.json (read-only)
+    other_weights_vector: Path  # same shapes, other base weights
+    other_hidden_vector: Path  # another hidden size
+    shared: list = field(default_factory=list)  # read-only inputs every case must leave unchanged
+
+
+@pytest.fixture(scope="module")
+def env(tiny_world, random_vector, tmp_path_factory) -> Env:
+    from transformers import AutoTokenizer
+
+    from dist_secvec.demo.world import build_tiny_llama
+    from dist_secvec.secvec import record_file_hashes
+
+    root = tmp_path_factory.mktemp("bad_input_env")
+    vector = root / "sv"
+    shutil.copytree(random_vector, vector)
+    record_file_hashes(vector)
+    tok = AutoTokenizer.from_pretrained(str(tiny_world.model_dir))
+    other = {}
+    for name, seed, hidden in (("weights", 123, 32), ("hidden", 0, 48)):
+        build_tiny_llama(tok, root / f"base_{name}", seed=seed, hidden=hidden, layers=2)
+        other[name] = write_random_vector(root / f"base_{name}", root / f"sv_{name}")
+        record_file_hashes(other[name])
+    train = root / "train.jsonl"
+    train.write_text(jsonl(GOOD_ROWS * 4))
+    return Env(Path(tiny_world.model_dir), train, vector, other["weights"], other["hidden"],
+               shared=[Path(tiny_world.model_dir), vector, train])
+
+
+# ---------------------------------------------------------------------------------------------
+# cases
+
+
+@dataclass
+class Spec:
+    argv: list  # after `python -m dist_secvec` (or the script for kind="script")
+    must: list  # substrings of the one error line
+    kind: str = "cli"  # cli | script | python (argv after `python`)
+    code: int = 2
+    limit_fsize: Optional[int] = None  # RLIMIT_FSIZE for the child (disk full), SIGXFSZ ignored
+    protect: list = field(default_factory=list)  # extra paths that must stay unchanged
+
+
+CASES: dict[str, Callable[[Path, Env], Spec]] = {}
+
+
+def case(name: str):
+    def register(fn):
+        assert name not in CASES, name
+        CASES[name] = fn
+        return fn
+    return register
+
+
+def finetune(d: Path, e: Env, *extra: str, train: Optional[Path] = None) -> list:
+    return ["finetune", f"model.path={e.model}", f"data.train={train or e.train}", f"output_dir={d / 'out'}",
+            "logging.progress=false", "optim.max_steps=1", *extra]
+
+
+def write(path: Path, content) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+# ---- YAML config
+
+
+def yaml_case(name: str, content, must: list):
+    @case(f"yaml-{name}")
+    def build(d: Path, e: Env) -> Spec:
+        cfg = write(d / "run.yaml", content.replace("{model}", str(e.model)) if isinstance(content, str) else content)
+        return Spec(["finetune", "--config", str(cfg), f"data.train={e.train}", f"output_dir={d / 'out'}"], must)
+    return build
+
+
+yaml_case("unknown-key", "model:\n  path: {model}\noptim:\n  lrr: 1.0e-4\n", ["'optim.lrr'", "allowed:"])
+yaml_case("misspelled-section", "model:\n  path: {model}\noptimizer:\n  lr: 1.0e-4\n", ["'optimizer'", "allowed:"])
+yaml_case("wrong-type", "model:\n  path: {model}\noptim:\n  micro_batch_size: big\n",
+          ["'optim.micro_batch_size'", "integer"])
+yaml_case("list-for-section", "model:\n  - {model}\n", ["'model'", "mapping"])
+yaml_case("not-a-mapping", "- model\n- optim\n", ["run.yaml", "top level must be a mapping"])
+yaml_case("invalid-yaml", "model:\n  path: x\n  dtype: a: b\n", ["run.yaml", "line 3", "not valid YAML"])
+yaml_case("tab-indent", "model:\n\tpath: x\n", ["run.yaml", "not valid YAML"])
+# an empty recipe is all defaults: the first required key is named
+yaml_case("empty-file", "", ["'model.path'", "required"])
+yaml_case("non-utf8", b"model:\n  path: caf\xe9\n", ["run.yaml", "line 2", "not UTF-8", "re-save"])
+
+
+@case("yaml-missing-file")
+def _(d: Path, e: Env) -> Spec:
+    return Spec(["finetune", "--config", str(d / "nope.yaml"), f"output_dir={d / 'out'}"], ["nope.yaml' not found"])
+
+
+@case("yaml-is-a-directory")
+def _(d: Path, e: Env) -> Spec:
+    (d / "configs").mkdir()
+    return Spec(["finetune", "--config", str(d / "configs"), f"output_dir={d / 'out'}"], ["configs' not found"])
+
+
+# ---- CLI overrides
+
+
+@case("override-no-equals")
+def _(d: Path, e: Env) -> Spec:
+    return Spec(finetune(d, e, "optim.lr"), ["override 'optim.lr'", "key.sub=value"])
+
+
+@case("override-unknown-key")
+def _(d: Path, e: Env) -> Spec:
+    return Spec(finetune(d, e, "optim.lrr=1e-4"), ["'optim.lrr'", "allowed:"])
+
+
+@case("override-unknown-section")
+def _(d: Path, e: Env) -> Spec:
+    return Spec(finetune(d, e, "optimizer.lr=1e-4"), ["'optimizer'", "allowed:"])
+
+
+@case("override-wrong-type")
+def _(d: Path, e: Env) -> Spec:
+    return Spec(finetune(d, e, "optim.max_steps=many"), ["'optim.max_steps'", "integer"])
+
+
+@case("override-value-for-section")
+def _(d: Path, e: Env) -> Spec:
+    return Spec(finetune(d, e, "optim=3"), ["'optim'", "mapping"])
+
+
+@case("override-empty-key")
+def _(d: Path, e: Env) -> Spec:
+    return Spec(finetune(d, e, "=3"), ["override '=3'", "empty"])
+
+
+# ---- data files (stage 2's data.train; the tokenizer is loaded before the data)
+
+
+def data_case(name: str, filename: str, content, must: list, *extra: str):
+    @case(f"data-{name}")
+    def build(d: Path, e: Env) -> Spec:
+        path = d / filename
+        if callable(content):
+            content(path)
+        elif content is not None:
+            write(path, content)
+        return Spec(finetune(d, e, *extra, train=path), [str(path)] + must)
+    return build
+
+
+def parquet(rows):
+    def make(path: Path):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), str(path))
+    return make
+
+
+ROW2_NO_RESPONSE = [GOOD_ROWS[0], {"prompt": "what is 2 plus 2"}]
+data_case("missing", "nope.jsonl", None, ["'data.train'", "not found"])
+data_case("empty-jsonl", "empty.jsonl", "", ["is empty"])
+data_case("non-utf8-jsonl", "latin1.jsonl", jsonl(GOOD_ROWS[:1]).encode() + b'{"prompt": "caf\xe9", "response": "x"}\n',
+          ["row 2", "not UTF-8", "re-save"])
+data_case("row-missing-field-jsonl", "rows.jsonl", jsonl(ROW2_NO_RESPONSE), ["row 2", "'response'"])
+data_case("malformed-json-line", "rows.jsonl", jsonl(GOOD_ROWS[:1]) + '{"prompt": "a", "response": \n',
+          ["row 2", "not valid JSON"])
+data_case("unknown-columns", "rows.jsonl", jsonl([{"question": "a", "answer": "b"}]), ["match no known row shape"])
+data_case("empty-csv", "empty.csv", "", ["is empty"])
+data_case("non-utf8-csv", "rows.csv", b"prompt,response\nwhat is 1 plus 2,3 .\ncaf\xe9,x\n", ["row 3", "not UTF-8"])
+data_case("row-missing-field-csv", "rows.csv", "prompt,response\nwhat is 1 plus 2,3 .\nwhat is 2 plus 2\n",
+          ["row 2", "'response'"])
+data_case("row-missing-field-json", "rows.json", json.dumps(ROW2_NO_RESPONSE), ["row 2", "'response'"])
+data_case("corrupt-parquet", "rows.parquet", b"PAR1 this is not a parquet file", ["cannot be read as parquet"])
+data_case("row-missing-field-parquet", "rows.parquet",
+          parquet([GOOD_ROWS[0], {"prompt": "what is 2 plus 2", "response": None}]), ["row 2", "'response'"])
+# rows longer than data.max_length are truncated (the response is cut, counted and logged: the
+# design); a row whose prompt alone fills max_length is dropped and named, and when that is every
+# row the run stops instead of training on nothing
+data_case("prompt-exceeds-max-length", "long.jsonl",
+          jsonl([{"prompt": "what is 1 plus 2 " * 8, "response": "3 ."}] * 3),
+          ["every example was dropped", "data.max_length=8", "row 1", "raise data.max_length"], "data.max_length=8")
+
+
+
+
+# more reader cases, in-process (the CLI cases above show a DataError is exit 2 and one line)
+READER_CASES = [
+    ("datadir", lambda p: p.mkdir(), ["is a directory"]),
+    ("blank.jsonl", "\n \n", ["has no rows"]),
+    ("rows.jsonl", jsonl(GOOD_ROWS[:1]) + '["a", "b"]\n', ["row 2", "JSON object"]),
+    ("rows.csv", "prompt,response\nwhat is 1, plus 2,3 .\n", ["row 1", "quote"]),
+    ("header.csv", "prompt,response\n", ["has no rows"]),
+    ("rows.json", '[{"prompt": "a", "response": "b"},\n', ["line 2", "not valid JSON"]),
+    ("rows.json", '[{"prompt": "a", "response": "b"}, 3]', ["row 2", "JSON object"]),
+    ("empty.parquet", "", ["is empty"]),
+    ("rows.parquet", parquet([{"question": "a"}]), ["match no known row shape"]),
+    ("rows.jsonl", jsonl([{"messages": [{"role": "user", "content": "a"}]}]), ["row 1", "assistant"]),
+]
+
+
+@pytest.mark.parametrize("filename, content, must", READER_CASES,
+                         ids=[f"{i}-{c[0]}" for i, c in enumerate(READER_CASES)])
+def test_data_reader_errors_name_file_and_row(tmp_path, filename, content, must):
+    from dist_secvec.data import load_samples
+    from dist_secvec.errors import DataError
+
+    path = tmp_path / filename
+    content(path) if callable(content) else write(path, content)
+    with pytest.raises(DataError) as e:
+        load_samples([str(path)])
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg and all(m in msg for m in must), msg
+
+
+def test_good_rows_in_every_format_load(tmp_path):
+    """The readers behind the error cases still read good files (UTF-8 BOM, CRLF, U+2028 in a string)."""
+    from dist_secvec.data import load_samples
+
+    rows = GOOD_ROWS + [{"prompt": "line\u2028sep", "response": "ok"}]
+    write(tmp_path / "a.jsonl", "\ufeff" + jsonl(rows).replace("\n", "\r\n"))
+    write(tmp_path / "a.json", json.dumps(rows))
+    write(tmp_path / "a.csv", "prompt,response\r\n" + "".join(f'"{r["prompt"]}",{r["response"]}\r\n' for r in rows))
+    parquet(rows)(tmp_path / "a.parquet")
+    for ext in ("jsonl", "json", "csv", "parquet"):
+        got = load_samples([str(tmp_path / f"a.{ext}")])
+        assert [(s.prompt, s.response, s.row) for s in got] == [(r["prompt"], r["response"], i)
+                                                                 for i, r in enumerate(rows, 1)], ext
+
+
+# ---- model directory
+
+
+def model_case(name: str, make: Callable[[Path, Path], None], must: list):
+    @case(f"model-{name}")
+    def build(d: Path, e: Env) -> Spec:
+        m = d / "model"
+        make(m, e.model)
+        return Spec(finetune(d, e, f"model.path={m}"), ["'model.path'", str(m)] + must)
+    return build
+
+
+def copy_model(dst: Path, src: Path, drop=(), **replace) -> None:
+    shutil.copytree(src, dst)
+    for name in drop:
+        (dst / name).unlink()
+    for name, fn in replace.items():
+        name = name.replace("__", ".")
+        (dst / name).write_bytes(fn((dst / name).read_bytes()))
+
+
+def to_pickle(dst: Path, src: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    copy_model(dst, src, drop=["model.safetensors"])
+    torch.save(load_file(str(src / "model.safetensors")), str(dst / "pytorch_model.bin"))
+
+
+model_case("missing", lambda m, src: None, ["not found"])
+model_case("empty-dir", lambda m, src: m.mkdir(), ["is empty"])
+model_case("tokenizer-only", lambda m, src: copy_model(m, src, drop=["config.json", "model.safetensors"]),
+           ["no config.json"])
+model_case("config-without-weights", lambda m, src: copy_model(m, src, drop=["model.safetensors"]),
+           ["no weights", "model.safetensors"])
+model_case("truncated-safetensors", lambda m, src: copy_model(m, src, model__safetensors=lambda b: b[: len(b) // 2]),
+           ["model.safetensors' is corrupted", "truncated"])
+model_case("garbage-safetensors", lambda m, src: copy_model(m, src, model__safetensors=lambda b: b"\x00" * 5),
+           ["model.safetensors' is corrupted"])
+model_case("pickle-weights", to_pickle, ["pytorch_model.bin", "pickle", "safetensors"])
+model_case("broken-config-json", lambda m, src: copy_model(m, src, config__json=lambda b: b[:-3]),
+           ["config.json' is not valid JSON"])
+
+
+# ---- security vector (stage 2's security_vector.path)
+
+
+def vector_case(name: str, make: Callable[[Path, Env], Path], must: list):
+    @case(f"vector-{name}")
+    def build(d: Path, e: Env) -> Spec:
+        v = make(d, e)
+        return Spec(finetune(d, e, f"security_vector.path={v}"), must)
+    return build
+
+
+def vector_copy(d: Path, e: Env, edit: Optional[Callable[[Path], None]] = None) -> Path:
+    v = d / "sv"
+    shutil.copytree(e.vector, v)
+    if edit:
+        edit(v)
+    return v
+
+
+def edit_json(name: str, **changes):
+    def edit(v: Path):
+        obj = json.loads((v / name).read_text())
+        obj.update(changes)
+        (v / name).write_text(json.dumps(obj))
+    return edit
+
+
+def edit_bytes(fn):
+    def edit(v: Path):
+        f = v / "adapter_model.safetensors"
+        f.write_bytes(fn(f.read_bytes()))
+    return edit
+
+
+def to_pickle_adapter(v: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(v / "adapter_model.safetensors")), str(v / "adapter_model.bin"))
+    (v / "adapter_model.safetensors").unlink()
+
+
+def flip_last_byte(b: bytes) -> bytes:
+    return b[:-1] + bytes([b[-1] ^ 0x01])
+
+
+vector_case("missing", lambda d, e: d / "nope", ["'security_vector.path'", "not found", "train-sv"])
+vector_case("other-base-weights", lambda d, e: e.other_weights_vector,
+            ["another base model", "weights_sha256", "train-sv"])
+vector_case("other-base-hidden-size", lambda d, e: e.other_hidden_vector,
+            ["another base model", "hidden_size: vector has 48, model has 32"])
+vector_case("rank-differs-from-files", lambda d, e: vector_copy(d, e, edit_json("adapter_config.json", r=8)),
+            ["says rank r=8", "holds rank 4", "re-copy"])
+vector_case("target-modules-differ-from-files",
+            lambda d, e: vector_copy(d, e, edit_json("adapter_config.json", target_modules=["q_proj", "k_proj"])),
+            ["holds weights for 'down_proj'", "target_modules", "re-copy"])
+vector_case("metadata-differs-from-files",
+            lambda d, e: vector_copy(d, e, edit_json("secvec.json", rank=16, target_modules=["q_proj"])),
+            ["secvec.json says rank 16", "adapter_config.json says r=4"])
+vector_case("truncated-safetensors", lambda d, e: vector_copy(d, e, edit_bytes(lambda b: b[: len(b) // 2])),
+            ["adapter_model.safetensors is corrupted or truncated"])
+vector_case("pickle-adapter", lambda d, e: vector_copy(d, e, to_pickle_adapter),
+            ["adapter_model.bin is a pickle", "only safetensors"])
+vector_case("tampered-one-byte", lambda d, e: vector_copy(d, e, edit_bytes(flip_last_byte)),
+            ["adapter_model.safetensors does not match the sha256", "tampered", "re-train"])
+vector_case("no-fingerprint", lambda d, e: vector_copy(d, e, edit_json("secvec.json", base_fingerprint=None)),
+            ["no base_fingerprint", "train-sv"])
+vector_case("not-a-vector-dir", lambda d, e: e.model, ["adapter_model.safetensors is missing"])
+
+
+# ---- output dir that already holds a finished run; export into a non-empty dir
+
+
+@case("output-finished-finetune")
+def _(d: Path, e: Env) -> Spec:
+    write(d / "out" / "final" / "dist_secvec_run.json", '{"steps": 10}\n')
+    write(d / "out" / "train_log.jsonl", '{"step": 10, "loss": 0.5}\n')
+    return Spec(finetune(d, e), ["'output_dir'", "already holds a finished finetune run", "new output_dir"])
+
+
+@case("output-finished-train-sv")
+def _(d: Path, e: Env) -> Spec:
+    write(d / "out" / "secvec" / "secvec.json", "{}\n")
+    return Spec(["train-sv", f"model.path={e.model}", f"security_vector.harmful_data={e.train}",
+                 "security_vector.kl_weight=0", f"output_dir={d / 'out'}"],
+                ["'output_dir'", "already holds a finished train-sv run"])
+
+
+@case("output-export-not-empty")
+def _(d: Path, e: Env) -> Spec:
+    write(d / "out" / "config.json", "{}\n")
+    return Spec(["export", f"export.checkpoint={e.model}", f"output_dir={d / 'out'}"],
+                ["'output_dir'", "not empty", "new directory"])
+
+
+# ---- the disk fills up during a save
+
+
+@case("disk-full-export")
+def _(d: Path, e: Env) -> Spec:
+    """The model file (~100 kB) exceeds a 20 kB file-size limit: writes fail with EFBIG."""
+    prev = d / "exports" / "prev"
+    shutil.copytree(e.model, prev)  # an earlier export next to the new one
+    return Spec(["export", f"export.checkpoint={e.model}", f"output_dir={d / 'exports' / 'new'}",
+                 "export.dtype=float32", "logging.progress=false"],
+                ["cannot save", str(d / "exports" / "new"), "disk is full or the file is too large",
+                 "nothing was written"], limit_fsize=20_000)
+
+
+# ---- hostfiles of the launch scripts
+
+
+def hostfile_case(name: str, content: Optional[str], must: list):
+    @case(f"hostfile-{name}")
+    def build(d: Path, e: Env) -> Spec:
+        hf = d / "hostfile"
+        if content is not None:
+            write(hf, content)
+        return Spec(["deepspeed.sh", "--hostfile", str(hf), "--", "finetune", "--config", "x.yaml"],
+                    ["launch/deepspeed.sh:", str(hf)] + must, kind="script")
+    return build
+
+
+hostfile_case("missing", None, ["not found"])
+hostfile_case("no-slots", "node001 slots=8\nnode002\n", ["line 2", "malformed", "'<host> slots=<N>'"])
+hostfile_case("bad-slots", "node001 slots=eight\n", ["line 1", "malformed"])
+hostfile_case("zero-slots", "# comment\nnode001 slots=0\n", ["line 2", "malformed"])
+hostfile_case("duplicate-host", "node001 slots=8\nnode001 slots=8\n", ["line 2", "twice"])
+hostfile_case("only-comments", "# node001 slots=8\n\n", ["names no host"])
+
+
+@case("make-hostfile-missing-dir")
+def _(d: Path, e: Env) -> Spec:
+    return Spec(["make_hostfile.sh", "-n", "a,b", "-s", "2", "-o", str(d / "nodir" / "hostfile")],
+                ["launch/make_hostfile.sh:", "nodir' does not exist"], kind="script")
+
+
+@case("make-hostfile-disk-full")
+def _(d: Path, e: Env) -> Spec:
+    write(d / "hostfile", "old slots=1\n")
+    return Spec(["make_hostfile.sh", "-n", ",".join(f"node{i:04d}" for i in range(100)), "-s", "8", "-o",
+                 str(d / "hostfile")], ["cannot write", "hostfile", "nothing was changed"], kind="script",
+                limit_fsize=512)
+
+
+# ---------------------------------------------------------------------------------------------
+# running
+
+
+@dataclass
+class Result:
+    spec: Spec
+    proc: subprocess.CompletedProcess
+    before: dict
+    after: dict
+    root: Path
+    seconds: float
+
+
+def _limits(fsize: Optional[int]):
+    if fsize is None:
+        return None
+
+    def apply():  # in the child: writes past fsize fail with EFBIG instead of killing it
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+    return apply
+
+
+def _command(spec: Spec) -> list:
+    if spec.kind == "script":
+        return ["bash", str(REPO / "launch" / spec.argv[0]), *spec.argv[1:]]
+    if spec.kind == "python":
+        return [PY, *spec.argv]
+    return [PY, "-m", "dist_secvec", *spec.argv]
+
+
+def run_case(name: str, root: Path, e: Env) -> Result:
+    d = root / name
+    d.mkdir()
+    spec = CASES[name](d, e)
+    watched = [d, *e.shared, *spec.protect]
+    before = {str(p): tree_digest(p) for p in watched if p.exists()}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DIST_SECVEC_", "DRY_RUN", "SLURM_"))}
+    t0 = time.time()
+    proc = subprocess.run(_command(spec), cwd=REPO, capture_output=True, text=True, timeout=240, env=env,
+                          preexec_fn=_limits(spec.limit_fsize))
+    seconds = time.time() - t0
+    after = {str(p): tree_digest(p) for p in watched if p.exists()}
+    return Result(spec, proc, before, after, d, seconds)
+
+
+@pytest.fixture(scope="module")
+def results(request, env, tmp_path_factory) -> dict:
+    """Run the subprocesses of every selected case, a few at a time."""
+    selected = [item.callspec.params["name"] for item in request.session.items
+                if item.module is request.module and hasattr(item, "callspec") and "name" in item.callspec.params]
+    root = tmp_path_factory.mktemp("bad_input_cases")
+    with ThreadPoolExecutor(WORKERS) as pool:
+        futures = {name: pool.submit(run_case, name, root, env) for name in dict.fromkeys(selected)}
+        out = {name: f.result() for name, f in futures.items()}
+    if os.environ.get("BAD_INPUT_TIMES"):
+        for name, r in sorted(out.items(), key=lambda kv: -kv[1].seconds):
+            print(f"{r.seconds:6.1f}s {name}", file=sys.stderr)
+    return out
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input(name, results):
+    r = results[name]
+    err, spec = r.proc.stderr, r.spec
+    lines = err.splitlines()
+    assert r.proc.returncode == spec.code, (r.proc.returncode, err[-3000:])
+    assert len(lines) == 1, f"stderr must be one line, got {len(lines)}:\n{err[-3000:]}"
+    line = lines[0]
+    assert "Traceback" not in err and "internal error" not in line, line
+    if spec.kind == "cli":
+        assert line.startswith(f"dist-secvec {spec.argv[0]}: error: "), line
+    for text in spec.must:
+        assert text in line, f"{text!r} not in: {line}"
+    assert r.after == r.before, "an existing file changed, or a new one was written"
+    leftovers = [p for p in r.root.rglob("*") if ".tmp-" in p.name or ".old-" in p.name or ".hostfile." in p.name]
+    assert not leftovers, leftovers
+
+
+def test_every_input_kind_is_covered():
+    kinds = {name.split("-")[0] for name in CASES}
+    assert {"yaml", "override", "data", "model", "vector", "output", "disk", "hostfile", "make"} <= kinds
+
+
+# ---------------------------------------------------------------------------------------------
+# internal errors: exit 1, one line; --debug shows the traceback
+
+
+BUG = """
+import sys
+import dist_secvec.export as export
+def run_export(cfg):
+    raise KeyError("a bug\\nwith a second line")
+export.run_export = run_export
+from dist_secvec.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_internal_error_is_exit_1(env, tmp_path, debug):
+    argv = ["export", f"export.checkpoint={env.model}", f"output_dir={tmp_path / 'out'}"] + (["--debug"] if debug else [])
+    proc = subprocess.run([PY, "-c", BUG, *argv], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    if debug:
+        assert "Traceback" in proc.stderr and "KeyError" in proc.stderr and "run_export" in proc.stderr
+    else:
+        (line,) = proc.stderr.splitlines()
+        assert line.startswith("dist-secvec export: internal error: KeyError") and "--debug" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# atomic saves: a failed write keeps the previous directory (in-process: the unit under the CLI)
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), OSError(27, "File too large"),
+                                   RuntimeError("Error while serializing: I/O error: File too large (os error 27)")])
+def test_atomic_dir_failed_save_keeps_previous(tmp_path, error):
+    from dist_secvec import runtime
+    from dist_secvec.errors import UserError
+
+    final = tmp_path / "secvec"
+    write(final / "adapter_model.safetensors", b"old weights")
+    before = tree_digest(tmp_path)
+    with pytest.raises(UserError) as e:
+        with runtime.atomic_dir(final) as tmp:
+            (tmp / "adapter_model.safetensors").write_bytes(b"half")
+            raise error
+    msg = str(e.value)
+    assert "\n" not in msg and str(final) in msg and ("disk is full" in msg and "too large" in msg)
+    assert tree_digest(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["secvec"]
+
+
+def test_atomic_dir_other_errors_pass_through(tmp_path):
+    from dist_secvec import runtime
+
+    with pytest.raises(ZeroDivisionError):
+        with runtime.atomic_dir(tmp_path / "x"):
+            1 / 0
+    assert list(tmp_path.iterdir()) == []
