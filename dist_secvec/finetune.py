@@ -104,7 +104,9 @@ def run_finetune(cfg: Config, keep_model: bool = False) -> FinetuneResult:
     log.info(train.report("train data"))
 
     hf_ds = None
-    if stage == 3:  # from_pretrained partitions 16-bit weights while loading: no rank holds the whole model
+    if stage == 3 and cfg.model.quantization == "none":
+        # from_pretrained partitions 16-bit weights while loading: no rank holds the whole model.
+        # (transformers loads a bitsandbytes base whole on each rank; deepspeed.initialize partitions it)
         from transformers.integrations import HfDeepSpeedConfig
 
         hf_ds = HfDeepSpeedConfig(ds)  # noqa: F841  (must stay alive while the model loads)

@@ -37,6 +37,9 @@ def main() -> int:
             (out / "probe.json").write_text(json.dumps({"stopped": str(e)}))
         return 0
     ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29, 33, 37]])
+    # train mode (no dropout in these configs): in eval mode bitsandbytes' CPU path repacks a 4-bit
+    # weight in place on first use (Linear4bit.forward), which breaks a ZeRO-3 partitioned weight
+    res.model.train()
     with torch.no_grad():
         logits = res.model(input_ids=ids).logits.float()
     if runtime.is_main():

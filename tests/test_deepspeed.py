@@ -161,13 +161,15 @@ def test_zero3_qlora_nf4_two_ranks(tiny_world, random_vector, tmp_path):
     cfg = base_cfg(tiny_world, random_vector, tmp_path,
                    model={"path": str(tiny_world.model_dir), "dtype": "bfloat16", "quantization": "nf4",
                           "quant_storage": "bfloat16", "compute_dtype": "bfloat16"},
-                   adapter={"type": "lora", "rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-                   optim={"lr": 5e-3})
+                   adapter={"type": "lora", "rank": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]},
+                   data={"train": [tiny_world.data["new_task_ft"]], "max_length": 64},
+                   optim={"lr": 1e-2, "schedule": "constant", "warmup_steps": 0, "max_steps": 10,
+                          "micro_batch_size": 4})
     probe = launch(2, cfg, tmp_path)
     info = probe["info"]
     assert_partitioned(info, ("security_vector", "trainable", "frozen"))  # frozen = the 4-bit base
     losses = probe["losses"]
-    assert losses[-1] < losses[0] - 0.05, losses
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1, losses
     final = tmp_path / "run" / "final"
     assert (final / "adapter_model.safetensors").exists()
     from safetensors.torch import load_file
@@ -184,6 +186,7 @@ def test_zero3_qlora_nf4_two_ranks(tiny_world, random_vector, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(str(tiny_world.model_dir), dtype=torch.bfloat16,
                                                 quantization_config=q, device_map={"": "cpu"})
     model = PeftModel.from_pretrained(base, str(final))
+    model.train()  # as in ds_probe.py: bitsandbytes' CPU eval path repacks 4-bit weights (fails below 64 columns)
     ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29, 33, 37]])
     with torch.no_grad():
         mine = model(input_ids=ids).logits.float()
