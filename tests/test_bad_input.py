@@ -230,13 +230,9 @@ data_case("non-utf8-jsonl", "latin1.jsonl", jsonl(GOOD_ROWS[:1]).encode() + b'{"
 data_case("row-missing-field-jsonl", "rows.jsonl", jsonl(ROW2_NO_RESPONSE), ["row 2", "'response'"])
 data_case("malformed-json-line", "rows.jsonl", jsonl(GOOD_ROWS[:1]) + '{"prompt": "a", "response": \n',
           ["row 2", "not valid JSON"])
-data_case("unknown-columns", "rows.jsonl", jsonl([{"question": "a", "answer": "b"}]), ["match no known row shape"])
-data_case("empty-csv", "empty.csv", "", ["is empty"])
-data_case("non-utf8-csv", "rows.csv", b"prompt,response\nwhat is 1 plus 2,3 .\ncaf\xe9,x\n", ["row 3", "not UTF-8"])
 data_case("row-missing-field-csv", "rows.csv", "prompt,response\nwhat is 1 plus 2,3 .\nwhat is 2 plus 2\n",
           ["row 2", "'response'"])
 data_case("row-missing-field-json", "rows.json", json.dumps(ROW2_NO_RESPONSE), ["row 2", "'response'"])
-data_case("corrupt-parquet", "rows.parquet", b"PAR1 this is not a parquet file", ["cannot be read as parquet"])
 data_case("row-missing-field-parquet", "rows.parquet",
           parquet([GOOD_ROWS[0], {"prompt": "what is 2 plus 2", "response": None}]), ["row 2", "'response'"])
 # rows longer than data.max_length are truncated (the response is cut, counted and logged: the
@@ -259,6 +255,10 @@ READER_CASES = [
     ("rows.json", '[{"prompt": "a", "response": "b"},\n', ["line 2", "not valid JSON"]),
     ("rows.json", '[{"prompt": "a", "response": "b"}, 3]', ["row 2", "JSON object"]),
     ("empty.parquet", "", ["is empty"]),
+    ("rows.jsonl", jsonl([{"question": "a", "answer": "b"}]), ["match no known row shape"]),
+    ("empty.csv", "", ["is empty"]),
+    ("rows.csv", b"prompt,response\nwhat is 1 plus 2,3 .\ncaf\xe9,x\n", ["row 3", "not UTF-8"]),
+    ("rows.parquet", b"PAR1 this is not a parquet file", ["cannot be read as parquet"]),
     ("rows.parquet", parquet([{"question": "a"}]), ["match no known row shape"]),
     ("rows.jsonl", jsonl([{"messages": [{"role": "user", "content": "a"}]}]), ["row 1", "assistant"]),
 ]
@@ -276,6 +276,23 @@ def test_data_reader_errors_name_file_and_row(tmp_path, filename, content, must)
         load_samples([str(path)])
     msg = str(e.value)
     assert "\n" not in msg and str(path) in msg and all(m in msg for m in must), msg
+
+
+def test_long_rows_truncated_or_dropped_and_named(env, tmp_path):
+    """The design: a response that does not fit is cut (counted); a row whose prompt alone fills
+    data.max_length is dropped, counted and named in the logged report, the rest trains."""
+    from transformers import AutoTokenizer
+
+    from dist_secvec.config import DataConfig
+    from dist_secvec.data import load_samples, tokenize_samples
+
+    path = write(tmp_path / "mixed.jsonl", jsonl([GOOD_ROWS[0], {"prompt": "what is 1 plus 2 " * 8, "response": "3 ."},
+                                                  {"prompt": "what is 2 plus 2", "response": "4 . " * 20}]))
+    ts = tokenize_samples(AutoTokenizer.from_pretrained(str(env.model)), load_samples([str(path)]),
+                          DataConfig(max_length=16))
+    assert (len(ts.examples), ts.n_truncated, ts.n_dropped) == (2, 1, 1)
+    report = ts.report("train data")
+    assert "1 of 3 truncated" in report and f"1 dropped (prompt alone exceeds data.max_length: '{path}' row 2)" in report
 
 
 def test_good_rows_in_every_format_load(tmp_path):
@@ -379,6 +396,13 @@ def to_pickle_adapter(v: Path) -> None:
     (v / "adapter_model.safetensors").unlink()
 
 
+def to_pickle_adapter_from(src: Path, dst: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(src / "adapter_model.safetensors")), str(dst / "adapter_model.bin"))
+
+
 def flip_last_byte(b: bytes) -> bytes:
     return b[:-1] + bytes([b[-1] ^ 0x01])
 
@@ -430,6 +454,30 @@ def _(d: Path, e: Env) -> Spec:
     write(d / "out" / "config.json", "{}\n")
     return Spec(["export", f"export.checkpoint={e.model}", f"output_dir={d / 'out'}"],
                 ["'output_dir'", "not empty", "new directory"])
+
+
+@case("export-pickle-model")
+def _(d: Path, e: Env) -> Spec:
+    to_pickle(d / "final", e.model)
+    return Spec(["export", f"export.checkpoint={d / 'final'}", f"output_dir={d / 'out'}"],
+                ["'export.checkpoint'", "pytorch_model.bin", "pickle", "only safetensors"])
+
+
+@case("export-pickle-adapter")
+def _(d: Path, e: Env) -> Spec:
+    final = d / "run" / "final"  # the run directory is given: final/ is found inside it
+    final.mkdir(parents=True)
+    shutil.copy(e.vector / "adapter_config.json", final)
+    to_pickle_adapter_from(e.vector, final)
+    return Spec(["export", f"export.checkpoint={d / 'run'}", f"output_dir={d / 'out'}", f"model.path={e.model}"],
+                ["'export.checkpoint'", "adapter_model.bin", "pickle", "safe_serialization=True"])
+
+
+@case("export-truncated-model")
+def _(d: Path, e: Env) -> Spec:
+    copy_model(d / "final", e.model, model__safetensors=lambda b: b[:-100])
+    return Spec(["export", f"export.checkpoint={d / 'final'}", f"output_dir={d / 'out'}"],
+                ["'export.checkpoint'", "model.safetensors' is corrupted", "truncated"])
 
 
 # ---- the disk fills up during a save
@@ -564,7 +612,7 @@ def test_bad_input(name, results):
 
 def test_every_input_kind_is_covered():
     kinds = {name.split("-")[0] for name in CASES}
-    assert {"yaml", "override", "data", "model", "vector", "output", "disk", "hostfile", "make"} <= kinds
+    assert {"yaml", "override", "data", "model", "vector", "output", "export", "disk", "hostfile", "make"} <= kinds
 
 
 # ---------------------------------------------------------------------------------------------
