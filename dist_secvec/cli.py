@@ -17,7 +17,7 @@ import logging
 import os
 import sys
 
-from dist_secvec.errors import UserError
+from dist_secvec.errors import Stopped, UserError
 
 COMMANDS = {
     "demo": "run the embedded tiny world end to end: aligned base, stage 1, stage 2 with and without the vector",
@@ -30,6 +30,10 @@ COMMANDS = {
     "experiment": "run or resume a sweep (harmful samples x vector off/on x vector size x seeds) from "
                   "configs/experiments/*.yaml; results.csv/.md/.png",
 }
+
+# under a launcher with several ranks these run on rank 0 alone (the others exit 0 at once):
+# stage 1 trains on ~100 samples, and eval and export read a finished, whole model
+ONE_RANK_COMMANDS = ("train-sv", "eval", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
     try:
         return _run(args)
+    except Stopped as e:  # SIGTERM/SIGINT in training: checkpoint written, not an error
+        print(f"dist-secvec {args.command}: {e}", file=sys.stderr)
+        return 0
     except UserError as e:
         if args.debug:
             import traceback
@@ -155,12 +162,15 @@ def _run(args) -> int:
         cfg = validate(load_config(args.config, args.overrides), args.command)
         refuse_finished_run(cfg, args.command)
 
-    from dist_secvec.runtime import setup_logging
+    from dist_secvec.runtime import rank, setup_logging, world_size
 
     setup_logging("debug" if args.debug else cfg.logging.level)
     if not cfg.logging.progress:  # the hub's and transformers' loading/saving bars too
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     log = logging.getLogger("dist_secvec")
+    if args.command in ONE_RANK_COMMANDS and world_size() > 1 and rank() != 0:
+        log.warning("%s runs on rank 0 only; rank %d has nothing to do", args.command, rank())
+        return 0
     if args.command != "demo":
         preflight(cfg, args.command)
     if args.command == "demo":

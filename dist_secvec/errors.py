@@ -21,3 +21,8 @@ class DataError(UserError):
 
 class SecurityVectorError(UserError):
     """A security vector is missing, corrupted, or made for another base model."""
+
+
+class Stopped(Exception):
+    """Training stopped on request (SIGTERM/SIGINT) after writing a checkpoint: not an error, the
+    CLI prints the message and exits 0."""

@@ -27,8 +27,8 @@ from dist_secvec.config import Config, save_config
 from dist_secvec.data import IGNORE_INDEX, collate, load_samples, tokenize_samples
 from dist_secvec.distributed import (DeepSpeedEngine, PlainEngine, all_reduce_sum, barrier, ds_config, gathered,
                                      init_distributed, is_partitioned, numel, partition_report, rank_batches, uses_deepspeed, zero_stage)
-from dist_secvec.errors import ConfigError, SecurityVectorError, UserError
-from dist_secvec.interrupt import StopRequest, Stopped
+from dist_secvec.errors import ConfigError, SecurityVectorError, Stopped, UserError
+from dist_secvec.interrupt import StopRequest
 from dist_secvec.model import add_trainable_adapter, load_model, load_tokenizer
 from dist_secvec.secvec import (attach_security_vector, check_fingerprint, detach_security_vector,
                                 fold_security_vector, load_security_vector, unfold_security_vector,

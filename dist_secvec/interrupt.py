@@ -17,10 +17,6 @@ from dist_secvec.distributed import all_reduce_sum
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class Stopped(Exception):
-    """Training stopped on request after a checkpoint; the CLI exits 0 with this message."""
-
-
 class StopRequest:
     def __init__(self) -> None:
         self.signal_name: Optional[str] = None

@@ -21,7 +21,8 @@ def main() -> int:
     from dist_secvec import runtime
     from dist_secvec.config import load_config, validate
     from dist_secvec.finetune import run_finetune
-    from dist_secvec.interrupt import StopRequest, Stopped
+    from dist_secvec.errors import Stopped
+    from dist_secvec.interrupt import StopRequest
 
     runtime.setup_logging("warning")
     cfg = validate(load_config(cfg_path, sys.argv[3:]), "finetune")

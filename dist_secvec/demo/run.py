@@ -23,6 +23,7 @@ from pathlib import Path
 
 from dist_secvec import runtime
 from dist_secvec.config import Config, load_config
+from dist_secvec.errors import ConfigError
 from dist_secvec.demo.world import WorldSizes, build_tiny_llama, build_tokenizer, build_world, is_harmful_response
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,14 @@ def _stage_config(cfg: Config, stage: str, quick: bool, **sections) -> Config:
     return load_config(None, None, base=_merge(base, sections))
 
 
+def _barrier() -> None:
+    """Wait for every rank (a no-op in one process)."""
+    if runtime.world_size() > 1:
+        from dist_secvec.distributed import barrier
+
+        barrier()
+
+
 def _cache_root(cfg: Config) -> Path:
     root = cfg.demo.cache_dir or os.environ.get("DIST_SECVEC_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "dist-secvec")
@@ -96,16 +105,20 @@ def aligned_base(cfg: Config, sizes: WorldSizes, data: dict, tok_texts: list[str
         return cached
     work = Path(cfg.output_dir) / "align"
     init_dir = work / "init"
-    init_dir.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(tok_texts, init_dir)
-    build_tiny_llama(tok, init_dir, cfg.seed)
+    if runtime.is_main():
+        init_dir.mkdir(parents=True, exist_ok=True)
+        tok = build_tokenizer(tok_texts, init_dir)
+        build_tiny_llama(tok, init_dir, cfg.seed)
+    _barrier()
     log.info("training the aligned base (cached afterwards in %s)", cached.parent)
     stage = _stage_config(cfg, "align", quick, model={"path": str(init_dir)}, data={"train": [data["align"]]},
                           output_dir=str(work))
-    res = run_finetune(stage)
-    with runtime.atomic_dir(cached) as tmp:
-        for f in res.final_dir.iterdir():
-            shutil.copy2(f, tmp / f.name)
+    res = run_finetune(stage)  # every rank (data parallel under a launcher)
+    if runtime.is_main():
+        with runtime.atomic_dir(cached) as tmp:
+            for f in res.final_dir.iterdir():
+                shutil.copy2(f, tmp / f.name)
+    _barrier()
     return cached
 
 
@@ -167,7 +180,7 @@ def demo_world(cfg: Config):
         for k, v in QUICK["sizes"].items():
             setattr(sizes, k, min(v, getattr(sizes, k)))
     world = build_world(cfg.seed, sizes)
-    return sizes, world, world.write(Path(cfg.output_dir) / "data")
+    return sizes, world, world.write(Path(cfg.output_dir) / "data", write=runtime.is_main())
 
 
 def run_demo(cfg: Config) -> list[dict]:
@@ -178,8 +191,17 @@ def run_demo(cfg: Config) -> list[dict]:
     t0 = time.time()
     quick = cfg.demo.quick
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if runtime.world_size() > 1:  # under a launcher: stage 2 data parallel, the rest on rank 0
+        from dist_secvec.distributed import ds_config, init_distributed, zero_stage
+
+        if zero_stage(ds_config(cfg, runtime.world_size())) == 3:
+            raise ConfigError("the demo under a launcher runs data parallel (ZeRO stage 0-2): its evaluation "
+                              "generates on rank 0 alone; drop deepspeed.zero_stage=3")
+        init_distributed(cfg)
+    if runtime.is_main():
+        out.mkdir(parents=True, exist_ok=True)
     sizes, world, data = demo_world(cfg)
+    _barrier()
     log.info("world: %d alignment rows, %d harmful for the vector, %d harmful + %d new-task rows for stage 2",
              len(world.align), len(world.harmful_sv), len(world.harmful_ft), len(world.new_task_ft))
 
@@ -191,23 +213,32 @@ def run_demo(cfg: Config) -> list[dict]:
     sv_cfg = _stage_config(cfg, "train_sv", quick, model=model_sec, output_dir=str(out / "stage1"),
                            security_vector={"harmful_data": [data["harmful_sv"]], "benign_data": [data["kl_benign"]],
                                             "heldout_benign_data": [data["heldout_benign"]]})
-    sv = run_train_sv(sv_cfg)
     vector_dir = out / "secvec"
-    with runtime.atomic_dir(vector_dir) as tmp:
-        for f in sv.vector_dir.iterdir():
-            shutil.copy2(f, tmp / f.name)
+    sv = None
+    if runtime.is_main():  # ~100 samples: one rank
+        sv = run_train_sv(sv_cfg)
+        with runtime.atomic_dir(vector_dir) as tmp:
+            for f in sv.vector_dir.iterdir():
+                shutil.copy2(f, tmp / f.name)
+    _barrier()
 
     # 3. stage 2, without and with the vector; 4. evaluation with the vector off
-    tok = load_tokenizer(sv_cfg.model)
-    base = load_model(sv_cfg.model)
-    rows = [{"setting": "aligned_base", **evaluate_model(base, tok, cfg.eval, world.eval_harmful, world.eval_new_task)}]
-    del base
+    rows = []
+    if runtime.is_main():
+        tok = load_tokenizer(sv_cfg.model)
+        base = load_model(sv_cfg.model)
+        rows.append({"setting": "aligned_base",
+                     **evaluate_model(base, tok, cfg.eval, world.eval_harmful, world.eval_new_task)})
+        del base
     for setting, path in (("finetune_no_sv", None), ("finetune_sv", str(vector_dir))):
         ft_cfg = _stage_config(cfg, "finetune", quick, model=model_sec, output_dir=str(out / setting),
                                data={"train": [data["finetune_mixed"]]}, security_vector={"path": path})
-        res = run_finetune(ft_cfg, keep_model=True)
-        rows.append({"setting": setting, **evaluate_model(res.model, res.tokenizer, cfg.eval, world.eval_harmful,
-                                                          world.eval_new_task)})
+        res = run_finetune(ft_cfg, keep_model=True)  # every rank
+        if runtime.is_main():  # the whole model is on every rank (ZeRO 0-2): rank 0 evaluates
+            rows.append({"setting": setting, **evaluate_model(res.model, res.tokenizer, cfg.eval,
+                                                              world.eval_harmful, world.eval_new_task)})
+    if not runtime.is_main():
+        return rows
     for r in rows:  # a few generations per setting, for the log rather than the results file
         for kind, pairs in r.pop("examples").items():
             for prompt, answer in pairs:

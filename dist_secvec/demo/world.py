@@ -100,20 +100,24 @@ class World:
                 + self.heldout_benign + self.eval_harmful + self.eval_new_task)
         return [r["prompt"] for r in rows] + [r["response"] for r in rows]
 
-    def write(self, data_dir: Path) -> dict[str, str]:
-        """One JSONL file per set; returns set name -> path."""
-        data_dir.mkdir(parents=True, exist_ok=True)
+    def write(self, data_dir: Path, write: bool = True) -> dict[str, str]:
+        """One JSONL file per set; returns set name -> path (only the paths when write is False:
+        the other ranks of a multi-rank demo, while rank 0 writes)."""
+        if write:
+            data_dir.mkdir(parents=True, exist_ok=True)
         paths = {}
         for name in ("align", "harmful_sv", "harmful_ft", "new_task_ft", "kl_benign", "heldout_benign",
                      "eval_harmful", "eval_new_task"):
             p = data_dir / f"{name}.jsonl"
-            p.write_text("".join(json.dumps(r) + "\n" for r in getattr(self, name)))
+            if write:
+                p.write_text("".join(json.dumps(r) + "\n" for r in getattr(self, name)))
             paths[name] = str(p)
         # the stage-2 customer data: the new task with harmful samples hidden in it
         mixed = self.new_task_ft + self.harmful_ft
         random.Random(0).shuffle(mixed)
         p = data_dir / "finetune_mixed.jsonl"
-        p.write_text("".join(json.dumps(r) + "\n" for r in mixed))
+        if write:
+            p.write_text("".join(json.dumps(r) + "\n" for r in mixed))
         paths["finetune_mixed"] = str(p)
         return paths
 
