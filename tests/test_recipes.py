@@ -238,12 +238,17 @@ def test_ds_json_valid_and_stage(path):
 
 @pytest.mark.parametrize("path", DS_JSONS, ids=lambda p: p.name)
 def test_ds_json_parses_in_deepspeed_after_filling_autos(path):
+    """The trainer's own filling (dist_secvec.distributed.ds_config), then DeepSpeed's parser."""
     ds_config = pytest.importorskip("deepspeed.runtime.config")
-    cfg = json.loads(path.read_text())
-    cfg.update({"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "gradient_clipping": 1.0})
-    cfg["bf16"]["enabled"], cfg["fp16"]["enabled"] = True, False
+    from dist_secvec.config import load_config
+    from dist_secvec.distributed import ds_config as run_ds_config
+
+    run = load_config(None, [f"deepspeed.config={path}", "model.dtype=bfloat16", "optim.micro_batch_size=4",
+                             "optim.gradient_accumulation_steps=2"])
+    cfg = run_ds_config(run, world_size=1)
+    assert not list(autos(cfg))
     parsed = ds_config.DeepSpeedConfig(cfg)
-    assert int(parsed.zero_optimization_stage) == cfg["zero_optimization"]["stage"]
+    assert int(parsed.zero_optimization_stage) == json.loads(path.read_text())["zero_optimization"]["stage"]
     assert parsed.bfloat16_config.enabled and parsed.gradient_accumulation_steps == 2
     if cfg["zero_optimization"]["stage"] == 3:
         assert parsed.zero_config.gather_16bit_weights_on_model_save
