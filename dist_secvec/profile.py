@@ -12,13 +12,23 @@ Outputs in output_dir: profile.json, profile.md and profile_*.png.
 Model FLOPs are counted by hand (not by torch's FLOP counters, which count a full backward for
 frozen weights); `flops_formula` in profile.json spells the count out.
 
-Single process only: per-rank figures are lists of length runtime.world_size() and totals sum
-them, but gathering them across DeepSpeed ranks is not implemented yet (world_size > 1 is
-refused with a clear error).
+Any launcher, any number of ranks: when the job runs under DeepSpeed (`deepspeed.zero_stage` or
+`deepspeed.config` set, or WORLD_SIZE > 1) the job is built as `finetune` builds it
+(init_distributed, ds_config, HfDeepSpeedConfig while a 16-bit base loads under ZeRO-3, no folding
+under ZeRO-3, DeepSpeedEngine) and every rank times its own steps of finetune's loop (rank_batches,
+token counts all-reduced, engine forward/backward/step). Rank 0 gathers every rank's figures
+(all_gather_object) and writes the report: total and per-rank tokens/s, step times (a step of the
+job takes as long as its slowest rank), peak memory per rank, and the parameter bytes each rank
+holds (held_numel x element size: its ZeRO-3 partition, or the whole tensor) next to the whole
+model's bytes (the 1-rank figure). Communication time comes from DeepSpeed's wall-clock timers
+(`wall_clock_breakdown` is switched on for the profile): the gradient reduce of each backward
+(`bwd_allreduce_microstep`); ZeRO-3's parameter all-gathers run inside forward/backward and are
+not split out. One plain process reports comm_time_s null.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -37,7 +47,10 @@ from torch import nn
 from dist_secvec import runtime
 from dist_secvec.config import Config, validate
 from dist_secvec.data import IGNORE_INDEX, collate, endless_batches, load_samples, tokenize_samples
-from dist_secvec.errors import UserError
+from dist_secvec.distributed import (DeepSpeedEngine, PlainEngine, all_reduce_sum, barrier, ds_config, held_numel,
+                                     init_distributed, is_partitioned, numel, partition_report, rank_batches,
+                                     uses_deepspeed, zero_stage)
+from dist_secvec.errors import ConfigError, UserError
 from dist_secvec.finetune import fold_choice
 from dist_secvec.model import add_trainable_adapter, load_model, load_tokenizer, unwrap_base
 from dist_secvec.secvec import (attach_security_vector, check_fingerprint, fold_security_vector,
@@ -70,11 +83,36 @@ class Job:
     cfg: Config
     vector_mode: str  # off | attached | folded
     backend: Optional[str] = None
+    engine: Any = None  # PlainEngine or DeepSpeedEngine (finetune's engine interface)
+    ds: Optional[dict] = None  # the DeepSpeed config when the job runs under DeepSpeed
+    hf_ds: Any = None  # HfDeepSpeedConfig kept alive with a ZeRO-3 16-bit model
+
+    @property
+    def zero_stage(self) -> Optional[int]:
+        return None if self.ds is None else zero_stage(self.ds)
+
+
+def profile_ds_config(cfg: Config) -> dict:
+    """The run's DeepSpeed config with DeepSpeed's wall-clock timers on (communication time)."""
+    ds = ds_config(cfg, runtime.world_size())
+    if os.environ.get("DIST_SECVEC_PROFILE_DS_TIMERS", "1") != "0":
+        ds["wall_clock_breakdown"] = True
+    return ds
 
 
 def build_job(cfg: Config, n_steps: int, vector: str = "configured", tok=None, examples=None) -> Job:
     """finetune's setup. vector: configured (as stage 2 would run: fold or attach) | off |
-    torch | triton (attached on that path, never folded)."""
+    torch | triton (attached on that path, never folded). Under DeepSpeed (uses_deepspeed) the
+    model is loaded, partitioned and wrapped as finetune does it; every rank must call this."""
+    use_ds = uses_deepspeed(cfg)
+    ds = hf_ds = None
+    if use_ds:
+        init_distributed(cfg)
+        ds = profile_ds_config(cfg)
+        if zero_stage(ds) == 3 and cfg.model.quantization == "int8":
+            raise ConfigError("config keys 'model.quantization=int8' and ZeRO stage 3: 8-bit bases train wrong "
+                              "under ZeRO-3; use model.quantization=nf4 or ZeRO stage 2")
+    stage = zero_stage(ds) if ds else None
     runtime.seed_everything(cfg.seed)
     device = pick_device()
     if tok is None:
@@ -82,13 +120,17 @@ def build_job(cfg: Config, n_steps: int, vector: str = "configured", tok=None, e
     if examples is None:
         examples = tokenize_samples(tok, load_samples(cfg.data.train, cfg.data.format, cfg.data.split,
                                                       cfg.data.max_samples), cfg.data).examples
+    if stage == 3 and cfg.model.quantization == "none":
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds = HfDeepSpeedConfig(ds)  # from_pretrained partitions while loading (as in finetune)
     model = load_model(cfg.model, device, for_training=True)
     model = add_trainable_adapter(model, cfg.adapter)
     sv_layers, folded, mode, backend = [], [], "off", None
     if cfg.security_vector.path and vector != "off":
         sv = load_security_vector(cfg.security_vector.path)
         check_fingerprint(sv, model, cfg.model.path)
-        fold = fold_choice(cfg)[0] if vector == "configured" else False
+        fold = fold_choice(cfg)[0] if vector == "configured" and stage != 3 else False
         if fold:
             folded, mode = fold_security_vector(model, sv), "folded"
         else:
@@ -99,8 +141,15 @@ def build_job(cfg: Config, n_steps: int, vector: str = "configured", tok=None, e
     if any(id(p) in sv_ids for p in params):
         raise RuntimeError("security vector parameters are trainable")
     optimizer, scheduler = build_optimizer(params, cfg.optim, n_steps)
+    if use_ds:
+        engine = DeepSpeedEngine(model, params, optimizer, scheduler, ds)
+        if sv_ids & engine.optimizer_param_ids():
+            raise RuntimeError("security vector parameters are in the DeepSpeed optimizer")
+        model = engine.module
+    else:
+        engine = PlainEngine(model, params, optimizer, scheduler, cfg.optim.max_grad_norm)
     return Job(model, optimizer, scheduler, params, sv_layers, folded, device, tok.pad_token_id, examples, cfg,
-               mode, backend)
+               mode, backend, engine, ds, hf_ds)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,8 +160,44 @@ def tensor_bytes(t: Optional[torch.Tensor]) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
+def held_bytes(p: torch.Tensor) -> int:
+    """Bytes of p this rank holds: held_numel (its ZeRO-3 partition, or the whole tensor) x the
+    element size."""
+    t = p.ds_tensor if is_partitioned(p) else p
+    return held_numel(p) * t.element_size()
+
+
+def whole_bytes(p: torch.Tensor) -> int:
+    """Bytes of the whole parameter (what one rank without ZeRO-3 holds)."""
+    t = p.ds_tensor if is_partitioned(p) else p
+    return numel(p) * t.element_size()
+
+
+def resident_bytes(p: torch.Tensor) -> int:
+    """Bytes of p resident on this rank right now: its partition plus whatever is gathered in
+    p.data (ZeRO-3 keeps parameters under stage3_param_persistence_threshold whole on every rank)."""
+    return tensor_bytes(p.data) + (tensor_bytes(p.ds_tensor) if is_partitioned(p) else 0)
+
+
 def param_bytes(model) -> int:
-    return sum(tensor_bytes(p) for p in model.parameters())
+    """Parameter bytes this rank holds (ZeRO-3: its partitions)."""
+    return sum(held_bytes(p) for p in model.parameters())
+
+
+def zero_grad_bytes(zero_optimizer) -> int:
+    """Gradient bytes a ZeRO optimizer keeps outside p.grad: ZeRO-3's flat buffer of this rank's
+    gradient partitions, or ZeRO-1/2's averaged gradient partitions; 0 for a plain optimizer."""
+    buf = getattr(zero_optimizer, "grad_partitions_flat_buffer", None)
+    if isinstance(buf, torch.Tensor):
+        return tensor_bytes(buf)
+    total = 0
+    avg = getattr(zero_optimizer, "averaged_gradients", None)
+    if isinstance(avg, dict):
+        for v in avg.values():
+            total += sum(tensor_bytes(t) for t in (v or []) if isinstance(t, torch.Tensor))
+    for t in getattr(zero_optimizer, "single_partition_of_fp32_groups", None) or []:
+        total += tensor_bytes(t.grad)
+    return total
 
 
 def grad_bytes(model) -> int:
@@ -135,6 +220,13 @@ def vector_tensors(sv_layers: list, folded: list) -> list[torch.Tensor]:
     out = [t for layer in sv_layers for t in (layer.secvec_A, layer.secvec_B)]
     out += [f.linear.weight for f in folded]
     return out
+
+
+def master_param_bytes(optimizer, model) -> int:
+    """Bytes of the tensors the torch optimizer steps that are not the model's parameters: the
+    fp32 master partitions a ZeRO optimizer hands it (0 in a plain run)."""
+    ids = {id(p) for p in model.parameters()}
+    return sum(tensor_bytes(p) for g in optimizer.param_groups for p in g["params"] if id(p) not in ids)
 
 
 def secvec_grad_bytes(sv_layers: list, folded: list) -> int:
@@ -179,8 +271,8 @@ def flops_per_token(model, seq_len: float, sv_layers: list, folded: list) -> tup
     delta = 0
     for layer in sv_layers:
         if layer.active:
-            r, k = layer.secvec_A.shape
-            delta += 4 * r * (k + layer.secvec_B.shape[0])
+            r, k = getattr(layer.secvec_A, "ds_shape", layer.secvec_A.shape)  # ZeRO-3: the whole shape
+            delta += 4 * r * (k + getattr(layer.secvec_B, "ds_shape", layer.secvec_B.shape)[0])
     total = 4 * frozen + 6 * trainable + attn + delta
     formula = (
         "flops_per_token = 4*P_frozen + 6*P_trainable + 12*n_layers*seq_len*n_heads*head_dim "
@@ -218,66 +310,114 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
+COMM_TIMER = "bwd_allreduce_microstep"  # deepspeed.utils.timer.BACKWARD_REDUCE_MICRO_TIMER
+
+
+def _comm_seconds(engine) -> Optional[float]:
+    """The gradient reduce time of the micro-step DeepSpeed just finished (its wall-clock timer,
+    refreshed at every engine.step); None without DeepSpeed or with its timers off."""
+    if not getattr(engine, "deepspeed", False):
+        return None
+    cache = getattr(engine.engine, "engine_timers_cache", None) or {}
+    ms = cache.get(COMM_TIMER)
+    return None if ms is None else ms / 1000.0
+
+
 def run_steps(job: Job, steps: int, warmup: int, trace_path: Optional[Path] = None) -> dict:
     """warmup + steps optimizer steps of finetune's loop, each phase timed; returns per-step records
-    and the memory figures measured from the tensors."""
-    cfg, dev, model = job.cfg, job.device, job.model
+    and the memory figures measured from the tensors (this rank's)."""
+    cfg, dev, model, eng = job.cfg, job.device, job.model, job.engine
+    if eng is None:  # a Job built by hand: the plain engine over its optimizer
+        eng = job.engine = PlainEngine(model, job.params, job.optimizer, job.scheduler, cfg.optim.max_grad_norm)
+    use_ds = job.ds is not None
+    rank, world = (runtime.rank(), runtime.world_size()) if use_ds else (0, 1)
     ga = cfg.optim.gradient_accumulation_steps
     gen = torch.Generator().manual_seed(cfg.seed)
-    micro = endless_batches(job.examples, cfg.optim.micro_batch_size, gen, cfg.data.shuffle)
+    if use_ds:
+        micro = rank_batches(job.examples, cfg.optim.micro_batch_size, rank, world, gen, cfg.data.shuffle)
+    else:
+        micro = endless_batches(job.examples, cfg.optim.micro_batch_size, gen, cfg.data.shuffle)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     model.train()
     records, mem = [], {"grad_bytes": 0, "secvec_grad_bytes": 0}
+    zero_opt = eng.engine.optimizer if use_ds else None
+    ds_logger = logging.getLogger("DeepSpeed")
+    ds_level = ds_logger.level
+    ds_logger.setLevel(max(ds_level, logging.WARNING))  # wall_clock_breakdown logs every micro-step
     prof = None
-    for step in range(warmup + steps):
-        if step == warmup and trace_path is not None:
-            prof = torch.profiler.profile(record_shapes=False)
-            prof.__enter__()
-        pc = time.perf_counter
-        _sync(dev)
-        t = pc()
-        group = [to_device(collate(next(micro), job.pad_id), dev) for _ in range(ga)]
-        counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group]
-        _sync(dev)
-        rec = {"data": pc() - t, "forward": 0.0, "backward": 0.0}
-        n_tokens = max(sum(counts), 1)
-        for b, n in zip(group, counts):
-            t = pc()
-            loss = model(**b).loss
+    try:
+        for step in range(warmup + steps):
+            if step == warmup and trace_path is not None:
+                prof = torch.profiler.profile(record_shapes=False)
+                prof.__enter__()
+            pc = time.perf_counter
             _sync(dev)
-            rec["forward"] += pc() - t
             t = pc()
-            (loss * (n / n_tokens)).backward()
+            group = [to_device(collate(next(micro), job.pad_id), dev) for _ in range(ga)]
+            counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group]
+            # every optimizer step averages over the label tokens of the global batch (all ranks)
+            n_tokens = max(sum(all_reduce_sum([float(sum(counts))])) if use_ds else sum(counts), 1)
             _sync(dev)
-            rec["backward"] += pc() - t
-        if not math.isfinite(loss.item()):
-            raise RuntimeError(f"loss is {loss.item()} at profile step {step + 1}")
-        mem["grad_bytes"] = max(mem["grad_bytes"], grad_bytes(model))
-        mem["secvec_grad_bytes"] = max(mem["secvec_grad_bytes"], secvec_grad_bytes(job.sv_layers, job.folded))
-        t = pc()
-        if cfg.optim.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(job.params, cfg.optim.max_grad_norm)
-        job.optimizer.step()
-        job.scheduler.step()
-        job.optimizer.zero_grad(set_to_none=True)
-        _sync(dev)
-        rec["optimizer"] = pc() - t
-        rec["step"] = sum(rec[p] for p in PHASES)
-        rec["tokens_padded"] = sum(int(b["input_ids"].numel()) for b in group)
-        rec["tokens_nonpad"] = sum(int(b["attention_mask"].sum()) for b in group)
-        rec["tokens_loss"] = sum(counts)
-        rec["seq_len"] = statistics.mean(int(b["input_ids"].shape[1]) for b in group)
-        if step >= warmup:
-            records.append(rec)
+            rec = {"data": pc() - t, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+            comm: Optional[float] = 0.0 if use_ds else None
+            for i, (b, n) in enumerate(zip(group, counts)):
+                t = pc()
+                if n:
+                    loss = eng(**b).loss
+                else:  # no label token: every rank still runs the forward (as in finetune)
+                    loss = eng(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.sum() * 0
+                _sync(dev)
+                rec["forward"] += pc() - t
+                t = pc()
+                eng.backward(loss * (n * world / n_tokens))
+                _sync(dev)
+                rec["backward"] += pc() - t
+                if i < ga - 1:
+                    t = pc()
+                    eng.step(boundary=False)  # DeepSpeed counts micro-steps; a no-op for the plain engine
+                    _sync(dev)
+                    rec["optimizer"] += pc() - t
+                    c = _comm_seconds(eng)
+                    comm = None if c is None or comm is None else comm + c
+            if not math.isfinite(loss.item()):
+                raise RuntimeError(f"loss is {loss.item()} at profile step {step + 1}")
+            mem["grad_bytes"] = max(mem["grad_bytes"], grad_bytes(model) + (zero_grad_bytes(zero_opt) if use_ds else 0))
+            mem["secvec_grad_bytes"] = max(mem["secvec_grad_bytes"], secvec_grad_bytes(job.sv_layers, job.folded))
+            t = pc()
+            eng.step(boundary=True)  # clip + optimizer step + schedule + zero_grad (ZeRO: its step)
+            _sync(dev)
+            rec["optimizer"] += pc() - t
+            if use_ds:
+                c = _comm_seconds(eng)
+                comm = None if c is None or comm is None else comm + c
+            rec["comm"] = comm
+            rec["step"] = sum(rec[p] for p in PHASES)
+            rec["tokens_padded"] = sum(int(b["input_ids"].numel()) for b in group)
+            rec["tokens_nonpad"] = sum(int(b["attention_mask"].sum()) for b in group)
+            rec["tokens_loss"] = sum(counts)
+            rec["seq_len"] = statistics.mean(int(b["input_ids"].shape[1]) for b in group)
+            if step >= warmup:
+                records.append(rec)
+    finally:
+        ds_logger.setLevel(ds_level)
     if prof is not None:
         prof.__exit__(None, None, None)
         prof.export_chrome_trace(str(trace_path))
+    params = list(model.parameters())
     mem["param_bytes"] = param_bytes(model)
+    mem["param_bytes_whole"] = sum(whole_bytes(p) for p in params)
+    mem["param_bytes_resident"] = sum(resident_bytes(p) for p in params)
     mem["optimizer_state_bytes"] = optimizer_state_bytes(job.optimizer)
+    mem["optimizer_master_bytes"] = master_param_bytes(job.optimizer, model)
     mem["secvec_optimizer_bytes"] = secvec_optimizer_bytes(job.optimizer, job.sv_layers, job.folded)
-    mem["secvec_param_bytes"] = sum(tensor_bytes(t) for layer in job.sv_layers
-                                    for t in (layer.secvec_A, layer.secvec_B))
+    if use_ds:  # a vector tensor in a ZeRO optimizer's partitioned groups: its fp32 master + 2 moments
+        ids = {id(t) for t in vector_tensors(job.sv_layers, job.folded)}
+        owned = [p for p in params if id(p) in ids and id(p) in eng.optimizer_param_ids()]
+        if owned:
+            log.error("%d security vector tensors are in the DeepSpeed optimizer", len(owned))
+        mem["secvec_optimizer_bytes"] += sum(3 * 4 * held_numel(p) for p in owned)
+    mem["secvec_param_bytes"] = sum(held_bytes(t) for layer in job.sv_layers for t in (layer.secvec_A, layer.secvec_B))
     mem["peak"] = peak_memory(dev)
     return {"records": records, "memory": mem}
 
@@ -290,27 +430,51 @@ def spread(values: list[float]) -> dict:
 
 
 def gather(value: Any) -> list:
-    """One value per rank. Single process: [value]; DeepSpeed multi-rank is not implemented yet."""
+    """One value per rank, in rank order, on every rank (all_gather_object); [value] in one process.
+    Collective under several ranks: every rank calls it at the same point."""
+    import torch.distributed as dist
+
     ws = runtime.world_size()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        out: list = [None] * dist.get_world_size()
+        dist.all_gather_object(out, value)
+        return out
     if ws == 1:
         return [value]
-    raise UserError(f"dist-secvec profile: WORLD_SIZE={ws}, but multi-rank (DeepSpeed) profiling is not "
-                    "implemented yet; run it as a single process")
+    raise UserError(f"dist-secvec profile: WORLD_SIZE={ws} but no process group was joined; start every rank "
+                    "through a launcher (launch/deepspeed.sh, launch/torchrun.sh)")
 
 
 def summarize(job: Job, result: dict) -> dict:
+    """This rank's figures, with the per-step times kept for the aggregation over ranks."""
     recs = result["records"]
-    step = spread([r["step"] for r in recs])
     total_time = sum(r["step"] for r in recs)
     tps = {k: sum(r[f"tokens_{k}"] for r in recs) / total_time for k in ("padded", "nonpad", "loss")}
     seq_len = statistics.mean(r["seq_len"] for r in recs)
     fpt, formula, parts = flops_per_token(job.model, seq_len, job.sv_layers, job.folded)
-    return {"step_time_s": step["median"], "step_time": step,
-            "phases": {p: spread([r[p] for r in recs]) for p in PHASES},
+    return {"step_times": [r["step"] for r in recs], "phase_times": {p: [r[p] for r in recs] for p in PHASES},
+            "comm_times": [r["comm"] for r in recs],
             "tokens_per_s_rank": tps, "flops_per_token": fpt, "flops_formula": formula, "flops_parts": parts,
             "achieved_flops_per_s_rank": fpt * tps["padded"], "memory": result["memory"],
             "tokens_per_step": {k: statistics.mean(r[f"tokens_{k}"] for r in recs)
                                 for k in ("padded", "nonpad", "loss")}}
+
+
+def aggregate(ranks: list[dict]) -> dict:
+    """The job's figures from every rank's summary: a step of the job lasts as long as its slowest
+    rank (per step, max over ranks, then median/spread over steps); tokens per step summed."""
+    r0 = ranks[0]
+    per_step = lambda key: [max(v) for v in zip(*(r[key] for r in ranks))]  # noqa: E731
+    step = spread(per_step("step_times"))
+    phases = {p: spread([max(v) for v in zip(*(r["phase_times"][p] for r in ranks))]) for p in PHASES}
+    comm = None
+    if all(c is not None for r in ranks for c in r["comm_times"]):
+        comm = spread([max(v) for v in zip(*(r["comm_times"] for r in ranks))])
+    return {"step_time_s": step["median"], "step_time": step, "phases": phases, "comm": comm,
+            "step_time_s_per_rank": [statistics.median(r["step_times"]) for r in ranks],
+            "flops_per_token": r0["flops_per_token"], "flops_formula": r0["flops_formula"],
+            "flops_parts": r0["flops_parts"],
+            "tokens_per_step": {k: sum(r["tokens_per_step"][k] for r in ranks) for k in ("padded", "nonpad", "loss")}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,10 +489,12 @@ def default_job_config(cfg: Config) -> Config:
 
     quick = cfg.demo.quick
     out = Path(cfg.output_dir)
-    sizes, world, data = demo_world(cfg)
-    base_dir = aligned_base(cfg, sizes, data, world.texts(), quick)
+    sizes, world, data = demo_world(cfg)  # written by rank 0
+    barrier()
+    base_dir = aligned_base(cfg, sizes, data, world.texts(), quick)  # every rank (data parallel) or the cache
     vec_dir = _cache_root(cfg) / f"secvec-{base_dir.name}"
-    if not (vec_dir / "secvec.json").exists():
+    # rank 0 decides and trains the ~100-sample stage 1 alone; the others wait at the barrier
+    if gather(not (vec_dir / "secvec.json").exists())[0] and runtime.is_main():
         log.info("no cached stage-1 vector for %s: training a short one", base_dir.name)
         sv_cfg = _stage_config(cfg, "train_sv", quick, model={"path": str(base_dir)}, output_dir=str(out / "stage1"),
                                optim={"epochs": 5},
@@ -340,15 +506,31 @@ def default_job_config(cfg: Config) -> Config:
         with runtime.atomic_dir(vec_dir) as tmp:
             for f in sv.vector_dir.iterdir():
                 shutil.copy2(f, tmp / f.name)
+    barrier()
     log.info("profiling the demo's stage-2 job: base %s, vector %s", base_dir, vec_dir)
     return _stage_config(cfg, "finetune", quick, model={"path": str(base_dir)}, output_dir=str(out),
                          data={"train": [data["finetune_mixed"]]}, security_vector={"path": str(vec_dir)})
 
 
+def _measure(cfg: Config, vector: str, steps: int, warmup: int, tok, examples,
+             trace_path: Optional[Path] = None, with_partition: bool = False) -> tuple[list[dict], Job]:
+    """Build the job, run its steps on every rank; every rank's summary (gathered) and this rank's job."""
+    job = build_job(cfg, steps + warmup, vector, tok, examples)
+    mine = summarize(job, run_steps(job, steps, warmup, trace_path))
+    if with_partition:
+        sv_ids = {id(t) for t in vector_tensors(job.sv_layers, [])}
+        mine["partition"] = partition_report({
+            "security_vector": [p for p in job.model.parameters() if id(p) in sv_ids], "trainable": job.params,
+            "frozen": [p for p in job.model.parameters() if not p.requires_grad and id(p) not in sv_ids]})[0]
+    return gather(mine), job
+
+
 def run_profile(cfg: Config, default_job: bool = False) -> dict:
-    gather(None)  # refuses multi-rank before anything is loaded
+    if runtime.world_size() > 1 or uses_deepspeed(cfg):
+        init_distributed(cfg)  # before the demo's world and cache: they wait for rank 0 at barriers
     if default_job:
         cfg = default_job_config(cfg)
+        barrier()
     validate(cfg, "finetune")
     steps, warmup = cfg.profile.steps, cfg.profile.warmup
     if steps < 1 or warmup < 0:
@@ -360,12 +542,15 @@ def run_profile(cfg: Config, default_job: bool = False) -> dict:
                                                   cfg.data.max_samples), cfg.data).examples
     if not examples:
         raise UserError("profile: no training examples left after tokenization")
+    rank = runtime.rank()
 
-    # the configured job, fully measured
-    job = build_job(cfg, steps + warmup, "configured", tok, examples)
-    main = summarize(job, run_steps(job, steps, warmup, out / "trace.json" if cfg.profile.trace else None))
-    main_mode, main_backend = job.vector_mode, job.backend
-    dev = job.device
+    # the configured job, fully measured on every rank
+    trace = None
+    if cfg.profile.trace:
+        trace = out / ("trace.json" if rank == 0 else f"trace_rank{rank}.json")
+    ranks, job = _measure(cfg, "configured", steps, warmup, tok, examples, trace, with_partition=True)
+    main = aggregate(ranks)
+    main_mode, main_backend, dev, stage = job.vector_mode, job.backend, job.device, job.zero_stage
     del job
 
     # the vector's overhead: the same job with the vector off, on the torch path, on the Triton path
@@ -380,18 +565,18 @@ def run_profile(cfg: Config, default_job: bool = False) -> dict:
                 continue
             if v == "triton":
                 try:
-                    import dist_secvec_kernels.secvec_delta  # noqa: F401
+                    importlib.import_module("dist_secvec_kernels.secvec_delta")
                 except Exception as e:  # no usable triton
                     variants[v] = {"step_time_ratio": None, "reason": f"triton unavailable: {type(e).__name__}: {e}"}
                     continue
             saved = os.environ.pop("DIST_SECVEC_BACKEND", None)  # the variant names its path itself
             try:
-                vjob = build_job(cfg, steps + warmup, "off" if v == "no_vector" else v, tok, examples)
-                s = summarize(vjob, run_steps(vjob, steps, warmup))
+                vranks, vjob = _measure(cfg, "off" if v == "no_vector" else v, steps, warmup, tok, examples)
             finally:
                 if saved is not None:
                     os.environ["DIST_SECVEC_BACKEND"] = saved
             del vjob
+            s = aggregate(vranks)
             variants[v] = {"step_time_s": s["step_time_s"], "step_time": s["step_time"],
                            "phases": {p: s["phases"][p]["median"] for p in PHASES},
                            "flops_per_token": s["flops_per_token"]}
@@ -401,28 +586,45 @@ def run_profile(cfg: Config, default_job: bool = False) -> dict:
                 rec["step_time_ratio"] = rec["step_time_s"] / base_t
         variants["configured"] = {"step_time_s": main["step_time_s"], "step_time_ratio": main["step_time_s"] / base_t,
                                   "mode": main_mode, "backend": main_backend}
+        fshare = main["flops_parts"]["secvec_delta"] / main["flops_per_token"] if main["flops_per_token"] else None
+        variants["configured"]["secvec_flop_share"] = fshare
+        if fshare:  # the target: overhead at most 1.5x the delta's FLOP share
+            variants["configured"]["overhead_over_flop_share"] = (main["step_time_s"] / base_t - 1) / fshare
 
-    # aggregation over ranks (single process for now)
-    ws = runtime.world_size()
-    tps_rank = gather(main["tokens_per_s_rank"])
-    mem = main["memory"]
-    peak = mem["peak"]
-    peak_bytes = peak.get("max_allocated", peak.get("max_rss"))
-    accounted = mem["param_bytes"] + mem["grad_bytes"] + mem["optimizer_state_bytes"]
+    # aggregation over ranks
+    ws = len(ranks)
+    tps_rank = [r["tokens_per_s_rank"] for r in ranks]
+    mems = [r["memory"] for r in ranks]
+    peaks = [m["peak"] for m in mems]
+    mem, peak = mems[0], peaks[0]
+    peak_bytes = [p.get("max_allocated", p.get("max_rss")) for p in peaks]
+    accounted = mem["param_bytes"] + mem["grad_bytes"] + mem["optimizer_state_bytes"] + mem["optimizer_master_bytes"]
     activation = (peak["max_allocated"] - accounted) if peak["kind"] == "cuda" else None
     peak_f, peak_src = peak_flops(cfg, dev)
-    achieved = sum(gather(main["achieved_flops_per_s_rank"]))
+    achieved = sum(r["achieved_flops_per_s_rank"] for r in ranks)
+    per_rank_params = [m["param_bytes"] for m in mems]
+    whole = mem["param_bytes_whole"]
+    comm = main["comm"]
     report = {
         "world_size": ws,
+        "zero_stage": stage,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "job": {"model": cfg.model.path, "dtype": cfg.model.dtype, "quantization": cfg.model.quantization,
                 "adapter": cfg.adapter.type, "security_vector": cfg.security_vector.path, "vector_mode": main_mode,
                 "backend": main_backend, "micro_batch_size": cfg.optim.micro_batch_size,
                 "gradient_accumulation_steps": cfg.optim.gradient_accumulation_steps,
-                "max_length": cfg.data.max_length, "steps": steps, "warmup": warmup},
+                "max_length": cfg.data.max_length, "steps": steps, "warmup": warmup,
+                "deepspeed": stage is not None, "zero_stage": stage},
         "step_time_s": main["step_time_s"],
         "step_time": main["step_time"],
+        "step_time_s_per_rank": main["step_time_s_per_rank"],
         "phases": main["phases"],
+        "comm_time_s": None if comm is None else comm["median"],
+        "comm_time": comm,
+        "comm_time_source": (None if comm is None else
+                             "DeepSpeed wall_clock_breakdown timer bwd_allreduce_microstep summed over the step's "
+                             "micro-steps (gradient reduce after backward; ZeRO-3 parameter all-gathers are inside "
+                             "forward/backward and not split out); max over ranks"),
         "tokens_per_step": main["tokens_per_step"],
         "tokens_per_s": sum(r["nonpad"] for r in tps_rank),
         "tokens_per_s_per_rank": [r["nonpad"] for r in tps_rank],
@@ -434,27 +636,44 @@ def run_profile(cfg: Config, default_job: bool = False) -> dict:
         "flops_formula": main["flops_formula"],
         "flops_parts": main["flops_parts"],
         "achieved_flops_per_s": achieved,
-        "achieved_flops_note": "flops_per_token x padded tokens/s (padding is computed too)",
+        "achieved_flops_note": "flops_per_token x padded tokens/s (padding is computed too), summed over ranks",
         "peak_flops_per_s": peak_f,
         "peak_flops_source": peak_src,
         "mfu": achieved / (peak_f * ws) if peak_f else None,
-        "peak_memory_bytes": gather(peak_bytes),
+        "peak_memory_bytes": peak_bytes,
         "peak_memory_kind": peak["kind"],
-        "peak_reserved_bytes": gather(peak.get("max_reserved")),
+        "peak_reserved_bytes": [p.get("max_reserved") for p in peaks],
         "memory_breakdown": {"param_bytes": mem["param_bytes"], "grad_bytes": mem["grad_bytes"],
                              "optimizer_state_bytes": mem["optimizer_state_bytes"],
+                             "optimizer_master_bytes": mem["optimizer_master_bytes"],
                              "activation_bytes_estimate": activation,
                              "secvec_param_bytes": mem["secvec_param_bytes"]},
-        "secvec_grad_bytes": mem["secvec_grad_bytes"],
-        "secvec_optimizer_bytes": mem["secvec_optimizer_bytes"],
+        "param_bytes_per_rank": per_rank_params,
+        "param_bytes_whole": whole,
+        "param_memory_ratio": max(per_rank_params) / whole if whole else None,
+        "param_memory_note": ("bytes of parameters each rank holds (held_numel x element size: its ZeRO-3 "
+                              "partition, else the whole tensor); param_bytes_whole is the whole model, the "
+                              "1-rank figure; param_memory_ratio = max per-rank / whole"),
+        "param_bytes_resident_per_rank": [m["param_bytes_resident"] for m in mems],
+        "grad_bytes_per_rank": [m["grad_bytes"] for m in mems],
+        "optimizer_state_bytes_per_rank": [m["optimizer_state_bytes"] for m in mems],
+        "optimizer_master_bytes_per_rank": [m["optimizer_master_bytes"] for m in mems],
+        "partition": [r.get("partition") for r in ranks] if stage is not None else None,
+        "secvec_grad_bytes": sum(m["secvec_grad_bytes"] for m in mems),
+        "secvec_optimizer_bytes": sum(m["secvec_optimizer_bytes"] for m in mems),
+        "secvec_grad_bytes_per_rank": [m["secvec_grad_bytes"] for m in mems],
+        "secvec_optimizer_bytes_per_rank": [m["secvec_optimizer_bytes"] for m in mems],
         "secvec_overhead": variants or None,
         "secvec_overhead_reason": overhead_reason,
-        "multi_rank": "not implemented: single process only (DeepSpeed multi-rank is a later issue)",
+        "multi_rank": ("figures of every rank gathered by rank 0 (all_gather_object); step times: per step the "
+                       "slowest rank; tokens/s: summed over ranks" if ws > 1 else "single process"),
     }
-    write_report(out, report)
-    if report["secvec_grad_bytes"] or report["secvec_optimizer_bytes"]:
-        log.error("the security vector got gradients (%d B) or optimizer state (%d B)",
-                  report["secvec_grad_bytes"], report["secvec_optimizer_bytes"])
+    if runtime.is_main():
+        write_report(out, report)
+        if report["secvec_grad_bytes"] or report["secvec_optimizer_bytes"]:
+            log.error("the security vector got gradients (%d B) or optimizer state (%d B)",
+                      report["secvec_grad_bytes"], report["secvec_optimizer_bytes"])
+    barrier()
     return report
 
 
@@ -474,7 +693,8 @@ def _fmt_bytes(n: Optional[float]) -> str:
 def write_report(out: Path, r: dict) -> None:
     (out / "profile.json").write_text(json.dumps(r, indent=2) + "\n")
     ph = r["phases"]
-    lines = [f"# stage-2 profile ({r['device']}, world_size {r['world_size']})", "",
+    zs = "" if r.get("zero_stage") is None else f", DeepSpeed ZeRO-{r['zero_stage']}"
+    lines = [f"# stage-2 profile ({r['device']}, world_size {r['world_size']}{zs})", "",
              f"job: {r['job']}", "",
              "| metric | value |", "|---|---|",
              f"| step time (median, s) | {r['step_time_s']:.4f} [p25 {r['step_time']['p25']:.4f}, "
@@ -482,6 +702,7 @@ def write_report(out: Path, r: dict) -> None:
     for p in PHASES:
         lines.append(f"| {p} (median, s) | {ph[p]['median']:.4f} [p25 {ph[p]['p25']:.4f}, p75 {ph[p]['p75']:.4f}] |")
     mfu = r["mfu"]
+    comm = "n/a (no DeepSpeed timers)" if r["comm_time_s"] is None else f"{r['comm_time_s']:.4f}"
     lines += [f"| tokens/s non-pad (total; per rank) | {r['tokens_per_s']:.0f}; {r['tokens_per_s_per_rank']} |",
               f"| tokens/s with loss (total) | {r['loss_tokens_per_s']:.0f} |",
               f"| tokens/s incl. padding (total) | {r['padded_tokens_per_s']:.0f} |",
@@ -489,7 +710,11 @@ def write_report(out: Path, r: dict) -> None:
               f"| achieved FLOP/s | {r['achieved_flops_per_s']:.4g} |",
               f"| MFU | {'n/a (' + r['peak_flops_source'] + ')' if mfu is None else f'{100 * mfu:.2f}%'} |",
               f"| peak memory ({r['peak_memory_kind']}, per rank) | "
-              f"{', '.join(_fmt_bytes(b) for b in r['peak_memory_bytes'])} |"]
+              f"{', '.join(_fmt_bytes(b) for b in r['peak_memory_bytes'])} |",
+              f"| step time per rank (median, s) | {', '.join(f'{t:.4f}' for t in r['step_time_s_per_rank'])} |",
+              f"| communication (median, s) | {comm} |",
+              f"| parameter bytes held per rank | {', '.join(_fmt_bytes(b) for b in r['param_bytes_per_rank'])} "
+              f"(whole model {_fmt_bytes(r['param_bytes_whole'])}, ratio {r['param_memory_ratio']:.3f}) |"]
     for k, v in r["memory_breakdown"].items():
         lines.append(f"| {k} | {_fmt_bytes(v)} |")
     lines += [f"| secvec_grad_bytes (measured) | {r['secvec_grad_bytes']} |",
@@ -538,14 +763,27 @@ def plot_report(out: Path, r: dict) -> None:
     plt.close(fig)
 
     mb = r["memory_breakdown"]
+    ws = r["world_size"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), gridspec_kw={"width_ratios": [3, 2]})
     items = {"params": mb["param_bytes"], "grads": mb["grad_bytes"], "optimizer": mb["optimizer_state_bytes"],
+             "fp32 master": mb.get("optimizer_master_bytes") or 0,
              "activations (est.)": mb["activation_bytes_estimate"] or 0,
              f"peak ({r['peak_memory_kind']})": r["peak_memory_bytes"][0]}
-    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax = axes[0]
     ax.bar(list(items), [v / 2 ** 20 for v in items.values()], color="#1f77b4")
     ax.set_ylabel("MiB")
     ax.set_title("memory breakdown (rank 0)", fontsize=10)
-    ax.tick_params(axis="x", labelsize=8)
+    ax.tick_params(axis="x", labelsize=7)
+    ax = axes[1]
+    x = list(range(ws))
+    w = 0.4
+    ax.bar([i - w / 2 for i in x], [b / 2 ** 20 for b in r["peak_memory_bytes"]], w, label=f"peak ({r['peak_memory_kind']})")
+    ax.bar([i + w / 2 for i in x], [b / 2 ** 20 for b in r["param_bytes_per_rank"]], w, label="params held")
+    ax.axhline(r["param_bytes_whole"] / 2 ** 20, color="k", lw=0.8, ls="--", label="whole model params")
+    ax.set_xticks(x, [f"rank {i}" for i in x])
+    ax.set_ylabel("MiB")
+    ax.set_title("memory per rank", fontsize=10)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "profile_memory.png", dpi=110)
     plt.close(fig)
@@ -590,5 +828,6 @@ def cli_main(config: Optional[str], overrides: list[str], steps: Optional[int] =
               f"({r['loss_tokens_per_s']:.0f} with loss), {r['flops_per_token']:.4g} FLOPs/token, MFU {mfu}, "
               f"peak {r['peak_memory_kind']} {r['peak_memory_bytes'][0] / 2 ** 20:.0f} MiB, "
               f"secvec grad/optimizer bytes {r['secvec_grad_bytes']}/{r['secvec_optimizer_bytes']}; "
-              f"overhead vs no vector: {ratios or 'n/a'}; report: {Path(cfg.output_dir) / 'profile.md'}")
+              f"overhead vs no vector: {ratios or 'n/a'}; {r['world_size']} rank(s), parameter bytes per rank "
+              f"{r['param_memory_ratio']:.3f} of the whole model; report: {Path(cfg.output_dir) / 'profile.md'}")
     return 0

@@ -119,11 +119,11 @@ def test_cli_profile_on_tiny_world(tiny_world, random_vector, tmp_path):
         assert (out / name).stat().st_size > 0
 
 
-def test_profile_refuses_multi_rank(monkeypatch):
+def test_gather_needs_a_process_group_under_several_ranks(monkeypatch):
     from dist_secvec.errors import UserError
     from dist_secvec.profile import gather
 
     assert gather(3) == [3]
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(UserError, match="not implemented"):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a rank started by hand, no launcher: no process group
+    with pytest.raises(UserError, match="launcher"):
         gather(3)
