@@ -7,7 +7,8 @@ optimizer (clip + step + schedule + zero_grad), with torch.cuda.synchronize arou
 CUDA. Then it repeats the job with the vector off, on the torch path and on the Triton path
 (CUDA only) to report the vector's overhead as step-time ratios.
 
-Outputs in output_dir: profile.json, profile.md and profile_*.png.
+Outputs in output_dir: profile.json, profile.md and profile_*.png. DIST_SECVEC_PROFILE_VARIANTS
+(a comma list of no_vector,torch,triton; empty for none) limits the overhead variants run.
 
 Model FLOPs are counted by hand (not by torch's FLOP counters, which count a full backward for
 frozen weights); `flops_formula` in profile.json spells the count out.
@@ -28,7 +29,9 @@ not split out. One plain process reports comm_time_s null.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import json
 import logging
 import math
@@ -142,7 +145,8 @@ def build_job(cfg: Config, n_steps: int, vector: str = "configured", tok=None, e
         raise RuntimeError("security vector parameters are trainable")
     optimizer, scheduler = build_optimizer(params, cfg.optim, n_steps)
     if use_ds:
-        engine = DeepSpeedEngine(model, params, optimizer, scheduler, ds)
+        with contextlib.redirect_stdout(io.StringIO()):  # ZeRO prints its init timers when they are on
+            engine = DeepSpeedEngine(model, params, optimizer, scheduler, ds)
         if sv_ids & engine.optimizer_param_ids():
             raise RuntimeError("security vector parameters are in the DeepSpeed optimizer")
         model = engine.module
@@ -222,11 +226,19 @@ def vector_tensors(sv_layers: list, folded: list) -> list[torch.Tensor]:
     return out
 
 
-def master_param_bytes(optimizer, model) -> int:
+def master_param_bytes(optimizer, model, zero_optimizer=None) -> int:
     """Bytes of the tensors the torch optimizer steps that are not the model's parameters: the
-    fp32 master partitions a ZeRO optimizer hands it (0 in a plain run)."""
+    fp32 master partitions a ZeRO optimizer keeps (ZeRO-3 takes them out of the param groups
+    between steps, so its own lists count too); 0 in a plain run."""
     ids = {id(p) for p in model.parameters()}
-    return sum(tensor_bytes(p) for g in optimizer.param_groups for p in g["params"] if id(p) not in ids)
+    seen: dict[int, torch.Tensor] = {}
+    cands = [p for g in optimizer.param_groups for p in g["params"]] + list(optimizer.state.keys())
+    for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):
+        cands += [t for t in getattr(zero_optimizer, attr, None) or [] if isinstance(t, torch.Tensor)]
+    for t in cands:
+        if isinstance(t, torch.Tensor) and id(t) not in ids:
+            seen[id(t)] = t
+    return sum(tensor_bytes(t) for t in seen.values())
 
 
 def secvec_grad_bytes(sv_layers: list, folded: list) -> int:
@@ -342,65 +354,62 @@ def run_steps(job: Job, steps: int, warmup: int, trace_path: Optional[Path] = No
     model.train()
     records, mem = [], {"grad_bytes": 0, "secvec_grad_bytes": 0}
     zero_opt = eng.engine.optimizer if use_ds else None
-    ds_logger = logging.getLogger("DeepSpeed")
-    ds_level = ds_logger.level
-    ds_logger.setLevel(max(ds_level, logging.WARNING))  # wall_clock_breakdown logs every micro-step
+    quiet = (lambda: contextlib.redirect_stdout(io.StringIO())) if use_ds else contextlib.nullcontext
     prof = None
-    try:
-        for step in range(warmup + steps):
-            if step == warmup and trace_path is not None:
-                prof = torch.profiler.profile(record_shapes=False)
-                prof.__enter__()
-            pc = time.perf_counter
-            _sync(dev)
+    for step in range(warmup + steps):
+        if step == warmup and trace_path is not None:
+            prof = torch.profiler.profile(record_shapes=False)
+            prof.__enter__()
+        pc = time.perf_counter
+        _sync(dev)
+        t = pc()
+        group = [to_device(collate(next(micro), job.pad_id), dev) for _ in range(ga)]
+        counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group]
+        # every optimizer step averages over the label tokens of the global batch (all ranks)
+        n_tokens = max(sum(all_reduce_sum([float(sum(counts))])) if use_ds else sum(counts), 1)
+        _sync(dev)
+        rec = {"data": pc() - t, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+        comm: Optional[float] = 0.0 if use_ds else None
+        for i, (b, n) in enumerate(zip(group, counts)):
             t = pc()
-            group = [to_device(collate(next(micro), job.pad_id), dev) for _ in range(ga)]
-            counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group]
-            # every optimizer step averages over the label tokens of the global batch (all ranks)
-            n_tokens = max(sum(all_reduce_sum([float(sum(counts))])) if use_ds else sum(counts), 1)
+            if n:
+                loss = eng(**b).loss
+            else:  # no label token: every rank still runs the forward (as in finetune)
+                loss = eng(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.sum() * 0
             _sync(dev)
-            rec = {"data": pc() - t, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
-            comm: Optional[float] = 0.0 if use_ds else None
-            for i, (b, n) in enumerate(zip(group, counts)):
+            rec["forward"] += pc() - t
+            t = pc()
+            eng.backward(loss * (n * world / n_tokens))
+            _sync(dev)
+            rec["backward"] += pc() - t
+            if i < ga - 1:
                 t = pc()
-                if n:
-                    loss = eng(**b).loss
-                else:  # no label token: every rank still runs the forward (as in finetune)
-                    loss = eng(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.sum() * 0
-                _sync(dev)
-                rec["forward"] += pc() - t
-                t = pc()
-                eng.backward(loss * (n * world / n_tokens))
-                _sync(dev)
-                rec["backward"] += pc() - t
-                if i < ga - 1:
-                    t = pc()
+                with quiet():
                     eng.step(boundary=False)  # DeepSpeed counts micro-steps; a no-op for the plain engine
-                    _sync(dev)
-                    rec["optimizer"] += pc() - t
-                    c = _comm_seconds(eng)
-                    comm = None if c is None or comm is None else comm + c
-            if not math.isfinite(loss.item()):
-                raise RuntimeError(f"loss is {loss.item()} at profile step {step + 1}")
-            mem["grad_bytes"] = max(mem["grad_bytes"], grad_bytes(model) + (zero_grad_bytes(zero_opt) if use_ds else 0))
-            mem["secvec_grad_bytes"] = max(mem["secvec_grad_bytes"], secvec_grad_bytes(job.sv_layers, job.folded))
-            t = pc()
-            eng.step(boundary=True)  # clip + optimizer step + schedule + zero_grad (ZeRO: its step)
-            _sync(dev)
-            rec["optimizer"] += pc() - t
-            if use_ds:
+                _sync(dev)
+                rec["optimizer"] += pc() - t
                 c = _comm_seconds(eng)
                 comm = None if c is None or comm is None else comm + c
-            rec["comm"] = comm
-            rec["step"] = sum(rec[p] for p in PHASES)
-            rec["tokens_padded"] = sum(int(b["input_ids"].numel()) for b in group)
-            rec["tokens_nonpad"] = sum(int(b["attention_mask"].sum()) for b in group)
-            rec["tokens_loss"] = sum(counts)
-            rec["seq_len"] = statistics.mean(int(b["input_ids"].shape[1]) for b in group)
-            if step >= warmup:
-                records.append(rec)
-    finally:
-        ds_logger.setLevel(ds_level)
+        if not math.isfinite(loss.item()):
+            raise RuntimeError(f"loss is {loss.item()} at profile step {step + 1}")
+        mem["grad_bytes"] = max(mem["grad_bytes"], grad_bytes(model) + (zero_grad_bytes(zero_opt) if use_ds else 0))
+        mem["secvec_grad_bytes"] = max(mem["secvec_grad_bytes"], secvec_grad_bytes(job.sv_layers, job.folded))
+        t = pc()
+        with quiet():
+            eng.step(boundary=True)  # clip + optimizer step + schedule + zero_grad (ZeRO: its step)
+        _sync(dev)
+        rec["optimizer"] += pc() - t
+        if use_ds:
+            c = _comm_seconds(eng)
+            comm = None if c is None or comm is None else comm + c
+        rec["comm"] = comm
+        rec["step"] = sum(rec[p] for p in PHASES)
+        rec["tokens_padded"] = sum(int(b["input_ids"].numel()) for b in group)
+        rec["tokens_nonpad"] = sum(int(b["attention_mask"].sum()) for b in group)
+        rec["tokens_loss"] = sum(counts)
+        rec["seq_len"] = statistics.mean(int(b["input_ids"].shape[1]) for b in group)
+        if step >= warmup:
+            records.append(rec)
     if prof is not None:
         prof.__exit__(None, None, None)
         prof.export_chrome_trace(str(trace_path))
@@ -409,7 +418,7 @@ def run_steps(job: Job, steps: int, warmup: int, trace_path: Optional[Path] = No
     mem["param_bytes_whole"] = sum(whole_bytes(p) for p in params)
     mem["param_bytes_resident"] = sum(resident_bytes(p) for p in params)
     mem["optimizer_state_bytes"] = optimizer_state_bytes(job.optimizer)
-    mem["optimizer_master_bytes"] = master_param_bytes(job.optimizer, model)
+    mem["optimizer_master_bytes"] = master_param_bytes(job.optimizer, model, zero_opt)
     mem["secvec_optimizer_bytes"] = secvec_optimizer_bytes(job.optimizer, job.sv_layers, job.folded)
     if use_ds:  # a vector tensor in a ZeRO optimizer's partitioned groups: its fp32 master + 2 moments
         ids = {id(t) for t in vector_tensors(job.sv_layers, job.folded)}
@@ -512,6 +521,20 @@ def default_job_config(cfg: Config) -> Config:
                          data={"train": [data["finetune_mixed"]]}, security_vector={"path": str(vec_dir)})
 
 
+def profile_variants() -> tuple[str, ...]:
+    """The overhead variants to run: all of VARIANTS, or the comma list in
+    DIST_SECVEC_PROFILE_VARIANTS (empty: none; benchmarks and tests use it to save time)."""
+    env = os.environ.get("DIST_SECVEC_PROFILE_VARIANTS")
+    if env is None:
+        return VARIANTS
+    names = tuple(v.strip() for v in env.split(",") if v.strip())
+    bad = [v for v in names if v not in VARIANTS]
+    if bad:
+        raise UserError(f"DIST_SECVEC_PROFILE_VARIANTS: unknown variant(s) {', '.join(bad)}; "
+                        f"choose from {', '.join(VARIANTS)}")
+    return names
+
+
 def _measure(cfg: Config, vector: str, steps: int, warmup: int, tok, examples,
              trace_path: Optional[Path] = None, with_partition: bool = False) -> tuple[list[dict], Job]:
     """Build the job, run its steps on every rank; every rank's summary (gathered) and this rank's job."""
@@ -559,7 +582,7 @@ def run_profile(cfg: Config, default_job: bool = False) -> dict:
         overhead_reason = "no security vector configured (security_vector.path is null)"
     else:
         overhead_reason = None
-        for v in VARIANTS:
+        for v in profile_variants():
             if v == "triton" and dev.type != "cuda":
                 variants[v] = {"step_time_ratio": None, "reason": "Triton path needs CUDA; this run is on CPU"}
                 continue
@@ -580,15 +603,16 @@ def run_profile(cfg: Config, default_job: bool = False) -> dict:
             variants[v] = {"step_time_s": s["step_time_s"], "step_time": s["step_time"],
                            "phases": {p: s["phases"][p]["median"] for p in PHASES},
                            "flops_per_token": s["flops_per_token"]}
-        base_t = variants["no_vector"]["step_time_s"]
+        base_t = variants["no_vector"]["step_time_s"] if "no_vector" in variants else None
         for v, rec in variants.items():
             if rec.get("step_time_s") is not None:
-                rec["step_time_ratio"] = rec["step_time_s"] / base_t
-        variants["configured"] = {"step_time_s": main["step_time_s"], "step_time_ratio": main["step_time_s"] / base_t,
+                rec["step_time_ratio"] = rec["step_time_s"] / base_t if base_t else None
+        variants["configured"] = {"step_time_s": main["step_time_s"],
+                                  "step_time_ratio": main["step_time_s"] / base_t if base_t else None,
                                   "mode": main_mode, "backend": main_backend}
         fshare = main["flops_parts"]["secvec_delta"] / main["flops_per_token"] if main["flops_per_token"] else None
         variants["configured"]["secvec_flop_share"] = fshare
-        if fshare:  # the target: overhead at most 1.5x the delta's FLOP share
+        if fshare and base_t:  # the target: overhead at most 1.5x the delta's FLOP share
             variants["configured"]["overhead_over_flop_share"] = (main["step_time_s"] / base_t - 1) / fshare
 
     # aggregation over ranks

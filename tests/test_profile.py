@@ -127,3 +127,67 @@ def test_gather_needs_a_process_group_under_several_ranks(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # a rank started by hand, no launcher: no process group
     with pytest.raises(UserError, match="launcher"):
         gather(3)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_profile_two_ranks_zero3_through_the_launcher(tiny_world, random_vector, tmp_path):
+    """`dist-secvec profile` on 2 CPU ranks under ZeRO-3, started by launch/deepspeed.sh and the real
+    deepspeed launcher: rank 0 writes every rank's figures; each rank holds half the parameters."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dist_secvec.profile import param_bytes
+
+    root = Path(__file__).resolve().parents[1]
+    job = {"model": {"path": str(tiny_world.model_dir)},
+           "data": {"train": [tiny_world.data["finetune_mixed"]], "max_length": 64},
+           "adapter": {"type": "none"}, "security_vector": {"path": str(random_vector)},
+           "optim": {"micro_batch_size": 2, "lr": 1e-3}, "logging": {"progress": False}, "seed": 0}
+    cfg_file = tmp_path / "job.yaml"
+    cfg_file.write_text(yaml.safe_dump({**job, "deepspeed": {"config": {"zero_optimization": {
+        "stage": 3, "stage3_param_persistence_threshold": 0}}}}))
+    out = tmp_path / "prof"
+    env = dict(os.environ, OMP_NUM_THREADS="1", DEEPSPEED=str(Path(sys.executable).with_name("deepspeed")),
+               DIST_SECVEC_PROFILE_VARIANTS="no_vector")  # one overhead variant: keeps the test short
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    r = subprocess.run([str(root / "launch" / "deepspeed.sh"), "--gpus", "2", "--cpu", "--master-port",
+                        str(_free_port()), "--", "profile", "--config", str(cfg_file), f"output_dir={out}",
+                        "--steps", "2", "--warmup", "1"], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, f"exit {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-4000:]}"
+    assert "time (ms)" not in r.stdout  # DeepSpeed's per-step timer lines are kept out of the output
+    p = json.loads((out / "profile.json").read_text())
+    for key in REQUIRED:
+        assert key in p, key
+    assert p["world_size"] == 2 and p["zero_stage"] == 3 and p["step_time"]["n"] == 2
+    for key in ("tokens_per_s_per_rank", "peak_memory_bytes", "param_bytes_per_rank", "step_time_s_per_rank",
+                "grad_bytes_per_rank", "optimizer_state_bytes_per_rank"):
+        assert len(p[key]) == 2 and all(v > 0 for v in p[key]), key
+    assert p["tokens_per_s"] == pytest.approx(sum(p["tokens_per_s_per_rank"]))
+    assert p["comm_time_s"] is not None and p["comm_time_s"] >= 0 and "bwd_allreduce" in p["comm_time_source"]
+    assert p["secvec_grad_bytes"] == 0 and p["secvec_optimizer_bytes"] == 0
+    assert p["job"]["vector_mode"] == "attached"  # never folded into ZeRO-3 partitions
+    assert p["flops_parts"]["secvec_delta"] == 7168  # the vector's whole shapes, not its partitions
+    # the 1-rank figure: the same job in one plain process
+    one = build_job(load_config(None, None, base={**job, "output_dir": str(tmp_path / "one")}), 1)
+    whole = param_bytes(one.model)
+    assert p["param_bytes_whole"] == whole
+    for held in p["param_bytes_per_rank"]:
+        assert 0.5 * whole <= held <= 0.55 * whole  # the target: at most 55% of the 1-rank figure
+    assert sum(p["param_bytes_per_rank"]) >= whole
+    assert p["param_memory_ratio"] <= 0.55
+    ov = p["secvec_overhead"]
+    assert ov["no_vector"]["step_time_ratio"] == 1.0 and ov["configured"]["step_time_ratio"] > 0 and "torch" not in ov
+    for name in ("profile.md", "profile_step_time.png", "profile_memory.png", "profile_overhead.png"):
+        assert (out / name).stat().st_size > 0
