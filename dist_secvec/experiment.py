@@ -13,6 +13,10 @@ An experiment file holds
     data         real model only: benign_train (list), harmful_ft_pool, harmful_sv_pool, kl_benign
                  (list), heldout_benign (list); the first n rows of a pool are a run's harmful samples
     sweep        n_harmful_ft: [0, 100, ...], vector: [off, on], n_harmful_sv: [10, 50, 100], seeds: [0, 1]
+    launcher     optional: a command that starts stage 2 on several ranks, e.g.
+                 "launch/deepspeed.sh --gpus 8 --"; each run's stage 2 is then
+                 `<launcher> finetune --config runs/<id>/finetune.yaml` in its own processes (log in
+                 runs/<id>/finetune.log), and the trained model is loaded here for evaluation
 
 Each run: stage 1 (only with the vector on; one vector per (n_harmful_sv, seed), shared by every
 run that needs it), stage 2 on the benign task + n_harmful_ft harmful samples, then evaluation with
@@ -23,10 +27,10 @@ A run's id is a hash of its resolved config; runs/<id>/result.json exists only o
 finished, so rerunning the experiment skips finished runs and redoes unfinished ones. Outputs:
 results.csv (one row per run), results.md (mean and spread over seeds), results.png.
 
-Stages run in this process through run_train_sv / run_finetune (single process). For a real
-model each stage can instead be launched on its own with launch/deepspeed.sh once DeepSpeed
-support lands there (the run's config.yaml files under runs/<id>/ are ordinary run configs);
-cluster submission is not implemented here.
+Without `launcher`, stages run in this process through run_train_sv / run_finetune (one process).
+With it, stage 2 of every run goes through the launcher (DeepSpeed ZeRO, many GPUs or nodes);
+stage 1 (~100 samples) and evaluation stay in this process. Submitting each run as its own
+cluster job is not implemented here: run the experiment inside one allocation (launch/slurm.sbatch).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import json
 import logging
 import math
 import random
+import shlex
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -54,7 +59,7 @@ log = logging.getLogger(__name__)
 RESULT = "result.json"
 CSV_COLUMNS = ["n_harmful_ft", "vector", "n_harmful_sv", "seed", "harmful_rate", "harmful_ci_low",
                "harmful_ci_high", "utility", "n_eval", "run_id"]
-TOP_KEYS = ("output_dir", "world", "world_sizes", "base", "stages", "data", "sweep", "name")
+TOP_KEYS = ("output_dir", "world", "world_sizes", "base", "stages", "data", "sweep", "name", "launcher")
 STAGE_KEYS = ("train_sv", "finetune")
 DATA_KEYS = ("benign_train", "harmful_ft_pool", "harmful_sv_pool", "kl_benign", "heldout_benign")
 
@@ -78,6 +83,7 @@ class Experiment:
     data: dict = field(default_factory=dict)
     name: str = ""
     source: Optional[str] = None
+    launcher: list[str] = field(default_factory=list)  # command prefix for stage 2, [] = in process
 
 
 @dataclass(frozen=True)
@@ -184,9 +190,12 @@ def parse_experiment(data: Any, source: Optional[str] = None) -> Experiment:
         sweep.n_harmful_sv = _int_list(raw["n_harmful_sv"], "sweep.n_harmful_sv", minimum=1)
     if "seeds" in raw:
         sweep.seeds = _int_list(raw["seeds"], "sweep.seeds")
+    launcher = data.get("launcher")
+    if launcher is not None and (not isinstance(launcher, str) or not shlex.split(launcher)):
+        raise ConfigError("experiment key 'launcher': expected a command such as \"launch/deepspeed.sh --gpus 8 --\"")
     exp = Experiment(output_dir=data["output_dir"], base=base, sweep=sweep, world=world, world_sizes=sizes,
                      stages=stages, data=dsec, name=str(data.get("name") or Path(source or "experiment").stem),
-                     source=source)
+                     source=source, launcher=shlex.split(launcher) if launcher else [])
     if world is None:
         if not (base.get("model") or {}).get("path"):
             raise ConfigError("experiment key 'base.model.path': required without world: embedded")
@@ -366,6 +375,49 @@ def _finetune(cfg):
     return run_finetune(cfg, keep_model=True)
 
 
+def _launched_finetune(launcher: list[str], cfg, run_dir: Path):
+    """Stage 2 through the launcher in its own processes; then the trained model (base + adapter,
+    or the full model) loaded here, whole, for evaluation."""
+    import os
+    import subprocess
+
+    from dist_secvec.config import save_config
+    from dist_secvec.errors import UserError
+    from dist_secvec.finetune import FinetuneResult
+    from dist_secvec.model import load_model, load_tokenizer
+
+    cfg_path = run_dir / "finetune.yaml"
+    save_config(cfg, cfg_path)
+    log_path = run_dir / "finetune.log"
+    cmd = [*launcher, "finetune", "--config", str(cfg_path)]
+    log.info("launching: %s (log: %s)", " ".join(cmd), log_path)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    with open(log_path, "w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    final = Path(cfg.output_dir) / "final"
+    if rc != 0 or not (final / "dist_secvec_run.json").is_file():
+        tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or [""]
+        raise UserError(f"launched stage 2 of {run_dir.name} exited {rc} ({tail[0][:200]}); full log: {log_path}")
+    tok = load_tokenizer(cfg.model)
+    device = "cuda" if _cuda() else "cpu"
+    if (final / "adapter_config.json").is_file():  # the base as configured (4-bit too) + the LoRA
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(load_model(cfg.model, device=device), str(final))
+    else:  # the full fine-tuned model, in the run's dtype
+        model_cfg = copy.deepcopy(cfg.model)
+        model_cfg.path = str(final)
+        model = load_model(model_cfg, device=device)
+    model.eval()
+    return FinetuneResult(final, [], model, tok, json.loads((final / "dist_secvec_run.json").read_text()))
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _train_sv(cfg):
     from dist_secvec.train_sv import run_train_sv
 
@@ -382,7 +434,8 @@ def run_experiment(exp: Experiment) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "experiment.yaml").write_text(yaml.safe_dump(
         {"output_dir": exp.output_dir, "world": exp.world, "world_sizes": exp.world_sizes, "base": exp.base,
-         "stages": exp.stages, "data": exp.data, "sweep": dataclasses.asdict(exp.sweep)}, sort_keys=False))
+         "stages": exp.stages, "data": exp.data, "sweep": dataclasses.asdict(exp.sweep),
+         "launcher": shlex.join(exp.launcher) or None}, sort_keys=False))
     runs = plan_runs(exp)
     env = _Embedded(exp, out) if exp.world == "embedded" else _RealModel(exp, out)
     common = {"identity": env.identity, "base": exp.base, "stages": exp.stages}
@@ -426,7 +479,7 @@ def run_experiment(exp: Experiment) -> list[dict]:
             vector_path = vectors[sv_key]
         run_dir.mkdir(parents=True, exist_ok=True)
         ft_cfg = env.ft_config(spec.n_harmful_ft, spec.seed, vector_path, run_dir / "finetune")
-        res = _finetune(ft_cfg)
+        res = _launched_finetune(exp.launcher, ft_cfg, run_dir) if exp.launcher else _finetune(ft_cfg)
         metrics = env.evaluate(res.model, res.tokenizer, ft_cfg)
         del res
         row = {"n_harmful_ft": spec.n_harmful_ft, "vector": "on" if spec.vector else "off",

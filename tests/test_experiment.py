@@ -115,3 +115,30 @@ def test_shipped_embedded_study_parses():
     assert exp.world == "embedded" and exp.sweep.n_harmful_ft == [0, 100, 500, 1000]
     assert exp.sweep.vector == [False, True] and exp.sweep.n_harmful_sv == [10, 50, 100]
     assert json.dumps(experiment.plan_runs(exp)[0].__dict__)
+
+
+@pytest.mark.slow
+def test_sweep_through_the_deepspeed_launcher(tmp_path, monkeypatch):
+    """`launcher:` sends every run's stage 2 through launch/deepspeed.sh (2 CPU ranks here), loads the
+    trained model back for evaluation, and gives the same kind of result rows."""
+    import os
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).parents[1]
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    exp = tiny_experiment(tmp_path, n_harmful_ft=[20], vector=["on"])
+    exp["launcher"] = f"bash {repo / 'launch' / 'deepspeed.sh'} --gpus 2 --"
+    cfg_path = tmp_path / "exp.yaml"
+    cfg_path.write_text(yaml.safe_dump(exp))
+    monkeypatch.setattr(experiment, "_finetune", lambda cfg: pytest.fail("stage 2 ran in process"))
+    assert cli.main(["experiment", "--config", str(cfg_path)]) == 0
+    rows = read_csv(tmp_path / "exp" / "results.csv")
+    assert [(r["vector"], r["n_harmful_ft"]) for r in rows] == [("on", "20")]
+    for r in rows:
+        run = tmp_path / "exp" / "runs" / r["run_id"]
+        assert "DeepSpeed ZeRO-0 on 2 rank(s)" in (run / "finetune.log").read_text()
+        info = json.loads((run / "finetune" / "final" / "dist_secvec_run.json").read_text())
+        assert info["world_size"] == 2
+        assert 0 <= float(r["harmful_rate"]) <= 1 and 0 <= float(r["utility"]) <= 1 and r["n_eval"] == "10"
