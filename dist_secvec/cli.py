@@ -67,26 +67,29 @@ def main(argv: list[str] | None = None) -> int:
     local_rank = args.local_rank if args.local_rank is not None else args.launcher_local_rank
     if local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    # under a launcher every rank may report: say which one speaks
+    who = f"dist-secvec {args.command}" + (f" [rank {os.environ.get('RANK', '?')}]"
+                                           if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "")
     try:
         return _run(args)
     except Stopped as e:  # SIGTERM/SIGINT in training: checkpoint written, not an error
-        print(f"dist-secvec {args.command}: {e}", file=sys.stderr)
+        print(f"{who}: {e}", file=sys.stderr)
         return 0
     except UserError as e:
         if args.debug:
             import traceback
 
             traceback.print_exc()
-        print(f"dist-secvec {args.command}: error: {one_line(str(e))}", file=sys.stderr)
+        print(f"{who}: error: {one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print(f"dist-secvec {args.command}: interrupted", file=sys.stderr)
+        print(f"{who}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # a bug: say so in one line unless asked for the traceback
         if args.debug:
             raise
         first = (str(e).strip().splitlines() or [""])[0][:300]
-        print(f"dist-secvec {args.command}: internal error: {type(e).__name__}: {first} "
+        print(f"{who}: internal error: {type(e).__name__}: {first} "
               "(rerun with --debug for the traceback)", file=sys.stderr)
         return 1
 

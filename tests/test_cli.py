@@ -320,3 +320,17 @@ def test_finished_run_is_never_overwritten(tmp_path, command, marker):
     assert res.returncode == 2 and "already holds a finished" in res.stderr and "output_dir" in res.stderr
     assert (out / marker).read_text() == '{"steps": 10}\n'
     assert sorted(p.name for p in out.rglob("*")) == sorted([Path(marker).parent.name, Path(marker).name])
+
+
+def test_error_line_names_the_rank_under_a_launcher(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, WORLD_SIZE="2", RANK="1")
+    r = subprocess.run([sys.executable, "-m", "dist_secvec", "finetune", "--config", str(tmp_path / "none.yaml")],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"dist-secvec finetune [rank 1]: error: config file '{tmp_path / 'none.yaml'}' not found: "
+        "pass an existing YAML file to --config"]
