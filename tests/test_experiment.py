@@ -142,3 +142,38 @@ def test_sweep_through_the_deepspeed_launcher(tmp_path, monkeypatch):
         info = json.loads((run / "finetune" / "final" / "dist_secvec_run.json").read_text())
         assert info["world_size"] == 2
         assert 0 <= float(r["harmful_rate"]) <= 1 and 0 <= float(r["utility"]) <= 1 and r["n_eval"] == "10"
+
+
+def test_real_model_sweep_from_local_files(tiny_world, tmp_path):
+    """The real-model path (no `world:`): a model directory and data files on disk, as with
+    Llama-2 and the public datasets; here the tiny world's model and files stand in for them."""
+    d = tiny_world.data
+    exp = {
+        "output_dir": str(tmp_path / "exp"),
+        "base": {"seed": 0, "model": {"path": str(tiny_world.model_dir)},
+                 "adapter": {"type": "lora", "rank": 4, "alpha": 8},
+                 "data": {"max_length": 64},
+                 "security_vector": {"rank": 4, "alpha": 8, "kl_weight": 1.0},
+                 "eval": {"harmful_prompts": [d["eval_harmful"]], "benign_tasks": [d["eval_new_task"]],
+                          "judges": ["refusal"], "utility_match": "contains", "max_new_tokens": 8,
+                          "max_samples": 6},
+                 "logging": {"progress": False}},
+        "stages": {"train_sv": {"optim": {"lr": 1e-3, "max_steps": 3, "micro_batch_size": 4}},
+                   "finetune": {"optim": {"lr": 1e-3, "max_steps": 3, "micro_batch_size": 4}}},
+        "data": {"benign_train": [d["new_task_ft"]], "harmful_ft_pool": d["harmful_ft"],
+                 "harmful_sv_pool": d["harmful_sv"], "kl_benign": [d["kl_benign"]]},
+        "sweep": {"n_harmful_ft": [5], "vector": ["off", "on"], "n_harmful_sv": [8], "seeds": [0]},
+    }
+    cfg_path = tmp_path / "exp.yaml"
+    cfg_path.write_text(yaml.safe_dump(exp))
+    assert cli.main(["experiment", "--config", str(cfg_path)]) == 0
+    rows = read_csv(tmp_path / "exp" / "results.csv")
+    assert sorted(r["vector"] for r in rows) == ["off", "on"]
+    for r in rows:
+        assert r["n_eval"] == "6" and 0 <= float(r["harmful_rate"]) <= 1 and 0 <= float(r["utility"]) <= 1
+        run = tmp_path / "exp" / "runs" / r["run_id"]
+        assert (run / "finetune" / "final" / "adapter_model.safetensors").is_file()
+        assert len((run / "finetune" / "train_log.jsonl").read_text().splitlines()) >= 1
+    # the vector-on run trained on the first 8 rows of the harmful_sv pool
+    sv_rows = (tmp_path / "exp" / "data" / "harmful_sv_8.jsonl").read_text().splitlines()
+    assert sv_rows == open(d["harmful_sv"]).read().splitlines()[:8]
