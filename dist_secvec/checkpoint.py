@@ -61,12 +61,18 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _files_digest(files: dict) -> str:
+    """The manifest's own hash (of its file list, canonical JSON): a manifest edited or damaged
+    where it still parses (a name, a size, a hash) is refused as corrupted, naming manifest.json."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
 def write_manifest(d: Path) -> dict:
     files = {}
     for p in sorted(d.rglob("*")):
-        if p.is_file() and p.name != MANIFEST:
+        if p.is_file() and p.relative_to(d) != Path(MANIFEST):
             files[str(p.relative_to(d))] = {"size": p.stat().st_size, "sha256": _sha256(p)}
-    manifest = {"files": files}
+    manifest = {"files": files, "files_sha256": _files_digest(files)}
     (d / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
 
@@ -78,10 +84,17 @@ def verify_manifest(d: Path) -> None:
         raise CheckpointError(f"checkpoint '{d}' has no {MANIFEST}: it was not completely written; "
                               "resume from an earlier checkpoint (checkpoint.resume=DIR) or delete it")
     try:
-        files = json.loads(m.read_text())["files"]
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"checkpoint '{d}': {MANIFEST} is corrupted ({type(e).__name__}); "
+        manifest = json.loads(m.read_text())
+        files = manifest["files"]
+        ok = (isinstance(files, dict) and manifest["files_sha256"] == _files_digest(files)
+              and all(isinstance(w, dict) and isinstance(w.get("size"), int) and isinstance(w.get("sha256"), str)
+                      for w in files.values()))
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, OSError) as e:
+        raise CheckpointError(f"checkpoint '{d}': file '{MANIFEST}' is corrupted ({type(e).__name__}); "
                               "resume from an earlier checkpoint or delete this one")
+    if not ok:
+        raise CheckpointError(f"checkpoint '{d}': file '{MANIFEST}' is corrupted (its file list does not match "
+                              "its own sha256); resume from an earlier checkpoint or delete this one")
     for rel, want in files.items():
         p = d / rel
         if not p.is_file():
@@ -91,22 +104,50 @@ def verify_manifest(d: Path) -> None:
                                   f"{MANIFEST}); resume from an earlier checkpoint")
 
 
-def complete_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Finished checkpoints (with a manifest), oldest first."""
+def step_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Every `step_XXXXXXXX` directory (not the `.step_*.tmp` ones of a save in progress or killed),
+    oldest first."""
     d = checkpoints_dir(output_dir)
     if not d.is_dir():
         return []
-    found = [p for p in d.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / MANIFEST).is_file()]
+    found = [p for p in d.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Finished checkpoints (with a manifest), oldest first."""
+    return [p for p in step_checkpoints(output_dir) if (p / MANIFEST).is_file()]
+
+
+def remove_stale(output_dir: str | Path) -> None:
+    """Remove what a killed process left in output_dir/checkpoints: `.step_*.tmp` directories of a
+    save cut short and `.step_*.old` ones of a removal cut short. Rank 0, with no save running."""
+    d = checkpoints_dir(output_dir)
+    if d.is_dir():
+        for p in d.iterdir():
+            if p.name.startswith(".step_") and (p.name.endswith(".tmp") or p.name.endswith(".old")):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _remove(d: Path) -> None:
+    """Rename first, then delete: a kill mid-delete never leaves a `step_*` dir with files missing."""
+    gone = d.with_name(f".{d.name}.old")
+    d.rename(gone)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
 def resolve_resume(resume: Optional[str], output_dir: str | Path) -> Optional[Path]:
-    """checkpoint.resume: None -> start fresh; "latest" -> the newest complete checkpoint in
-    output_dir (None when there is none yet, so a requeued job can always pass it); a path."""
+    """checkpoint.resume: None -> start fresh; "latest" -> the newest checkpoint in output_dir (None
+    when there is none yet, so a requeued job can always pass it); a path. A `.step_*.tmp` dir (a
+    save cut short) is never a candidate; a `step_*` dir without its manifest is one, and is then
+    refused by the check in `load_checkpoint` (saves rename only complete directories into place,
+    so a missing manifest means a damaged checkpoint, not an unfinished one)."""
     if resume is None:
         return None
+    if runtime.is_main():
+        remove_stale(output_dir)
     if resume == "latest":
-        found = complete_checkpoints(output_dir)
+        found = step_checkpoints(output_dir)
         return found[-1] if found else None
     p = Path(os.path.expanduser(resume))
     if not p.is_dir():
@@ -157,8 +198,7 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, state: dict, keep
     final = root / step_dir_name(step)
     tmp = root / f".{final.name}.tmp"
     if runtime.is_main():
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        remove_stale(output_dir)
         tmp.mkdir(parents=True)
     barrier()
     try:
@@ -177,10 +217,10 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, state: dict, keep
             (tmp / STATE).write_text(json.dumps(dict(state, step=step), indent=1) + "\n")
             write_manifest(tmp)
             if final.exists():
-                shutil.rmtree(final)
+                _remove(final)
             tmp.rename(final)
             for old in complete_checkpoints(output_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                _remove(old)
     except OSError as e:
         if runtime.is_main():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -84,10 +84,7 @@ def _vector_digest(layers: list, sv_params: list) -> Optional[str]:
 def run_finetune(cfg: Config, keep_model: bool = False) -> FinetuneResult:
     # ---- setup: processes, tokenizer, data, model, trainable part, frozen vector, engine
     use_ds = uses_deepspeed(cfg)
-    if use_ds:
-        init_distributed(cfg)
-    rank, world = runtime.rank(), runtime.world_size()
-    ds = ds_config(cfg, world) if use_ds else None
+    ds = ds_config(cfg, runtime.world_size()) if use_ds else None  # bad JSON: refused before any process group
     stage = zero_stage(ds) if ds else None
     if stage == 3 and cfg.model.quantization == "int8":
         raise ConfigError("config keys 'model.quantization=int8' and ZeRO stage 3: 8-bit bases train wrong under "
@@ -95,6 +92,9 @@ def run_finetune(cfg: Config, keep_model: bool = False) -> FinetuneResult:
     if use_ds and cfg.optim.nonfinite == "skip":
         raise ConfigError("config key 'optim.nonfinite': skip is supported in single-process runs only; under "
                           "DeepSpeed use stop (the default) and resume from the last checkpoint")
+    if use_ds:
+        init_distributed(cfg)
+    rank, world = runtime.rank(), runtime.world_size()
     runtime.seed_everything(cfg.seed)
     device = pick_device()
     out = Path(cfg.output_dir)
@@ -171,8 +171,8 @@ def run_finetune(cfg: Config, keep_model: bool = False) -> FinetuneResult:
         out.mkdir(parents=True, exist_ok=True)  # only now: bad data or a bad vector leave nothing behind
         save_config(cfg, out / "config.yaml")
     log_path = out / "train_log.jsonl"
-    if runtime.is_main() and start == 0:
-        log_path.write_text("")
+    if runtime.is_main():
+        truncate_train_log(log_path, start)
 
     def checkpoint(step: int) -> None:
         if _vector_digest(sv_layers or folded, sv_params) != digest:  # stage-2 invariant at every checkpoint
@@ -268,6 +268,25 @@ def run_finetune(cfg: Config, keep_model: bool = False) -> FinetuneResult:
     model.eval()
     del hf_ds
     return FinetuneResult(final, losses, model if keep_model else None, tok if keep_model else None, info)
+
+
+def truncate_train_log(path: Path, start: int) -> None:
+    """train_log.jsonl holds exactly the steps 1..start before the loop runs: empty for a fresh
+    run; on resume the records of steps after the checkpoint (trained again now, by a run that was
+    killed after logging them) and a line cut short by the kill are dropped, so every step appears
+    once. Rewritten through a temporary file and a rename: a kill here leaves the old log."""
+    keep = []
+    if start > 0 and path.is_file():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the last line of a killed run, half written
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= start:
+                keep.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(keep))
+    tmp.replace(path)
 
 
 def gathered_state_dict(engine, adapter_only: bool) -> Optional[dict]:
