@@ -286,3 +286,28 @@ def test_rank_batches_two_ranks_split_the_one_rank_stream():
     for _ in range(3):
         next(again)
     assert [next(skipped) for _ in range(4)] == [next(again) for _ in range(4)]
+
+
+@pytest.mark.parametrize("overrides, msg", [
+    (["model.quantization=int8", "adapter.type=lora"], "8-bit bases train wrong under ZeRO-3"),
+    (["optim.nonfinite=skip"], "skip is supported in single-process runs only"),
+])
+def test_finetune_refuses_before_starting_processes(tiny_world, tmp_path, overrides, msg):
+    """ZeRO-3 from a DeepSpeed JSON (not only deepspeed.zero_stage) + int8, or the skip policy under
+    DeepSpeed: one-line errors before any process group or model exists."""
+    import json as _json
+
+    import torch.distributed as dist
+
+    from dist_secvec.config import load_config
+    from dist_secvec.errors import ConfigError
+    from dist_secvec.finetune import run_finetune
+
+    ds = tmp_path / "z3.json"
+    ds.write_text(_json.dumps({"zero_optimization": {"stage": 3}}))
+    cfg = load_config(None, [f"model.path={tiny_world.model_dir}", f"data.train={tiny_world.data['new_task_ft']}",
+                             f"deepspeed.config={ds}", f"output_dir={tmp_path / 'run'}", *overrides])
+    with pytest.raises(ConfigError, match=msg):
+        run_finetune(cfg)
+    assert not (dist.is_available() and dist.is_initialized())
+    assert not (tmp_path / "run").exists()
