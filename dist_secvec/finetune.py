@@ -117,10 +117,8 @@ def run_finetune(cfg: Config, keep_model: bool = False) -> FinetuneResult:
         sv = load_security_vector(cfg.security_vector.path)
         check_fingerprint(sv, model, cfg.model.path)
         fold, why = fold_choice(cfg)
-        if fold and stage == 3:
-            fold, why = False, "ZeRO-3 partitions the base weights"
         if fold:
-            folded = fold_security_vector(model, sv)
+            folded = fold_partitioned(model, sv) if stage == 3 else fold_security_vector(model, sv)
             log.info("security vector %s: folded into %d frozen base weights (%s), rank %d, scale %g",
                      sv.path, len(folded), why, sv.rank, sv.scale)
         else:
@@ -248,13 +246,17 @@ def run_finetune(cfg: Config, keep_model: bool = False) -> FinetuneResult:
     if folded:
         if any(f.linear.weight.grad is not None for f in folded):
             raise RuntimeError("a gradient was allocated for a base weight holding the folded security vector")
-        unfold_security_vector(model, folded)  # the original base weights, bit for bit
+        if stage == 3:
+            unfold_from_disk(folded, cfg.model.path)
+        else:
+            unfold_security_vector(model, folded)  # the original base weights, bit for bit
 
     # ---- save the trained model (or adapter), gathered from every rank, with no trace of the vector
     info = {"steps": steps, "final_loss": losses[-1] if losses else None, "n_examples": len(train.examples),
             "n_truncated": train.n_truncated, "n_dropped": train.n_dropped, "trainable_params": trainable,
             "security_vector": cfg.security_vector.path, "adapter": cfg.adapter.type,
-            "base_model": cfg.model.path, "world_size": world, "zero_stage": stage, "partition": partition}
+            "base_model": cfg.model.path, "world_size": world, "zero_stage": stage, "partition": partition,
+            "security_vector_mode": "folded" if folded else "attached" if sv_layers else None}
     final = out / "final"
     state_dict = gathered_state_dict(engine, cfg.adapter.type == "lora")
     if runtime.is_main():
@@ -287,6 +289,49 @@ def truncate_train_log(path: Path, start: int) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(keep))
     tmp.replace(path)
+
+
+def fold_partitioned(model, sv) -> list:
+    """Fold under ZeRO-3, where the base weights are already partitioned: one layer at a time, the
+    weight whole on every rank only while it changes (rank 0's result is partitioned again). No
+    copy of the original is kept (a whole model's worth per rank): `unfold_from_disk` reads it back
+    from the base's safetensors."""
+    import dataclasses
+
+    from dist_secvec.model import unwrap_base
+    from dist_secvec.secvec import _inner_linear
+
+    base = unwrap_base(model)
+    folded = []
+    for mod, AB in sv.weights.items():
+        weight = _inner_linear(base.get_submodule(mod)).weight
+        with gathered([weight], modifier_rank=0):
+            layer = fold_security_vector(model, dataclasses.replace(sv, weights={mod: AB}))[0]
+        layer.original = None
+        folded.append(layer)
+    return folded
+
+
+def unfold_from_disk(folded: list, model_path: str) -> None:
+    """Put the original base weights back under ZeRO-3, read from the model's safetensors and cast
+    as from_pretrained casts them (bit for bit the loaded weights)."""
+    from safetensors import safe_open
+
+    from dist_secvec.secvec import _safetensors_files, resolve_model_dir
+
+    files = _safetensors_files(resolve_model_dir(model_path) or "")
+    for t in folded:
+        key = f"{t.name}.weight"
+        if key not in files:
+            raise SecurityVectorError(f"cannot restore the original weight '{key}' from '{model_path}' after "
+                                      "folding; set security_vector.fold=false for this base")
+        with safe_open(files[key], framework="pt") as f:
+            original = f.get_tensor(key)
+        w = t.linear.weight
+        with gathered([w], modifier_rank=0):
+            with torch.no_grad():
+                w.copy_(original.to(w.dtype))
+        t.linear._secvec_folded = False
 
 
 def gathered_state_dict(engine, adapter_only: bool) -> Optional[dict]:

@@ -311,3 +311,29 @@ def test_finetune_refuses_before_starting_processes(tiny_world, tmp_path, overri
         run_finetune(cfg)
     assert not (dist.is_available() and dist.is_initialized())
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_zero3_lora_folds_the_vector_and_restores_the_base(tiny_world, random_vector, tmp_path):
+    """A LoRA on a frozen fp32 base under ZeRO-3: the vector is folded into the partitioned base
+    weights layer by layer, training follows the single-process fold run, and afterwards the base
+    holds its original weights again: the gathered model's logits equal the base from disk plus
+    the exported adapter (a base still holding the vector would differ)."""
+    import torch
+
+    cfg = base_cfg(tiny_world, random_vector, tmp_path, adapter={"type": "lora", "rank": 4, "alpha": 8},
+                   optim={"lr": 1e-2, "micro_batch_size": 2})
+    probe = launch(2, cfg, tmp_path)
+    assert probe["info"]["security_vector_mode"] == "folded" and probe["info"]["zero_stage"] == 3
+    torch.testing.assert_close(reload_logits(tmp_path / "run" / "final", tiny_world.model_dir, adapter=True),
+                               gathered_logits(tmp_path), rtol=1e-5, atol=1e-5)
+
+    from dist_secvec.config import load_config
+    from dist_secvec.finetune import run_finetune
+
+    plain = dict(cfg, deepspeed={}, output_dir=str(tmp_path / "plain"))
+    plain["optim"] = dict(cfg["optim"], micro_batch_size=4)
+    (tmp_path / "plain.yaml").write_text(yaml.safe_dump(plain))
+    res = run_finetune(load_config(str(tmp_path / "plain.yaml")))
+    assert res.info["security_vector_mode"] == "folded"
+    assert res.losses == pytest.approx(probe["losses"], rel=2e-5)
