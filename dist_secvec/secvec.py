@@ -9,7 +9,11 @@ model's fingerprint, the number of training samples, rank, alpha and targets.
 In stage 2 each targeted linear is wrapped in a `SecVecLinear` that owns A and B as frozen
 parameters (requires_grad False, so no .grad, no optimizer state) and applies the delta inside
 its own forward, where ZeRO-3 has gathered them. A trainable peft LoRA on the same layer sits
-outside the wrapper: peft's lora.Linear calls `base_layer(x)`, which is the SecVecLinear.
+outside the wrapper: peft's lora.Linear calls `base_layer(x)`, which is the SecVecLinear. There
+the peft layer's forward is replaced (per instance) by one that computes the vector's and the
+LoRA's shrinks in one pass over x (`apply_secvec_lora_delta`) whenever that gives what peft would
+(one plain LoRA adapter, no dropout in training, same dtypes, no autocast, ...) and calls peft's
+own forward otherwise; DIST_SECVEC_FUSE_LORA=0 turns the fused path off.
 When the base weights are frozen and unquantized (a LoRA on a 16/32-bit base), stage 2 folds
 s * B @ A into them once instead (`fold_security_vector`), and `unfold_security_vector` restores
 the original weights bit for bit.
@@ -22,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -30,7 +35,7 @@ import torch
 from torch import nn
 
 from dist_secvec.errors import SecurityVectorError
-from dist_secvec_kernels.dispatch import apply_secvec_delta
+from dist_secvec_kernels.dispatch import apply_secvec_delta, apply_secvec_lora_delta
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +43,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 META_FILE = "secvec.json"
 PEFT_PREFIX = "base_model.model."
+FUSE_LORA_ENV = "DIST_SECVEC_FUSE_LORA"
 
 
 class SecVecLinear(nn.Module):
@@ -48,6 +54,12 @@ class SecVecLinear(nn.Module):
         A: (r, in_features) shrink, B: (out_features, r) expand.
         scale: alpha / r.
         backend: "auto" | "torch" | "triton" (see dist_secvec_kernels.dispatch).
+
+    Under a peft LoRA layer (attach_security_vector puts it there) this forward usually does not
+    run: the LoRA layer's fused forward calls `base_layer.base_layer` and adds the vector and the
+    LoRA in one kernel (`fused_lora_adapter` lists when). `active` and `backend` apply to both
+    paths; DIST_SECVEC_FUSE_LORA=0 (or false/no/off) sends every call through peft's forward and
+    this one instead.
     """
 
     def __init__(self, base_layer: nn.Module, A: torch.Tensor, B: torch.Tensor, scale: float,
@@ -437,9 +449,158 @@ def _target(base, sv: SecurityVector, mod: str, A: torch.Tensor, B: torch.Tensor
     return sub
 
 
+# ---------------------------------------------------------------------------------------------
+# the vector and a trainable peft LoRA on the same layer: one shrink pass over x for both
+
+
+def fuse_lora_enabled() -> bool:
+    """DIST_SECVEC_FUSE_LORA=0 / false / no / off turns the fused vector+LoRA path off (default on)."""
+    return os.environ.get(FUSE_LORA_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _variant_kwarg_keys() -> tuple[str, ...]:
+    try:  # the keys peft's forward pops for LoRA variants (aLoRA); not passed to the base layer
+        from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
+
+        return tuple(VARIANT_KWARG_KEYS)
+    except ImportError:
+        return ("alora_offsets",)
+
+
+def _autocast_on(x: torch.Tensor) -> bool:
+    return torch.is_autocast_enabled(x.device.type) or torch.is_autocast_enabled()
+
+
+def _zero_available(p: torch.Tensor) -> bool:
+    """False for a ZeRO-3 parameter that is partitioned away right now (not gathered): the fused
+    path would read an empty tensor, peft's path gathers it through its module's hooks."""
+    status = getattr(p, "ds_status", None)
+    return status is None or getattr(status, "name", "AVAILABLE") == "AVAILABLE"
+
+
+def fused_lora_adapter(sub: nn.Module, x: torch.Tensor, kwargs: dict) -> Optional[str]:
+    """The one adapter of peft LoRA layer `sub` that the fused path may compute together with the
+    vector under it, or None when peft's own forward must run. Fused only when it gives what peft
+    would: a SecVecLinear under `sub` and active; DIST_SECVEC_FUSE_LORA not off; adapters enabled and
+    not merged; no adapter_names / variant kwargs; exactly one active adapter with a plain LoRA
+    (no DoRA or other variant, no LoRA bias, nn.Linear A and B); its dropout an identity (nn.Identity,
+    p=0 or not training); x, lora A and lora B of one dtype (peft would cast x to the LoRA's) and
+    autocast off; all four weights present (not partitioned away by ZeRO-3)."""
+    sv = getattr(sub, "base_layer", None)
+    if not isinstance(sv, SecVecLinear) or not sv.active or not fuse_lora_enabled():
+        return None
+    if getattr(sub, "disable_adapters", True) or getattr(sub, "merged", True):
+        return None
+    if kwargs.get("adapter_names") is not None or any(kwargs.get(k) is not None for k in _VARIANT_KEYS):
+        return None
+    lora_A, lora_B = getattr(sub, "lora_A", {}), getattr(sub, "lora_B", {})
+    active = [a for a in sub.active_adapters if a in lora_A]
+    if len(active) != 1:
+        return None
+    n = active[0]
+    if n not in lora_B or n in getattr(sub, "lora_variant", {}) or getattr(sub, "use_dora", {}).get(n, False):
+        return None
+    a, b = lora_A[n], lora_B[n]
+    if not (isinstance(a, nn.Linear) and isinstance(b, nn.Linear)) or a.bias is not None or b.bias is not None:
+        return None
+    drop = sub.lora_dropout[n]
+    if not (isinstance(drop, nn.Identity) or not drop.training or (isinstance(drop, nn.Dropout) and drop.p == 0)):
+        return None
+    if not (x.dtype == a.weight.dtype == b.weight.dtype) or _autocast_on(x):
+        return None
+    if not all(_zero_available(p) for p in (a.weight, b.weight, sv.secvec_A, sv.secvec_B)):
+        return None
+    return n
+
+
+_VARIANT_KEYS = _variant_kwarg_keys()
+
+
+def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Installed per instance on a peft LoRA layer whose base_layer is a SecVecLinear: the inner base,
+    then vector + LoRA in one kernel; peft's own forward when `fused_lora_adapter` says no."""
+    n = fused_lora_adapter(self, x, kwargs)
+    if n is None:
+        return type(self).forward(self, x, *args, **kwargs)
+    for k in ("adapter_names", *_VARIANT_KEYS):
+        kwargs.pop(k, None)
+    sv = self.base_layer
+    out = sv.base_layer(x, *args, **kwargs)  # the inner base: the vector is added below, not twice
+    return apply_secvec_lora_delta(x, out, sv.secvec_A, sv.secvec_B, sv.scale, self.lora_A[n].weight,
+                                   self.lora_B[n].weight, self.scaling[n], sv.backend)
+
+
+def _is_fused(sub: nn.Module) -> bool:
+    return getattr(sub.__dict__.get("forward"), "__func__", None) is _fused_lora_forward
+
+
+def _fused_params(sub: nn.Module) -> list[nn.Parameter]:
+    """What the fused forward reads outside its owners' forwards: the vector's A and B and every
+    adapter's lora A / B weight."""
+    ps = [sub.base_layer.secvec_A, sub.base_layer.secvec_B] if isinstance(sub.base_layer, SecVecLinear) else []
+    for n in getattr(sub, "lora_A", {}):
+        for m in (sub.lora_A[n], sub.lora_B[n] if n in sub.lora_B else None):
+            if isinstance(getattr(m, "weight", None), nn.Parameter):
+                ps.append(m.weight)
+    return ps
+
+
+def _register_external(sub: nn.Module) -> None:
+    """Tell ZeRO-3 to gather the fused path's parameters when `sub` runs (its pre-forward and
+    pre-backward hooks fetch a module's external parameters). Works before deepspeed.initialize
+    converts them: the registration is keyed by the parameter objects, which ZeRO converts in place;
+    without ZeRO-3 it is an unused dict."""
+    import deepspeed  # deepspeed.zero is an attribute, not an importable submodule
+
+    for p in _fused_params(sub):
+        deepspeed.zero.register_external_parameter(sub, p)
+
+
+def _install_fused_forward(sub: nn.Module) -> bool:
+    """Give peft LoRA layer `sub` the fused forward (an instance attribute; the class's forward stays
+    peft's and is the fallback). Left alone when something else already set an instance forward
+    (e.g. accelerate's hooks), which the fused forward would bypass."""
+    if not hasattr(sub, "lora_A") or "forward" in sub.__dict__:
+        return False
+    sub.forward = _fused_lora_forward.__get__(sub)
+    if "deepspeed" in sys.modules:  # imported by init_distributed before attach in DeepSpeed runs
+        _register_external(sub)
+    return True
+
+
+def _remove_fused_forward(sub: nn.Module) -> None:
+    if _is_fused(sub):
+        del sub.__dict__["forward"]
+    ext = getattr(sub, "_external_params", None)
+    if isinstance(ext, dict):
+        for p in _fused_params(sub):
+            ext.pop(id(p), None)
+
+
+def register_fused_params_for_zero3(model) -> int:
+    """Register the fused path's parameters with ZeRO-3 on every fused LoRA layer of `model`
+    (idempotent; imports deepspeed). attach_security_vector already does this when deepspeed is
+    imported at that point (as in DeepSpeed runs); call this before deepspeed.initialize when
+    attaching before deepspeed is imported. Returns the number of layers."""
+    n = 0
+    for m in model.modules():
+        if _is_fused(m):
+            _register_external(m)
+            n += 1
+    return n
+
+
 def attach_security_vector(model, sv: SecurityVector, backend: str = "auto",
                            dtype: Optional[torch.dtype] = None) -> list[SecVecLinear]:
-    """Wrap each targeted linear of `model` (peft-wrapped or not) in a frozen SecVecLinear."""
+    """Wrap each targeted linear of `model` (peft-wrapped or not) in a frozen SecVecLinear.
+
+    Where the target is a peft LoRA layer the SecVecLinear goes under it (its base_layer) and the
+    LoRA layer gets a fused forward: the inner base, then the vector and the LoRA added by one kernel
+    that reads x once (`apply_secvec_lora_delta`, exact LoRA gradients, none for the vector), falling
+    back to peft's forward per call when fusing would change what peft computes (`fused_lora_adapter`).
+    DIST_SECVEC_FUSE_LORA=0 disables it. Under ZeRO-3 the fused path's parameters are registered as
+    external parameters of the LoRA layer (here if deepspeed is imported, else
+    `register_fused_params_for_zero3`). detach_security_vector restores peft's forward."""
     from dist_secvec.model import unwrap_base
 
     base = unwrap_base(model)
@@ -459,6 +620,8 @@ def attach_security_vector(model, sv: SecurityVector, backend: str = "auto",
         layer = SecVecLinear(inner, A.to(target_dtype).clone(), B.to(target_dtype).clone(), sv.scale, backend)
         layer.to(ref.device)
         setattr(holder, attr, layer)
+        if holder is sub:
+            _install_fused_forward(sub)
         wrapped.append(layer)
     return wrapped
 
@@ -468,11 +631,14 @@ def security_vector_layers(model) -> list[SecVecLinear]:
 
 
 def detach_security_vector(model) -> int:
-    """Remove every SecVecLinear, putting the original linear back; returns how many."""
+    """Remove every SecVecLinear, putting the original linear back (and peft's own forward on the
+    LoRA layers that had the fused one); returns how many."""
     n = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, SecVecLinear):
+                if name == "base_layer":
+                    _remove_fused_forward(parent)
                 setattr(parent, name, child.base_layer)
                 n += 1
     return n

@@ -1,0 +1,238 @@
+"""The security vector under a trainable peft LoRA: the LoRA layer's fused forward adds both with
+one shrink pass over x (dist_secvec_kernels apply_secvec_lora_delta) and must train exactly like
+peft's own path (DIST_SECVEC_FUSE_LORA=0), fall back to it whenever fusing would change the result,
+and leave nothing behind on detach."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import dist_secvec.secvec as secvec_mod
+from dist_secvec.model import lora_config
+from dist_secvec.secvec import (FUSE_LORA_ENV, SecVecLinear, attach_security_vector, detach_security_vector,
+                                load_security_vector, register_fused_params_for_zero3, security_vector_off)
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]  # the random vector's targets (tests/conftest.py)
+
+
+def plain_base(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+
+
+def randomize_lora(model, seed: int = 1) -> None:
+    """Nonzero lora_B (peft starts it at zero), so the LoRA changes the output and lora_A gets a gradient."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+
+
+def peft_model(model_dir, dropout: float = 0.0, base=None):
+    from peft import get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(base if base is not None else plain_base(model_dir),
+                           lora_config(rank=2, alpha=4, dropout=dropout, target_modules=TARGETS))
+    randomize_lora(model)
+    return model
+
+
+def lora_layers(model):
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+class Calls:
+    """Counts the fused kernel's calls (wraps the name secvec.py calls)."""
+
+    def __init__(self, monkeypatch):
+        self.n = 0
+        real = secvec_mod.apply_secvec_lora_delta
+
+        def counted(*a, **kw):
+            self.n += 1
+            return real(*a, **kw)
+
+        monkeypatch.setattr(secvec_mod, "apply_secvec_lora_delta", counted)
+
+
+@pytest.fixture
+def batch(tiny_world):
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(str(tiny_world.model_dir)).vocab_size
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, vocab, (3, 11), generator=gen)
+    return dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids.clone())
+
+
+@pytest.fixture
+def fused_model(tiny_world, random_vector):
+    model = peft_model(tiny_world.model_dir)
+    layers = attach_security_vector(model, load_security_vector(str(random_vector)), backend="torch")
+    return model, layers
+
+
+def train_step(model, batch, lr: float = 0.5):
+    """Loss, LoRA grads, d loss / d inputs_embeds, then one SGD step and the loss after it."""
+    model.train()
+    model.zero_grad(set_to_none=True)
+    emb = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
+    loss = model(inputs_embeds=emb, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p -= lr * p.grad
+        after = model(**batch).loss
+    return loss.detach(), grads, emb.grad.clone(), after
+
+
+def test_fused_step_equals_peft_path(fused_model, batch, monkeypatch):
+    model, layers = fused_model
+    assert len(layers) == 6 and sum(secvec_mod._is_fused(m) for m in lora_layers(model)) == 6
+    unfused = copy.deepcopy(model)  # the fused forward is rebound to the copy's own layers
+    assert all(m.forward.__self__ is m for m in lora_layers(unfused))
+    calls = Calls(monkeypatch)
+    loss_f, grads_f, dx_f, after_f = train_step(model, batch)
+    assert calls.n == 6 * 2  # 6 fused layers, forward of the step and of the loss after it
+    monkeypatch.setenv(FUSE_LORA_ENV, "0")
+    loss_u, grads_u, dx_u, after_u = train_step(unfused, batch)
+    assert calls.n == 6 * 2  # peft's path only
+    assert grads_f.keys() == grads_u.keys() and all("lora_" in n for n in grads_f)
+    torch.testing.assert_close(loss_f, loss_u, rtol=1e-5, atol=1e-6)
+    for n in grads_f:
+        assert grads_f[n].abs().max() > 0, n
+        torch.testing.assert_close(grads_f[n], grads_u[n], rtol=1e-4, atol=1e-6, msg=n)
+    torch.testing.assert_close(dx_f, dx_u, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(after_f, after_u, rtol=1e-5, atol=1e-6)
+    assert after_f < loss_f  # the step changed the LoRA, so the second comparison means something
+    for layer in layers:
+        assert layer.secvec_A.grad is None and layer.secvec_B.grad is None
+        assert not layer.secvec_A.requires_grad and not layer.secvec_B.requires_grad
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def test_fallbacks_to_peft_forward(tiny_world, random_vector, fused_model, batch, monkeypatch):
+    model, _ = fused_model
+    calls = Calls(monkeypatch)
+    model.eval()
+    fused = logits(model, batch)
+    assert calls.n == 6
+    monkeypatch.setenv(FUSE_LORA_ENV, "0")
+    torch.testing.assert_close(logits(model, batch), fused, rtol=1e-5, atol=1e-6)
+    monkeypatch.delenv(FUSE_LORA_ENV)
+    assert calls.n == 6
+
+    # the vector off: neither the fused kernel nor the vector
+    ref = copy.deepcopy(model)
+    detach_security_vector(ref)
+    with security_vector_off(model):
+        torch.testing.assert_close(logits(model, batch), logits(ref, batch), rtol=0, atol=0)
+    assert calls.n == 6
+
+    # adapters disabled: the base with the vector only
+    with model.disable_adapter():
+        off = logits(model, batch)
+    assert calls.n == 6
+    assert not torch.allclose(off, fused)
+
+    # a LoRA in another dtype than x: peft casts x, so fusing would change the numerics
+    first = lora_layers(model)[0]
+    first.lora_A["default"].to(torch.float64)
+    first.lora_B["default"].to(torch.float64)
+    before = calls.n
+    torch.testing.assert_close(logits(model, batch), fused, rtol=1e-4, atol=1e-5)
+    assert calls.n == before + 5
+    first.lora_A["default"].to(torch.float32)
+    first.lora_B["default"].to(torch.float32)
+
+    # merged adapters (the vector stays in its SecVecLinear)
+    model.merge_adapter()
+    merged = logits(model, batch)
+    assert calls.n == before + 5
+    torch.testing.assert_close(merged, fused, rtol=1e-4, atol=1e-5)
+    model.unmerge_adapter()
+    torch.testing.assert_close(logits(model, batch), fused, rtol=1e-4, atol=1e-5)
+    assert calls.n == before + 11
+
+
+def test_dropout_falls_back_in_training_only(tiny_world, random_vector, batch, monkeypatch):
+    model = peft_model(tiny_world.model_dir, dropout=0.1)
+    attach_security_vector(model, load_security_vector(str(random_vector)), backend="torch")
+    calls = Calls(monkeypatch)
+    model.train()
+    model(**batch).loss.backward()
+    assert calls.n == 0
+    assert any(p.grad is not None and p.grad.abs().max() > 0 for n, p in model.named_parameters() if "lora_A" in n)
+    model.eval()
+    logits(model, batch)
+    assert calls.n == 6
+
+
+def test_detach_restores_peft_forward(tiny_world, random_vector, batch):
+    model = peft_model(tiny_world.model_dir)
+    never = copy.deepcopy(model)  # the same LoRA, never had the vector
+    attach_security_vector(model, load_security_vector(str(random_vector)), backend="torch")
+    assert not torch.equal(logits(model.eval(), batch), logits(never.eval(), batch))
+    assert detach_security_vector(model) == 6
+    for m in lora_layers(model):
+        assert "forward" not in m.__dict__ and not isinstance(m.base_layer, SecVecLinear)
+        assert not getattr(m, "_external_params", {})
+    assert torch.equal(logits(model, batch), logits(never, batch))
+    assert register_fused_params_for_zero3(model) == 0
+
+
+def test_zero3_external_params_registered(fused_model):
+    """The fused forward reads lora A/B and the vector's A/B without calling their modules, so
+    ZeRO-3 must gather them for the LoRA layer (registered at attach when deepspeed is imported)."""
+    pytest.importorskip("deepspeed")
+    model, layers = fused_model
+    assert register_fused_params_for_zero3(model) == 6
+    for m in lora_layers(model):
+        want = {id(p) for p in (m.base_layer.secvec_A, m.base_layer.secvec_B, m.lora_A["default"].weight,
+                                m.lora_B["default"].weight)}
+        assert set(m._external_params) == want
+    detach_security_vector(model)
+    assert all(not m._external_params for m in lora_layers(model))
+
+
+def test_qlora_nf4_fused_equals_unfused(tiny_world, random_vector, batch, monkeypatch):
+    import bitsandbytes as bnb
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+    from dist_secvec.config import load_config
+    from dist_secvec.model import load_model
+
+    cfg = load_config(None, [f"model.path={tiny_world.model_dir}", "model.quantization=nf4",
+                             "model.compute_dtype=float32", "model.quant_storage=bfloat16"])
+    model = peft_model(tiny_world.model_dir, base=load_model(cfg.model))
+    layers = attach_security_vector(model, load_security_vector(str(random_vector)))
+    fused = [m for m in lora_layers(model) if secvec_mod._is_fused(m)]
+    assert len(fused) == 6 and all(isinstance(m, LoraLinear4bit) for m in fused)
+    assert all(isinstance(layer.base_layer, bnb.nn.Linear4bit) for layer in layers)
+    unfused = copy.deepcopy(model)
+    calls = Calls(monkeypatch)
+    loss_f, grads_f, dx_f, _ = train_step(model, batch)
+    assert calls.n == 12
+    monkeypatch.setenv(FUSE_LORA_ENV, "0")
+    loss_u, grads_u, dx_u, _ = train_step(unfused, batch)
+    assert calls.n == 12
+    torch.testing.assert_close(loss_f, loss_u, rtol=1e-5, atol=1e-6)
+    for n in grads_f:
+        torch.testing.assert_close(grads_f[n], grads_u[n], rtol=1e-4, atol=1e-6, msg=n)
+    torch.testing.assert_close(dx_f, dx_u, rtol=1e-4, atol=1e-7)
+    for layer in layers:
+        assert layer.secvec_A.grad is None and layer.secvec_B.grad is None
