@@ -498,3 +498,30 @@ def test_two_ranks_one_killed_the_job_exits_nonzero_in_bounded_time(setup, tmp_p
     ckpts = complete_checkpoints(tmp_path / "run")
     assert ckpts, "no checkpoint before the kill"
     verify_manifest(ckpts[-1])  # the last checkpoint is whole
+
+
+def test_vector_changed_mid_run_is_refused_at_the_checkpoint(cli, setup, monkeypatch, tmp_path):
+    """The stage-2 invariant checked at every checkpoint: a vector that changed in memory (here one
+    entry of one layer, after step 1) stops the run at the next checkpoint, which is not written."""
+    import torch
+
+    import dist_secvec.finetune as ft
+
+    class TamperingEngine(ft.PlainEngine):
+        def step(self, boundary):
+            norm = super().step(boundary)
+            if boundary and self.scheduler.last_epoch == 1:
+                a = next(p for n, p in self.module.named_parameters() if "secvec_A" in n)
+                with torch.no_grad():
+                    a.view(-1)[0] += 1.0
+            return norm
+
+    monkeypatch.setattr(ft, "PlainEngine", TamperingEngine)
+    _, cfg = setup
+    out = tmp_path / "out"
+    rc, cap = cli("finetune", "--config", str(cfg), f"output_dir={out}", "logging.level=error")
+    lines = cap.err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1, cap.err[-2000:]
+    assert f"security vector changed during stage 2 (step {EVERY})" in lines[0], lines
+    assert not (out / "checkpoints").exists() or not list((out / "checkpoints").iterdir())
+    assert not (out / "final").exists()
