@@ -201,6 +201,19 @@ def plot(out: Path, rows: list[dict]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter, NullLocator
+
+    xs = sorted({r["n_params"] / 1e6 for r in rows})
+
+    def log_axes(ax):  # ticks at the ladder's sizes; 1-2-5 steps on the y axis
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.xaxis.set_major_locator(FixedLocator(xs))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.4g}"))
+            axis.set_minor_formatter(NullFormatter())
 
     series: dict[tuple[int, int], list[dict]] = {}
     for r in rows:
@@ -217,8 +230,7 @@ def plot(out: Path, rows: list[dict]) -> None:
         rs = sorted(rs, key=lambda r: r["n_params"])
         ax.plot([r["n_params"] / 1e6 for r in rs], [1000 * r["step_time_s"] for r in rs],
                 styles[rank_counts.index(ranks) % len(styles)], label=label(tokens, ranks))
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    log_axes(ax)
     ax.set_xlabel("parameters (M)")
     ax.set_ylabel("median step time (ms)")
     ax.set_title("step time vs model size", fontsize=10)
@@ -249,8 +261,7 @@ def plot(out: Path, rows: list[dict]) -> None:
                      label=f"{ranks} rank(s): + grads + optimizer state")
     for ax, title in ((axes[0], f"peak memory per rank ({rows[0]['peak_memory_kind']}, max over ranks)"),
                       (axes[1], "model state per rank (measured tensors)")):
-        ax.set_xscale("log")
-        ax.set_yscale("log")
+        log_axes(ax)
         ax.set_xlabel("parameters (M)")
         ax.set_ylabel("MiB")
         ax.set_title(title, fontsize=10)
@@ -285,7 +296,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", action="store_true", help="keep the temporary models and run directories")
     ap.add_argument("--out", default="bench_out/ladder")
+    ap.add_argument("--replot", action="store_true", help="redraw the plots and table from --out/ladder.json")
     args = ap.parse_args(argv)
+    if args.replot:
+        data = json.loads((Path(args.out) / "ladder.json").read_text())
+        write_outputs(Path(args.out), data["rows"], data["meta"])
+        return 0
     for t in args.tokens:
         if t % args.seq_len:
             raise SystemExit(f"--tokens {t} is not a multiple of --seq-len {args.seq_len}")
