@@ -473,7 +473,9 @@ def _autocast_on(x: torch.Tensor) -> bool:
 
 def _zero_available(p: torch.Tensor) -> bool:
     """False for a ZeRO-3 parameter that is partitioned away right now (not gathered): the fused
-    path would read an empty tensor, peft's path gathers it through its module's hooks."""
+    path would read an empty tensor, peft's path gathers it through its module's hooks. (A safety
+    net: in eager forwards DeepSpeed's parameter getter already gathers and registers a partitioned
+    parameter read as `module.weight`; the registration at attach makes it gathered up front.)"""
     status = getattr(p, "ds_status", None)
     return status is None or getattr(status, "name", "AVAILABLE") == "AVAILABLE"
 

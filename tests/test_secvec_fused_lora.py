@@ -236,3 +236,104 @@ def test_qlora_nf4_fused_equals_unfused(tiny_world, random_vector, batch, monkey
     torch.testing.assert_close(dx_f, dx_u, rtol=1e-4, atol=1e-7)
     for layer in layers:
         assert layer.secvec_A.grad is None and layer.secvec_B.grad is None
+
+
+# ---------------------------------------------------------------------------------------------
+# ZeRO-3 on one CPU rank (a subprocess: its own process group), every parameter partitioned
+
+
+ZERO3_SCRIPT = r'''
+import json, os, sys
+import torch
+import deepspeed  # imported before attach, as init_distributed does in DeepSpeed runs
+
+deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+sys.path.insert(0, sys.argv[1])
+import test_secvec_fused_lora as t
+from dist_secvec.secvec import attach_security_vector, load_security_vector, security_vector_layers
+
+model_dir, vector, batch_file = sys.argv[2:5]
+batch = torch.load(batch_file)
+result = {}
+for mode in ("registered", "unregistered"):
+    model = t.peft_model(model_dir)
+    attach_security_vector(model, load_security_vector(vector), backend="torch")
+    if mode == "unregistered":  # DeepSpeed's parameter getter then gathers them on first access
+        for m in t.lora_layers(model):
+            m._external_params.clear()
+    registered = all(len(m._external_params) == 4 for m in t.lora_layers(model))
+    calls = []
+    real = t.secvec_mod.apply_secvec_lora_delta
+    t.secvec_mod.apply_secvec_lora_delta = lambda *a, **k: calls.append(1) or real(*a, **k)
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=params,
+                                      optimizer=torch.optim.SGD(params, lr=0.5),
+                                      config={"train_micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": 1,
+                                              "zero_allow_untested_optimizer": True,
+                                              "zero_optimization": {"stage": 3,
+                                                                    "stage3_param_persistence_threshold": 0}})
+    engine.train()
+    losses = []
+    for _ in range(3):
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    t.secvec_mod.apply_secvec_lora_delta = real
+    sv = security_vector_layers(model)
+    result[mode] = {"losses": losses, "calls": len(calls), "registered": registered,
+                    "partitioned": all(p.ds_tensor is not None and p.numel() == 0
+                                       for l in sv for p in (l.secvec_A, l.secvec_B))
+                                   and all(m.lora_A["default"].weight.numel() == 0 for m in t.lora_layers(model)),
+                    "vector_grads": [l.secvec_A.grad is None and l.secvec_B.grad is None for l in sv]}
+print("RESULT " + json.dumps(result))
+'''
+
+
+@pytest.mark.slow
+def test_zero3_fused_path_trains_like_peft(tiny_world, random_vector, batch, tmp_path):
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("deepspeed")
+    torch.save(batch, tmp_path / "batch.pt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    env.pop(FUSE_LORA_ENV, None)
+    r = subprocess.run([sys.executable, "-c", ZERO3_SCRIPT, str(Path(__file__).parent), str(tiny_world.model_dir),
+                        str(random_vector), str(tmp_path / "batch.pt")], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-5000:]
+    res = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("RESULT "))[7:])
+
+    # the same three SGD steps in one plain process through peft's path
+    model = peft_model(tiny_world.model_dir)
+    attach_security_vector(model, load_security_vector(str(random_vector)), backend="torch")
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model.train()
+    ref = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(FUSE_LORA_ENV, "0")
+        for _ in range(3):
+            loss = model(**batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            ref.append(loss.item())
+    assert ref[-1] < ref[0]
+    assert res["registered"]["registered"] and not res["unregistered"]["registered"]
+    # Registered at attach (deepspeed was imported), every forward of every LoRA layer took the fused
+    # kernel on gathered weights. Unregistered, DeepSpeed's ZeROOrderedDict getter gathers a partitioned
+    # parameter read in a forward and registers it itself: same result, one lazy gather per parameter.
+    for mode in ("registered", "unregistered"):
+        r_ = res[mode]
+        assert r_["calls"] == 3 * 6, mode
+        assert r_["partitioned"] and all(r_["vector_grads"]), mode
+        assert r_["losses"] == pytest.approx(ref, rel=1e-5, abs=1e-6), mode
