@@ -337,3 +337,59 @@ def test_zero3_fused_path_trains_like_peft(tiny_world, random_vector, batch, tmp
         assert r_["calls"] == 3 * 6, mode
         assert r_["partitioned"] and all(r_["vector_grads"]), mode
         assert r_["losses"] == pytest.approx(ref, rel=1e-5, abs=1e-6), mode
+
+
+# ---------------------------------------------------------------------------------------------
+# the Triton kernel (interpreted on CPU: TRITON_INTERPRET=1 before triton is imported, so a fresh
+# process) in a real training step equals peft's path on the torch backend
+
+
+TRITON_SCRIPT = r'''
+import json, os, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import test_secvec_fused_lora as t
+from dist_secvec.secvec import attach_security_vector, load_security_vector
+from dist_secvec_kernels.secvec_lora_delta import SecVecLoraDeltaTriton
+
+model_dir, vector, batch_file = sys.argv[2:5]
+batch = torch.load(batch_file)
+calls = []
+real = SecVecLoraDeltaTriton.apply
+SecVecLoraDeltaTriton.apply = lambda *a: calls.append(1) or real(*a)
+out = {}
+for backend, fuse in (("triton", "1"), ("torch", "0")):
+    os.environ[t.FUSE_LORA_ENV] = fuse
+    model = t.peft_model(model_dir)
+    attach_security_vector(model, load_security_vector(vector), backend=backend)
+    loss, grads, dx, after = t.train_step(model, batch)
+    out[backend] = (loss, grads, dx, after)
+lt, gt, dxt, at = out["triton"]
+lr, gr, dxr, ar = out["torch"]
+torch.testing.assert_close(lt, lr, rtol=1e-5, atol=1e-6)
+torch.testing.assert_close(at, ar, rtol=1e-5, atol=1e-6)
+torch.testing.assert_close(dxt, dxr, rtol=1e-4, atol=1e-7)
+for n in gr:
+    torch.testing.assert_close(gt[n], gr[n], rtol=1e-4, atol=1e-6, msg=n)
+print("RESULT " + json.dumps({"calls": len(calls), "grads": len(gr)}))
+'''
+
+
+@pytest.mark.slow
+def test_triton_fused_step_equals_peft_path(tiny_world, random_vector, batch, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    torch.save(batch, tmp_path / "batch.pt")
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    env.pop("DIST_SECVEC_BACKEND", None)
+    r = subprocess.run([sys.executable, "-c", TRITON_SCRIPT, str(Path(__file__).parent), str(tiny_world.model_dir),
+                        str(random_vector), str(tmp_path / "batch.pt")], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-5000:]
+    res = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert res["calls"] == 2 * 6 and res["grads"] == 12  # 6 fused layers x 2 forwards; lora A and B of each
