@@ -22,6 +22,7 @@ the original weights bit for bit.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -458,6 +459,7 @@ def fuse_lora_enabled() -> bool:
     return os.environ.get(FUSE_LORA_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+@functools.lru_cache(maxsize=None)
 def _variant_kwarg_keys() -> tuple[str, ...]:
     try:  # the keys peft's forward pops for LoRA variants (aLoRA); not passed to the base layer
         from peft.tuners.lora.layer import VARIANT_KWARG_KEYS
@@ -493,7 +495,7 @@ def fused_lora_adapter(sub: nn.Module, x: torch.Tensor, kwargs: dict) -> Optiona
         return None
     if getattr(sub, "disable_adapters", True) or getattr(sub, "merged", True):
         return None
-    if kwargs.get("adapter_names") is not None or any(kwargs.get(k) is not None for k in _VARIANT_KEYS):
+    if kwargs.get("adapter_names") is not None or any(kwargs.get(k) is not None for k in _variant_kwarg_keys()):
         return None
     lora_A, lora_B = getattr(sub, "lora_A", {}), getattr(sub, "lora_B", {})
     active = [a for a in sub.active_adapters if a in lora_A]
@@ -515,16 +517,13 @@ def fused_lora_adapter(sub: nn.Module, x: torch.Tensor, kwargs: dict) -> Optiona
     return n
 
 
-_VARIANT_KEYS = _variant_kwarg_keys()
-
-
 def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Installed per instance on a peft LoRA layer whose base_layer is a SecVecLinear: the inner base,
     then vector + LoRA in one kernel; peft's own forward when `fused_lora_adapter` says no."""
     n = fused_lora_adapter(self, x, kwargs)
     if n is None:
         return type(self).forward(self, x, *args, **kwargs)
-    for k in ("adapter_names", *_VARIANT_KEYS):
+    for k in ("adapter_names", *_variant_kwarg_keys()):
         kwargs.pop(k, None)
     sv = self.base_layer
     out = sv.base_layer(x, *args, **kwargs)  # the inner base: the vector is added below, not twice
