@@ -103,6 +103,11 @@ def test_triton_training_step_matches_torch(tiny_world, random_vector, mode, mon
         return real_apply(*args)
 
     monkeypatch.setattr(SecVecDeltaTriton, "apply", counting_apply)
+    # a LoRA on the vector's layers takes the combined vector+LoRA kernel (dist_secvec.secvec fused path)
+    from dist_secvec_kernels.secvec_lora_delta import SecVecLoraDeltaTriton
+
+    real_lora = SecVecLoraDeltaTriton.apply
+    monkeypatch.setattr(SecVecLoraDeltaTriton, "apply", lambda *a: n_calls.append(1) or real_lora(*a))
     loss_k, grads_k = _step(tiny_world, random_vector, "triton", mode)
     assert n_calls, "the Triton kernel never ran"
     assert abs(loss_k - loss_t) <= 1e-5 * abs(loss_t), (loss_k, loss_t)
