@@ -78,12 +78,16 @@ def setup(tiny_world, random_vector, tmp_path_factory):
     return root, path
 
 
+STARTED: list[subprocess.Popen] = []  # killed at the end of the `runs` fixture if a check failed midway
+
+
 def start(cfg: Path, out: Path, *overrides: str, tag: str = "run") -> tuple[subprocess.Popen, Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     err = out.parent / f"{out.name}.{tag}.stderr"
     with open(err, "w") as f:
         p = subprocess.Popen([PY, "-m", "dist_secvec", "finetune", "--config", str(cfg), f"output_dir={out}",
                               *overrides], stdout=subprocess.DEVNULL, stderr=f, env=sub_env())
+    STARTED.append(p)
     return p, err
 
 
@@ -189,6 +193,16 @@ def run_sigterm(cfg: Path, root: Path) -> dict:
     return res
 
 
+class Runs(dict):
+    """Scenario name -> its result; a scenario that failed re-raises its error in the tests that ask for it."""
+
+    def __getitem__(self, key):
+        value = super().__getitem__(key)
+        if isinstance(value, BaseException):
+            raise value
+        return value
+
+
 @pytest.fixture(scope="module")
 def runs(setup):
     """The subprocess scenarios, two at a time."""
@@ -196,9 +210,15 @@ def runs(setup):
     jobs = {"reference": lambda: run_reference(cfg, root), "sigterm": lambda: run_sigterm(cfg, root)}
     for s in KILL_SEEDS:
         jobs[f"killed{s}"] = lambda s=s: run_killed(cfg, root, s)
-    with ThreadPoolExecutor(2) as pool:
-        futures = {k: pool.submit(f) for k, f in jobs.items()}
-        return {k: f.result() for k, f in futures.items()}
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            futures = {k: pool.submit(f) for k, f in jobs.items()}
+            return Runs({k: f.exception() or f.result() for k, f in futures.items()})
+    finally:
+        for p in STARTED:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 def losses_and_weights(out: Path):
