@@ -477,14 +477,30 @@ def _rank_pids(launcher_pid: int) -> dict[int, int]:
     return found
 
 
-@pytest.mark.slow
-def test_two_ranks_one_killed_the_job_exits_nonzero_in_bounded_time(setup, tmp_path):
+def _gone(pid: int) -> bool:
     import psutil
 
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+# A rank that hangs (SIGSTOP) instead of dying: the survivor's next collective must time out after
+# deepspeed.timeout_s, then the launcher SIGTERMs the hung rank and SIGKILLs it 30 s later.
+HANG_BUG = ("the survivor waits 30 min, not deepspeed.timeout_s: DeepSpeed's own process groups (ZeRO's "
+            "gradient all-reduce) come from dist.new_group(ranks) with torch's default timeout; "
+            "distributed.init_distributed must make the timeout the default of new groups too")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", ["SIGKILL", pytest.param("SIGSTOP", marks=pytest.mark.skip(reason=HANG_BUG))])
+def test_two_ranks_one_killed_the_job_exits_nonzero_in_bounded_time(setup, tmp_path, fault):
     root, cfg_path = setup
+    timeout_s = 20 if fault == "SIGKILL" else 5
     cfg = yaml.safe_load(cfg_path.read_text())
     cfg["optim"].update(max_steps=40, micro_batch_size=2)
-    cfg["deepspeed"] = {"config": {"zero_optimization": {"stage": 2}}, "timeout_s": 20}
+    cfg["deepspeed"] = {"config": {"zero_optimization": {"stage": 2}}, "timeout_s": timeout_s}
     cfg["output_dir"] = str(tmp_path / "run")
     cfg["logging"]["level"] = "info"
     path = tmp_path / "ds.yaml"
@@ -498,9 +514,9 @@ def test_two_ranks_one_killed_the_job_exits_nonzero_in_bounded_time(setup, tmp_p
         wait_for_step(p, tmp_path / "run", EVERY + 1, timeout=240)  # a checkpoint exists
         pids = _rank_pids(p.pid)
         assert set(pids) == {0, 1}, pids
-        os.kill(pids[1], signal.SIGKILL)
+        os.kill(pids[1], getattr(signal, fault))
         t = time.time()
-        rc = p.wait(timeout=90)
+        rc = p.wait(timeout=120)
         took = time.time() - t
     finally:
         if p.poll() is None:
@@ -508,15 +524,20 @@ def test_two_ranks_one_killed_the_job_exits_nonzero_in_bounded_time(setup, tmp_p
             p.wait()
     text = log.read_text()
     assert rc != 0, text[-3000:]
-    # the launcher saw rank 1 die (-9) and killed the other rank: the job ends, it does not hang
-    assert "exits with return code = -9" in text, text[-3000:]
-    assert took < 60, took
+    if fault == "SIGKILL":
+        # the launcher saw rank 1 die (-9) and killed the other rank: the job ends, it does not hang
+        assert "exits with return code = -9" in text, text[-3000:]
+        assert took < 60, took
+    else:
+        # rank 0 gives up after timeout_s (exit 1); the launcher then kills the hung rank 1
+        assert "exits with return code = 1" in text, text[-3000:]
+        assert took < timeout_s + 45, took
     time.sleep(0.5)
-    assert not psutil.pid_exists(pids[0]) or psutil.Process(pids[0]).status() == psutil.STATUS_ZOMBIE
+    assert _gone(pids[0]) and _gone(pids[1])
     from dist_secvec.checkpoint import complete_checkpoints, verify_manifest
 
     ckpts = complete_checkpoints(tmp_path / "run")
-    assert ckpts, "no checkpoint before the kill"
+    assert ckpts, "no checkpoint before the fault"
     verify_manifest(ckpts[-1])  # the last checkpoint is whole
 
 
