@@ -70,8 +70,15 @@ def init_distributed(cfg: Config) -> None:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    deepspeed.init_distributed(timeout=timedelta(seconds=cfg.deepspeed.timeout_s), verbose=False,
-                               auto_mpi_discovery=False)
+    timeout = timedelta(seconds=cfg.deepspeed.timeout_s)
+    # DeepSpeed makes its own groups (ZeRO's reductions) with dist.new_group(ranks) and no timeout,
+    # which falls back to these module defaults (30 min): a hung rank must time them out too
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    if isinstance(getattr(distributed_c10d, "default_pg_nccl_timeout", None), timedelta):
+        distributed_c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(timeout=timeout, verbose=False, auto_mpi_discovery=False)
 
 
 def _read_ds_json(value: Any) -> dict:

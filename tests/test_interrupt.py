@@ -488,13 +488,8 @@ def _gone(pid: int) -> bool:
 
 # A rank that hangs (SIGSTOP) instead of dying: the survivor's next collective must time out after
 # deepspeed.timeout_s, then the launcher SIGTERMs the hung rank and SIGKILLs it 30 s later.
-HANG_BUG = ("the survivor waits 30 min, not deepspeed.timeout_s: DeepSpeed's own process groups (ZeRO's "
-            "gradient all-reduce) come from dist.new_group(ranks) with torch's default timeout; "
-            "distributed.init_distributed must make the timeout the default of new groups too")
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("fault", ["SIGKILL", pytest.param("SIGSTOP", marks=pytest.mark.skip(reason=HANG_BUG))])
+@pytest.mark.parametrize("fault", ["SIGKILL", "SIGSTOP"])
 def test_two_ranks_one_killed_the_job_exits_nonzero_in_bounded_time(setup, tmp_path, fault):
     root, cfg_path = setup
     timeout_s = 20 if fault == "SIGKILL" else 5
