@@ -64,6 +64,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _recover_killed_save(final: Path) -> None:
+    """Leftovers of a save that was killed: half-written `.tmp-*` siblings go; an `.old-*` sibling
+    (killed between moving the previous version aside and renaming the new one in) is put back
+    when `final` is missing, else removed."""
+    for p in final.parent.glob(f".{final.name}.tmp-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in sorted(final.parent.glob(f".{final.name}.old-*"), key=lambda q: q.stat().st_mtime):
+        if not final.exists():
+            p.rename(final)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Write a directory under a temporary name and rename it into place only when complete.
@@ -77,6 +90,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
+        _recover_killed_save(final)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()

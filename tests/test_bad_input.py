@@ -672,3 +672,25 @@ def test_atomic_dir_other_errors_pass_through(tmp_path):
         with runtime.atomic_dir(tmp_path / "x"):
             1 / 0
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_dir_recovers_from_a_killed_save(tmp_path):
+    """A save killed midway leaves `.tmp-*` (half-written) or `.old-*` (the previous version moved
+    aside) siblings: the next save removes the first and puts the second back if `final` is gone."""
+    from dist_secvec.runtime import atomic_dir
+
+    final = tmp_path / "final"
+    (tmp_path / ".final.tmp-99999").mkdir()
+    (tmp_path / ".final.tmp-99999" / "half").write_text("x")
+    old = tmp_path / ".final.old-99998"
+    old.mkdir()
+    (old / "weights").write_text("previous")
+    with atomic_dir(tmp_path / "other") as tmp:  # another directory's save leaves these alone
+        (tmp / "a").write_text("a")
+    assert old.exists() and (tmp_path / ".final.tmp-99999").exists()
+    with pytest.raises(RuntimeError):
+        with atomic_dir(final):
+            raise RuntimeError("killed")
+    # the previous version is back, the half-written one is gone
+    assert (final / "weights").read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final", "other"]
