@@ -138,10 +138,12 @@ def test_zero3_full_finetune_loss_falls_and_export_reloads(full_ft, tiny_world):
 def test_one_rank_and_plain_loop_follow_the_two_rank_losses(full_ft, tiny_world, random_vector, tmp_path):
     """Same global batches (2 x 2 vs 1 x 4 examples per micro-batch): the same losses. The 1-rank
     run also recomputes activations (reentrant checkpointing, the variant for frozen weights
-    under ZeRO-3), which must not change them either."""
+    under ZeRO-3) and offloads optimizer states and parameters to CPU (ZeRO-Offload with the run's
+    torch AdamW), which must not change them either."""
     _, probe2 = full_ft
     cfg = base_cfg(tiny_world, random_vector, tmp_path, optim={"micro_batch_size": 4})
-    probe1 = launch(1, cfg, tmp_path / "one", "model.gradient_checkpointing=true")
+    probe1 = launch(1, cfg, tmp_path / "one", "model.gradient_checkpointing=true",
+                    "deepspeed.offload_optimizer=true", "deepspeed.offload_param=true")
     assert probe1["info"]["world_size"] == 1
     assert probe1["losses"] == pytest.approx(probe2["losses"], rel=2e-5)
 
