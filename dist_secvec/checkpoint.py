@@ -18,7 +18,6 @@ resumed run passes over the `step * gradient_accumulation_steps` micro-batches a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,13 +29,13 @@ from typing import Optional
 
 import torch
 
-from dist_secvec import runtime
+from dist_secvec import manifest, runtime
 from dist_secvec.distributed import barrier
+from dist_secvec.manifest import MANIFEST, write_manifest
 from dist_secvec.errors import UserError
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -53,55 +52,11 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _files_digest(files: dict) -> str:
-    """The manifest's own hash (of its file list, canonical JSON): a manifest edited or damaged
-    where it still parses (a name, a size, a hash) is refused as corrupted, naming manifest.json."""
-    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-
-
-def write_manifest(d: Path) -> dict:
-    files = {}
-    for p in sorted(d.rglob("*")):
-        if p.is_file() and p.relative_to(d) != Path(MANIFEST):
-            files[str(p.relative_to(d))] = {"size": p.stat().st_size, "sha256": _sha256(p)}
-    manifest = {"files": files, "files_sha256": _files_digest(files)}
-    (d / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    return manifest
-
-
 def verify_manifest(d: Path) -> None:
     """Every file the manifest lists exists with its size and hash; else a one-line CheckpointError."""
-    m = d / MANIFEST
-    if not m.is_file():
-        raise CheckpointError(f"checkpoint '{d}' has no {MANIFEST}: it was not completely written; "
-                              "resume from an earlier checkpoint (checkpoint.resume=DIR) or delete it")
-    try:
-        manifest = json.loads(m.read_text())
-        files = manifest["files"]
-        ok = (isinstance(files, dict) and manifest["files_sha256"] == _files_digest(files)
-              and all(isinstance(w, dict) and isinstance(w.get("size"), int) and isinstance(w.get("sha256"), str)
-                      for w in files.values()))
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, OSError) as e:
-        raise CheckpointError(f"checkpoint '{d}': file '{MANIFEST}' is corrupted ({type(e).__name__}); "
-                              "resume from an earlier checkpoint or delete this one")
-    if not ok:
-        raise CheckpointError(f"checkpoint '{d}': file '{MANIFEST}' is corrupted (its file list does not match "
-                              "its own sha256); resume from an earlier checkpoint or delete this one")
-    for rel, want in files.items():
-        p = d / rel
-        if not p.is_file():
-            raise CheckpointError(f"checkpoint '{d}': file '{rel}' is missing; resume from an earlier checkpoint")
-        if p.stat().st_size != want["size"] or _sha256(p) != want["sha256"]:
-            raise CheckpointError(f"checkpoint '{d}': file '{rel}' is corrupted (size or sha256 differs from "
-                                  f"{MANIFEST}); resume from an earlier checkpoint")
+    manifest.verify_manifest(d, "checkpoint", "resume from an earlier checkpoint or delete this one",
+                             missing_fix="resume from an earlier checkpoint (checkpoint.resume=DIR) or delete it",
+                             error=CheckpointError)
 
 
 def step_checkpoints(output_dir: str | Path) -> list[Path]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from dist_secvec import runtime
 from dist_secvec.config import Config
 from dist_secvec.errors import UserError
+from dist_secvec.manifest import write_manifest
 from dist_secvec.model import DTYPES, check_model_dir, safetensors_problem
 from dist_secvec.secvec import META_FILE, security_vector_layers
 
@@ -104,5 +105,6 @@ def run_export(cfg: Config) -> Path:
         kind = "merged model" if is_adapter and cfg.export.merge else "adapter" if is_adapter else "model"
         (tmp / "dist_secvec_export.json").write_text(json.dumps(
             {"source": str(src), "kind": kind, "dtype": cfg.export.dtype, "security_vector": None}, indent=2) + "\n")
+        write_manifest(tmp)  # last: sizes and sha256 of every file, checked when the export is loaded
     log.info("exported %s to %s", kind, dst)
     return dst

@@ -29,6 +29,7 @@ from dist_secvec.distributed import (DeepSpeedEngine, PlainEngine, all_reduce_su
                                      init_distributed, is_partitioned, numel, partition_report, rank_batches, uses_deepspeed, zero_stage)
 from dist_secvec.errors import ConfigError, SecurityVectorError, Stopped, UserError
 from dist_secvec.interrupt import StopRequest
+from dist_secvec.manifest import write_manifest
 from dist_secvec.model import add_trainable_adapter, load_model, load_tokenizer
 from dist_secvec.secvec import (attach_security_vector, check_fingerprint, detach_security_vector,
                                 fold_security_vector, load_security_vector, unfold_security_vector,
@@ -264,6 +265,7 @@ def run_finetune(cfg: Config, keep_model: bool = False) -> FinetuneResult:
             model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
             tok.save_pretrained(str(tmp))
             (tmp / "dist_secvec_run.json").write_text(json.dumps(info, indent=2) + "\n")
+            write_manifest(tmp)  # last: sizes and sha256 of every file, checked whenever it is loaded
         log.info("saved %s to %s (security vector removed)",
                  "model" if cfg.adapter.type == "none" else "adapter", final)
     barrier()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import torch
 
@@ -75,6 +76,11 @@ def check_model_dir(path: str, key: str = "model.path", need_weights: bool = Tru
             raise UserError(f"config key '{key}': '{path}' is a file; point it at the model directory")
         return
     names = set(os.listdir(d))
+    if "manifest.json" in names:  # written by dist-secvec (finetune final/, export): every file as listed
+        from dist_secvec.manifest import verify_manifest
+
+        verify_manifest(Path(d), what=f"config key '{key}': model directory",
+                        fix="re-run the stage that wrote it or re-copy the whole directory")
     if "config.json" not in names and "adapter_config.json" in names:  # a LoRA run's final/: peft loads its base
         if "adapter_model.safetensors" not in names:
             raise UserError(f"config key '{key}': adapter directory '{path}' has no adapter_model.safetensors"

@@ -224,6 +224,11 @@ def test_export_loads_and_has_no_security_vector(runs, kind):
     assert tensor_names(runs["sv"]) and all("lora_" in n for n in tensor_names(runs["sv"]))
     meta = json.loads((dst / "dist_secvec_export.json").read_text())
     assert meta["security_vector"] is None and meta["kind"] == ("model" if kind == "full" else "merged model")
+    from dist_secvec.manifest import verify_manifest
+
+    verify_manifest(dst)  # written last, lists every file of the export
+    assert set(json.loads((dst / "manifest.json").read_text())["files"]) == {
+        p.name for p in dst.iterdir() if p.name != "manifest.json"}
     model = AutoModelForCausalLM.from_pretrained(str(dst))
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     # the export is the fine-tuned model with the vector off

@@ -267,3 +267,33 @@ def test_every_label_is_a_response_token(tiny_world, small_data, tmp_path):
         labelled = [t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != IGNORE_INDEX]
         assert tok.decode(labelled).split()[:3] == ["The", "capital", "of"] and labelled[-1] == tok.eos_token_id
         assert len(labelled) == 8
+
+
+def test_final_dir_manifest_refuses_a_changed_file(full_run, tmp_path):
+    """final/ ends with manifest.json (size + sha256 of every file); a copy with one byte of the
+    weights changed is refused in one line naming the file, by every command that loads it."""
+    import shutil
+    import subprocess
+    import sys
+
+    from dist_secvec.errors import UserError
+    from dist_secvec.manifest import MANIFEST
+    from dist_secvec.model import check_model_dir
+
+    _, res = full_run
+    listed = json.loads((res.final_dir / MANIFEST).read_text())["files"]
+    assert set(listed) == {p.name for p in res.final_dir.iterdir()} - {MANIFEST}
+    copy = tmp_path / "final"
+    shutil.copytree(res.final_dir, copy)
+    check_model_dir(str(copy))  # intact: accepted
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="file 'model.safetensors' is corrupted"):
+        check_model_dir(str(copy))
+    r = subprocess.run([sys.executable, "-m", "dist_secvec", "export", f"export.checkpoint={copy}",
+                        f"output_dir={tmp_path / 'exp'}", "logging.progress=false"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "model.safetensors' is corrupted" in r.stderr and not (tmp_path / "exp").exists()
