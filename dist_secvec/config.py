@@ -330,7 +330,10 @@ def read_yaml(path: str, what: str) -> Any:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{what} '{path}'{where}: not valid YAML ({getattr(e, 'problem', e)})")
-    return {} if loaded is None else loaded
+    if loaded is None:
+        raise ConfigError(f"{what} '{path}' is empty (or only comments): write its sections (see configs/)"
+                          + (" or leave out --config" if what == "config file" else ""))
+    return loaded
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None,

@@ -99,9 +99,9 @@ def run_finetune(cfg: Config, keep_model: bool = False) -> FinetuneResult:
     runtime.seed_everything(cfg.seed)
     device = pick_device()
     out = Path(cfg.output_dir)
+    rows = load_samples(cfg.data.train, cfg.data.format, cfg.data.split, cfg.data.max_samples)  # bad rows: before any load
     tok = load_tokenizer(cfg.model)
-    train = tokenize_samples(tok, load_samples(cfg.data.train, cfg.data.format, cfg.data.split,
-                                               cfg.data.max_samples), cfg.data)
+    train = tokenize_samples(tok, rows, cfg.data)
     log.info(train.report("train data"))
 
     hf_ds = None

@@ -71,16 +71,18 @@ def run_train_sv(cfg: Config) -> TrainSVResult:
     runtime.seed_everything(cfg.seed)
     device = pick_device()
     out = Path(cfg.output_dir)
+    # every file is read (and a bad row reported) before the tokenizer and the model load
+    harmful_rows = load_samples(sv_cfg.harmful_data, cfg.data.format)
+    benign_rows = load_samples(sv_cfg.benign_data, cfg.data.format) if sv_cfg.kl_weight > 0 else None
+    heldout_rows = load_samples(sv_cfg.heldout_benign_data, cfg.data.format) if sv_cfg.heldout_benign_data else None
     tok = load_tokenizer(cfg.model)
-    harmful = tokenize_samples(tok, load_samples(sv_cfg.harmful_data, cfg.data.format), cfg.data)
+    harmful = tokenize_samples(tok, harmful_rows, cfg.data)
     log.info(harmful.report("harmful data"))
     benign = None
-    if sv_cfg.kl_weight > 0:
-        benign = tokenize_samples(tok, load_samples(sv_cfg.benign_data, cfg.data.format), cfg.data)
+    if benign_rows is not None:
+        benign = tokenize_samples(tok, benign_rows, cfg.data)
         log.info(benign.report("benign data (KL term)"))
-    heldout = None
-    if sv_cfg.heldout_benign_data:
-        heldout = tokenize_samples(tok, load_samples(sv_cfg.heldout_benign_data, cfg.data.format), cfg.data)
+    heldout = tokenize_samples(tok, heldout_rows, cfg.data) if heldout_rows is not None else None
 
     base = load_model(cfg.model, device, for_training=True)
     model = get_peft_model(base, lora_config(rank=sv_cfg.rank, alpha=sv_cfg.alpha, dropout=sv_cfg.dropout,

@@ -149,8 +149,7 @@ yaml_case("list-for-section", "model:\n  - {model}\n", ["'model'", "mapping"])
 yaml_case("not-a-mapping", "- model\n- optim\n", ["run.yaml", "top level must be a mapping"])
 yaml_case("invalid-yaml", "model:\n  path: x\n  dtype: a: b\n", ["run.yaml", "line 3", "not valid YAML"])
 yaml_case("tab-indent", "model:\n\tpath: x\n", ["run.yaml", "not valid YAML"])
-# an empty recipe is all defaults: the first required key is named
-yaml_case("empty-file", "", ["'model.path'", "required"])
+yaml_case("empty-file", "", ["run.yaml", "is empty", "leave out --config"])
 yaml_case("non-utf8", b"model:\n  path: caf\xe9\n", ["run.yaml", "line 2", "not UTF-8", "re-save"])
 
 

@@ -96,9 +96,13 @@ def test_later_override_wins_and_empty_value_is_null():
     assert cfg.data.max_samples is None
 
 
-def test_empty_yaml_file_is_defaults(tmp_path):
-    cfg = load_config(str(write(tmp_path / "empty.yaml", "")))
-    assert cfg.to_dict() | {"source": None} == Config().to_dict()
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "\n\n"])
+def test_empty_yaml_file_is_a_one_line_error(tmp_path, text):
+    """--config pointing at an empty file is a mistake (a placeholder, the wrong path), not a request
+    for the defaults: say so instead of naming the first required key."""
+    path = write(tmp_path / "empty.yaml", text)
+    with pytest.raises(ConfigError, match=r"config file '.*empty.yaml' is empty \(or only comments\)"):
+        load_config(str(path))
 
 
 def test_scientific_notation_in_yaml_file(tmp_path):
