@@ -151,9 +151,10 @@ def run_killed(cfg: Path, root: Path, seed: int) -> dict:
     for kill in range(kills):
         p, err = start(cfg, out, *extra, tag=f"kill{kill}")
         lo = max(logged_steps(out), default=0) + 1
-        at = rng.randint(lo, max(lo, STEPS - 10 if kill == kills - 1 else STEPS // 2))
+        # steps take a few ms on an idle machine: leave 20 steps between the chosen step and the end
+        at = rng.randint(lo, max(lo, STEPS - 20 if kill == kills - 1 else STEPS // 2 - 5))
         wait_for_step(p, out, at)
-        time.sleep(rng.uniform(0.0, 0.1))
+        time.sleep(rng.uniform(0.0, 0.01))
         p.send_signal(signal.SIGKILL)
         assert p.wait(timeout=60) == -signal.SIGKILL
         if kill > 0:  # this run was itself a resume
@@ -520,8 +521,9 @@ def test_two_ranks_one_killed_the_job_exits_nonzero_in_bounded_time(setup, tmp_p
     text = log.read_text()
     assert rc != 0, text[-3000:]
     if fault == "SIGKILL":
-        # the launcher saw rank 1 die (-9) and killed the other rank: the job ends, it does not hang
-        assert "exits with return code = -9" in text, text[-3000:]
+        # the launcher saw a rank die and killed the other: the job ends, it does not hang. Which
+        # rank it reports first is a race: rank 1 (-9), or rank 0 failing on the broken connection
+        assert re.search(r"exits with return code = -?[1-9]", text), text[-3000:]
         assert took < 60, took
     else:
         # rank 0 gives up after timeout_s (exit 1); the launcher then kills the hung rank 1
