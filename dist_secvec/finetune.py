@@ -4,9 +4,14 @@ The recipe: load the base, add the trainable part (every weight, or a LoRA on a 
 attach the vector from `security_vector.path` (if any) as frozen SecVecLinear layers, train on
 `data.train` with the loss on response tokens, and save the result with the vector removed.
 Nothing of the vector is ever trained: it has requires_grad False, is left out of the optimizer,
-and its digest is checked before the first step and after the last. With a LoRA on a frozen
-unquantized base the vector is instead folded into the base weights once (no per-step cost) and
-the original weights are restored bit for bit before saving (`security_vector.fold`).
+and its digest is checked before the first step, at every checkpoint and after the last. With a
+LoRA on a frozen unquantized base the vector is instead folded into the base weights once (no
+per-step cost) and the original weights are restored bit for bit before saving
+(`security_vector.fold`; under ZeRO-3 layer by layer, restored from the base's safetensors).
+
+One loop for one process (`PlainEngine`) and for DeepSpeed on any number of ranks
+(`DeepSpeedEngine`, see dist_secvec.distributed): checkpoints and resume (dist_secvec.checkpoint),
+SIGTERM/SIGINT stop after a checkpoint (dist_secvec.interrupt), NaN/inf stop or skip.
 """
 
 from __future__ import annotations
