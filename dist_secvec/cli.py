@@ -122,31 +122,8 @@ def preflight(cfg, command: str) -> None:
             check_fingerprint_on_disk(sv, cfg.model.path)
 
 
-def check_utf8(path: str | None, what: str = "config file") -> None:
-    """A config file that is not UTF-8 text is a one-line ConfigError naming the line, not a
-    UnicodeDecodeError from deep inside the YAML reader."""
-    if not path or not os.path.isfile(path):
-        return  # missing: load_config says so
-    from dist_secvec.errors import ConfigError
-
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise ConfigError(f"{what} '{path}' cannot be read ({e.strerror or type(e).__name__}); check its "
-                          "permissions") from e
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise ConfigError(f"{what} '{path}' line {line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); re-save it "
-                          "as UTF-8") from None
-
-
 def _run(args) -> int:
     from dist_secvec.config import load_config, refuse_finished_run, validate
-
-    check_utf8(args.config)
 
     if args.command == "demo":
         from dist_secvec.demo.run import demo_defaults

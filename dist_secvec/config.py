@@ -319,13 +319,33 @@ def _set_nested(data: dict, keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
+def read_utf8(path: str, what: str, unit: str = "line", error: type = ConfigError, name: Optional[str] = None) -> str:
+    """A text file's content; unreadable or not UTF-8 -> one line naming the file (as `name`, the
+    user's spelling, when given) and the line (or row) of the first bad byte, instead of a
+    UnicodeDecodeError from deep inside a reader."""
+    name = name or path
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise error(f"{what} '{name}' cannot be read ({e.strerror or type(e).__name__}); check its "
+                    "permissions") from e
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise error(f"{what} '{name}' {unit} {line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
+                    f"{e.start}); re-save it as UTF-8") from None
+
+
 def read_yaml(path: str, what: str) -> Any:
-    """A YAML file's content ({} when empty); missing file or bad YAML -> one-line ConfigError."""
+    """A YAML file's content; missing, empty, not UTF-8 or bad YAML -> one-line ConfigError."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{what} '{path}' not found: pass an existing YAML file to --config")
+    text = read_utf8(path, what)
     try:
-        loaded = yaml.safe_load(p.read_text())
+        loaded = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import torch
 
-from dist_secvec.config import DataConfig, looks_local
+from dist_secvec.config import DataConfig, looks_local, read_utf8
 from dist_secvec.errors import DataError
 
 IGNORE_INDEX = -100
@@ -93,18 +93,7 @@ def _read_rows(source: str, split: str) -> tuple[list[str], list[tuple[int, dict
 
 
 def _read_text(path: str, source: str) -> str:
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise DataError(f"data file '{source}' cannot be read ({e.strerror or type(e).__name__}); "
-                        "check its permissions") from e
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"data file '{source}' row {line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset "
-                        f"{e.start}); re-save the file as UTF-8") from None
+    text = read_utf8(path, "data file", unit="row", error=DataError, name=source)
     return text[1:] if text.startswith("\ufeff") else text  # a byte-order mark is not data
 
 

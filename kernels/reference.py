@@ -59,6 +59,25 @@ def can_update_in_place(x: torch.Tensor, base_out: torch.Tensor) -> bool:
     return True
 
 
+def add_expand(ctx, base_out: torch.Tensor, rows, t: torch.Tensor, Bt: torch.Tensor, scale: float) -> torch.Tensor:
+    """base_out + scale * t @ Bt: one addmm into the output when the dtypes agree (no M x N delta
+    tensor), into `rows` (base_out's own rows, marked dirty) when updating in place."""
+    N = base_out.shape[-1]
+    if base_out.dtype == t.dtype:
+        if rows is not None:
+            rows.addmm_(t, Bt, alpha=scale)
+        else:
+            return torch.addmm(base_out.reshape(-1, N), t, Bt, alpha=scale).view(base_out.shape)
+    else:
+        delta = ((t @ Bt) * scale).to(base_out.dtype)
+        if rows is not None:
+            rows.add_(delta)
+        else:
+            return base_out + delta.view(base_out.shape)
+    ctx.mark_dirty(base_out)
+    return base_out
+
+
 class SecVecDeltaTorch(torch.autograd.Function):
     """base_out + s * (x A^T) B^T, saving only A and B for backward.
 
@@ -69,24 +88,10 @@ class SecVecDeltaTorch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, base_out, A, B, scale, inplace=False):
         check_shapes(x, base_out, A, B)
-        K, N = x.shape[-1], base_out.shape[-1]
+        K = x.shape[-1]
         rows = rows_view(base_out) if inplace and can_update_in_place(x, base_out) else None
         t = x.reshape(-1, K) @ A.to(x.dtype).t()
-        Bt = B.to(x.dtype).t()
-        if base_out.dtype == x.dtype:
-            if rows is not None:
-                rows.addmm_(t, Bt, alpha=scale)
-            else:
-                out = torch.addmm(base_out.reshape(-1, N), t, Bt, alpha=scale).view(base_out.shape)
-        else:
-            delta = ((t @ Bt) * scale).to(base_out.dtype)
-            if rows is not None:
-                rows.add_(delta)
-            else:
-                out = base_out + delta.view(base_out.shape)
-        if rows is not None:
-            ctx.mark_dirty(base_out)
-            out = base_out
+        out = add_expand(ctx, base_out, rows, t, B.to(x.dtype).t(), scale)
         ctx.save_for_backward(A, B)
         ctx.scale, ctx.x_shape, ctx.x_dtype = scale, x.shape, x.dtype
         return out
@@ -171,28 +176,14 @@ class SecVecLoraDeltaTorch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, base_out, A_v, B_v, s_v, A_l, B_l, s_l, inplace=False):
         check_lora_shapes(x, base_out, A_v, B_v, A_l, B_l)
-        K, N, r_v = x.shape[-1], base_out.shape[-1], A_v.shape[0]
+        K, r_v = x.shape[-1], A_v.shape[0]
         dt = x.dtype
         rows = rows_view(base_out) if inplace and can_update_in_place(x, base_out) else None
         x2d = x.reshape(-1, K)
         h = x2d @ torch.cat([A_v.to(dt), A_l.to(dt)]).t()  # the one pass over x
         h_l = h[:, r_v:]
         hs = torch.cat([h[:, :r_v] * s_v, h_l * s_l], dim=1)
-        Bt = torch.cat([B_v.to(dt), B_l.to(dt)], dim=1).t()
-        if base_out.dtype == dt:
-            if rows is not None:
-                rows.addmm_(hs, Bt)
-            else:
-                out = torch.addmm(base_out.reshape(-1, N), hs, Bt).view(base_out.shape)
-        else:
-            delta = (hs @ Bt).to(base_out.dtype)
-            if rows is not None:
-                rows.add_(delta)
-            else:
-                out = base_out + delta.view(base_out.shape)
-        if rows is not None:
-            ctx.mark_dirty(base_out)
-            out = base_out
+        out = add_expand(ctx, base_out, rows, hs, torch.cat([B_v.to(dt), B_l.to(dt)], dim=1).t(), 1.0)
         save_for_lora_backward(ctx, x2d, h_l, A_v, B_v, A_l, B_l, s_v, s_l, x.shape, dt)
         return out
 
