@@ -212,6 +212,32 @@ def rank_batches(examples: list, micro_batch_size: int, rank: int, world: int,
             yield [examples[j] for j in idx[rank * micro_batch_size:(rank + 1) * micro_batch_size]]
 
 
+def label_tokens(group: list[dict]) -> tuple[list[int], float]:
+    """The label tokens of each of this rank's micro-batches (collated, labels shifted as the loss
+    sees them) and of the whole global batch: all ranks, all micro-batches, at least 1. Collective
+    under several ranks: every rank calls it once per optimizer step."""
+    from dist_secvec.data import IGNORE_INDEX
+
+    counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group]
+    return counts, max(sum(all_reduce_sum([float(sum(counts))])), 1)
+
+
+def micro_loss(engine, batch: dict, n: int) -> torch.Tensor:
+    """The forward of one micro-batch through the engine (never engine.module: ZeRO-3 counts its
+    micro-steps there): the mean loss over its n label tokens. With none (rows cut to their prompt)
+    the forward still runs, so every rank gathers the same ZeRO-3 parameters, and the loss is 0."""
+    if n:
+        return engine(**batch).loss
+    return engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.sum() * 0
+
+
+def loss_weight(n: int, world: int, n_tokens: float) -> float:
+    """What a micro-batch's mean loss is multiplied by before backward, so that after DeepSpeed's
+    average over ranks (and none over micro-batches) the gradient is that of the mean over all
+    n_tokens label tokens of the global batch: ranks x micro-batch x accumulation == one batch."""
+    return n * world / n_tokens
+
+
 # ---------------------------------------------------------------------------------------------
 # the engine
 

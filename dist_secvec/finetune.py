@@ -29,9 +29,10 @@ import torch
 from dist_secvec import runtime
 from dist_secvec.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from dist_secvec.config import Config, save_config
-from dist_secvec.data import IGNORE_INDEX, collate, load_samples, tokenize_samples
+from dist_secvec.data import collate, load_samples, tokenize_samples
 from dist_secvec.distributed import (DeepSpeedEngine, PlainEngine, all_reduce_sum, barrier, ds_config, gathered,
-                                     init_distributed, is_partitioned, numel, partition_report, rank_batches, uses_deepspeed, zero_stage)
+                                     init_distributed, is_partitioned, label_tokens, loss_weight, micro_loss, numel,
+                                     partition_report, rank_batches, uses_deepspeed, zero_stage)
 from dist_secvec.errors import ConfigError, SecurityVectorError, Stopped, UserError
 from dist_secvec.interrupt import StopRequest
 from dist_secvec.manifest import write_manifest
@@ -197,16 +198,12 @@ def run_finetune(cfg: Config, keep_model: bool = False) -> FinetuneResult:
     with StopRequest() as stop:
         for step in range(start + 1, steps + 1):
             group = [to_device(collate(next(micro_batches), pad_id), device) for _ in range(ga)]
-            counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group]
-            n_tokens = max(sum(all_reduce_sum([float(sum(counts))])) if use_ds else sum(counts), 1)
+            counts, n_tokens = label_tokens(group)
             local_loss, finite = 0.0, True
             for i, (b, n) in enumerate(zip(group, counts)):
-                if n:
-                    loss = engine(**b).loss  # mean over this micro-batch's n label tokens
-                else:  # no label token (rows cut to their prompt): every rank still runs the forward
-                    loss = engine(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.sum() * 0
+                loss = micro_loss(engine, b, n)  # mean over this micro-batch's n label tokens
                 finite = finite and bool(torch.isfinite(loss.detach()))
-                engine.backward(loss * (n * world / n_tokens))
+                engine.backward(loss * loss_weight(n, world, n_tokens))
                 if i < ga - 1:
                     engine.step(boundary=False)
                 local_loss += float(loss.detach()) * n / n_tokens

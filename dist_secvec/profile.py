@@ -49,10 +49,10 @@ from torch import nn
 
 from dist_secvec import runtime
 from dist_secvec.config import Config, validate
-from dist_secvec.data import IGNORE_INDEX, collate, endless_batches, load_samples, tokenize_samples
-from dist_secvec.distributed import (DeepSpeedEngine, PlainEngine, all_reduce_sum, barrier, ds_config, held_numel,
-                                     init_distributed, is_partitioned, numel, partition_report, rank_batches,
-                                     uses_deepspeed, zero_stage)
+from dist_secvec.data import collate, load_samples, tokenize_samples
+from dist_secvec.distributed import (DeepSpeedEngine, PlainEngine, barrier, ds_config, held_numel,
+                                     init_distributed, is_partitioned, label_tokens, loss_weight, micro_loss, numel,
+                                     partition_report, rank_batches, uses_deepspeed, zero_stage)
 from dist_secvec.errors import ConfigError, UserError
 from dist_secvec.finetune import fold_choice
 from dist_secvec.model import add_trainable_adapter, load_model, load_tokenizer, unwrap_base
@@ -345,10 +345,7 @@ def run_steps(job: Job, steps: int, warmup: int, trace_path: Optional[Path] = No
     rank, world = (runtime.rank(), runtime.world_size()) if use_ds else (0, 1)
     ga = cfg.optim.gradient_accumulation_steps
     gen = torch.Generator().manual_seed(cfg.seed)
-    if use_ds:
-        micro = rank_batches(job.examples, cfg.optim.micro_batch_size, rank, world, gen, cfg.data.shuffle)
-    else:
-        micro = endless_batches(job.examples, cfg.optim.micro_batch_size, gen, cfg.data.shuffle)
+    micro = rank_batches(job.examples, cfg.optim.micro_batch_size, rank, world, gen, cfg.data.shuffle)  # finetune's order
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     model.train()
@@ -364,22 +361,17 @@ def run_steps(job: Job, steps: int, warmup: int, trace_path: Optional[Path] = No
         _sync(dev)
         t = pc()
         group = [to_device(collate(next(micro), job.pad_id), dev) for _ in range(ga)]
-        counts = [int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in group]
-        # every optimizer step averages over the label tokens of the global batch (all ranks)
-        n_tokens = max(sum(all_reduce_sum([float(sum(counts))])) if use_ds else sum(counts), 1)
+        counts, n_tokens = label_tokens(group)  # the global batch's label tokens (all ranks)
         _sync(dev)
         rec = {"data": pc() - t, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
         comm: Optional[float] = 0.0 if use_ds else None
         for i, (b, n) in enumerate(zip(group, counts)):
             t = pc()
-            if n:
-                loss = eng(**b).loss
-            else:  # no label token: every rank still runs the forward (as in finetune)
-                loss = eng(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.sum() * 0
+            loss = micro_loss(eng, b, n)
             _sync(dev)
             rec["forward"] += pc() - t
             t = pc()
-            eng.backward(loss * (n * world / n_tokens))
+            eng.backward(loss * loss_weight(n, world, n_tokens))
             _sync(dev)
             rec["backward"] += pc() - t
             if i < ga - 1:
