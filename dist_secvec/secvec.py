@@ -12,8 +12,9 @@ its own forward, where ZeRO-3 has gathered them. A trainable peft LoRA on the sa
 outside the wrapper: peft's lora.Linear calls `base_layer(x)`, which is the SecVecLinear. There
 the peft layer's forward is replaced (per instance) by one that computes the vector's and the
 LoRA's shrinks in one pass over x (`apply_secvec_lora_delta`) whenever that gives what peft would
-(one plain LoRA adapter, no dropout in training, same dtypes, no autocast, ...) and calls peft's
-own forward otherwise; DIST_SECVEC_FUSE_LORA=0 turns the fused path off.
+(one plain LoRA adapter, no dropout in training, no autocast, ...; a float32 LoRA on a 16-bit x,
+peft's default, runs the kernel in x's dtype) and calls peft's own forward otherwise, logging
+once per layer why; DIST_SECVEC_FUSE_LORA=0 turns the fused path off.
 When the base weights are frozen and unquantized (a LoRA on a 16/32-bit base), stage 2 folds
 s * B @ A into them once instead (`fold_security_vector`), and `unfold_security_vector` restores
 the original weights bit for bit.
@@ -58,7 +59,7 @@ class SecVecLinear(nn.Module):
 
     Under a peft LoRA layer (attach_security_vector puts it there) this forward usually does not
     run: the LoRA layer's fused forward calls `base_layer.base_layer` and adds the vector and the
-    LoRA in one kernel (`fused_lora_adapter` lists when). `active` and `backend` apply to both
+    LoRA in one kernel (`fused_lora_choice` lists when). `active` and `backend` apply to both
     paths; DIST_SECVEC_FUSE_LORA=0 (or false/no/off) sends every call through peft's forward and
     this one instead.
     """
@@ -482,46 +483,94 @@ def _zero_available(p: torch.Tensor) -> bool:
     return status is None or getattr(status, "name", "AVAILABLE") == "AVAILABLE"
 
 
-def fused_lora_adapter(sub: nn.Module, x: torch.Tensor, kwargs: dict) -> Optional[str]:
-    """The one adapter of peft LoRA layer `sub` that the fused path may compute together with the
-    vector under it, or None when peft's own forward must run. Fused only when it gives what peft
-    would: a SecVecLinear under `sub` and active; DIST_SECVEC_FUSE_LORA not off; adapters enabled and
-    not merged; no adapter_names / variant kwargs; exactly one active adapter with a plain LoRA
-    (no DoRA or other variant, no LoRA bias, nn.Linear A and B); its dropout an identity (nn.Identity,
-    p=0 or not training); x, lora A and lora B of one dtype (peft would cast x to the LoRA's) and
-    autocast off; all four weights present (not partitioned away by ZeRO-3)."""
+#: x dtypes on which a LoRA kept in float32 (peft's default on a 16-bit base: autocast_adapter_dtype)
+#: is fused anyway: the kernel runs in x's dtype with fp32 accumulation on the LoRA weights rounded
+#: to it, and dA / dB flow back to the fp32 parameters in fp32 (see dispatch.apply_secvec_lora_delta).
+FUSED_UPCAST_X_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def fused_lora_dtypes_ok(x_dtype: torch.dtype, lora_dtype: torch.dtype) -> bool:
+    """The fused path's dtype rule: the LoRA in x's dtype, or in float32 on a 16-bit x. (peft instead
+    casts x up to the LoRA's float32 for the LoRA product; the fused kernel keeps the 16-bit compute
+    of the rest of the layer, with fp32 accumulation. Any other pair, e.g. a float64 LoRA on float32
+    x, runs peft's forward.)"""
+    return lora_dtype == x_dtype or (lora_dtype == torch.float32 and x_dtype in FUSED_UPCAST_X_DTYPES)
+
+
+def fused_lora_choice(sub: nn.Module, x: torch.Tensor, kwargs: dict) -> tuple[Optional[str], str]:
+    """(adapter, "") when the fused path may compute the one active adapter of peft LoRA layer `sub`
+    together with the vector under it, else (None, why peft's own forward must run). Fused only when
+    it gives what peft would, up to the dtype rule of `fused_lora_dtypes_ok`: a SecVecLinear under
+    `sub` and active; DIST_SECVEC_FUSE_LORA not off; adapters enabled and not merged; no adapter_names /
+    variant kwargs; exactly one active adapter with a plain LoRA (no DoRA or other variant, no LoRA
+    bias, nn.Linear A and B); its dropout an identity (nn.Identity, p=0 or not training); lora A and
+    B of one dtype that `fused_lora_dtypes_ok` accepts for x, and autocast off; all four weights
+    present (not partitioned away by ZeRO-3)."""
     sv = getattr(sub, "base_layer", None)
-    if not isinstance(sv, SecVecLinear) or not sv.active or not fuse_lora_enabled():
-        return None
+    if not isinstance(sv, SecVecLinear):
+        return None, "no security vector under this layer"
+    if not sv.active:
+        return None, "vector off"
+    if not fuse_lora_enabled():
+        return None, f"{FUSE_LORA_ENV}=0"
     if getattr(sub, "disable_adapters", True) or getattr(sub, "merged", True):
-        return None
+        return None, "adapters disabled or merged"
     if kwargs.get("adapter_names") is not None or any(kwargs.get(k) is not None for k in _variant_kwarg_keys()):
-        return None
+        return None, "adapter_names / LoRA variant arguments in the call"
     lora_A, lora_B = getattr(sub, "lora_A", {}), getattr(sub, "lora_B", {})
     active = [a for a in sub.active_adapters if a in lora_A]
     if len(active) != 1:
-        return None
+        return None, f"{len(active)} active LoRA adapters (fused: exactly one)"
     n = active[0]
     if n not in lora_B or n in getattr(sub, "lora_variant", {}) or getattr(sub, "use_dora", {}).get(n, False):
-        return None
+        return None, f"adapter {n!r} is a LoRA variant (DoRA, ...)"
     a, b = lora_A[n], lora_B[n]
     if not (isinstance(a, nn.Linear) and isinstance(b, nn.Linear)) or a.bias is not None or b.bias is not None:
-        return None
+        return None, f"adapter {n!r} is not a plain bias-free nn.Linear pair"
     drop = sub.lora_dropout[n]
     if not (isinstance(drop, nn.Identity) or not drop.training or (isinstance(drop, nn.Dropout) and drop.p == 0)):
-        return None
-    if not (x.dtype == a.weight.dtype == b.weight.dtype) or _autocast_on(x):
-        return None
+        return None, f"LoRA dropout active in training ({drop})"
+    if a.weight.dtype != b.weight.dtype or not fused_lora_dtypes_ok(x.dtype, a.weight.dtype):
+        return None, (f"dtypes: x {x.dtype}, lora A {a.weight.dtype}, lora B {b.weight.dtype} "
+                      "(fused: the LoRA in x's dtype, or float32 on a 16-bit x)")
+    if _autocast_on(x):
+        return None, "autocast on"
     if not all(_zero_available(p) for p in (a.weight, b.weight, sv.secvec_A, sv.secvec_B)):
-        return None
-    return n
+        return None, "a weight is partitioned away by ZeRO-3"
+    return n, ""
+
+
+def fused_lora_adapter(sub: nn.Module, x: torch.Tensor, kwargs: dict) -> Optional[str]:
+    """The adapter `fused_lora_choice` allows, or None."""
+    return fused_lora_choice(sub, x, kwargs)[0]
+
+
+#: fallback reasons that are the caller's intent, not a missed fused path: never logged
+_QUIET_FALLBACKS = ("vector off", f"{FUSE_LORA_ENV}=0", "adapters disabled or merged")
+
+
+def _log_fallback(sub: nn.Module, reason: str) -> None:
+    """Say once per layer and reason (rank 0, INFO) that a LoRA layer runs peft's unfused path."""
+    if reason in _QUIET_FALLBACKS:
+        return
+    seen = sub.__dict__.setdefault("_secvec_fallbacks_logged", set())
+    if reason in seen:
+        return
+    seen.add(reason)
+    from dist_secvec.runtime import is_main
+
+    if is_main():
+        name = sub.__dict__.get("_secvec_name", type(sub).__name__)
+        log.info("security vector + LoRA on %s: peft's unfused forward (the vector in its SecVecLinear), "
+                 "not the fused kernel: %s", name, reason)
 
 
 def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Installed per instance on a peft LoRA layer whose base_layer is a SecVecLinear: the inner base,
-    then vector + LoRA in one kernel; peft's own forward when `fused_lora_adapter` says no."""
-    n = fused_lora_adapter(self, x, kwargs)
+    then vector + LoRA in one kernel; peft's own forward when `fused_lora_choice` says no."""
+    n, why = fused_lora_choice(self, x, kwargs)
     if n is None:
+        _log_fallback(self, why)
         return type(self).forward(self, x, *args, **kwargs)
     for k in ("adapter_names", *_variant_kwarg_keys()):
         kwargs.pop(k, None)
@@ -557,13 +606,14 @@ def _register_external(sub: nn.Module) -> None:
         deepspeed.zero.register_external_parameter(sub, p)
 
 
-def _install_fused_forward(sub: nn.Module) -> bool:
+def _install_fused_forward(sub: nn.Module, name: str = "") -> bool:
     """Give peft LoRA layer `sub` the fused forward (an instance attribute; the class's forward stays
     peft's and is the fallback). Left alone when something else already set an instance forward
     (e.g. accelerate's hooks), which the fused forward would bypass."""
     if not hasattr(sub, "lora_A") or "forward" in sub.__dict__:
         return False
     sub.forward = _fused_lora_forward.__get__(sub)
+    sub._secvec_name = name
     if "deepspeed" in sys.modules:  # imported by init_distributed before attach in DeepSpeed runs
         _register_external(sub)
     return True
@@ -572,6 +622,8 @@ def _install_fused_forward(sub: nn.Module) -> bool:
 def _remove_fused_forward(sub: nn.Module) -> None:
     if _is_fused(sub):
         del sub.__dict__["forward"]
+    for k in ("_secvec_name", "_secvec_fallbacks_logged"):
+        sub.__dict__.pop(k, None)
     ext = getattr(sub, "_external_params", None)
     if isinstance(ext, dict):
         for p in _fused_params(sub):
@@ -598,7 +650,7 @@ def attach_security_vector(model, sv: SecurityVector, backend: str = "auto",
     Where the target is a peft LoRA layer the SecVecLinear goes under it (its base_layer) and the
     LoRA layer gets a fused forward: the inner base, then the vector and the LoRA added by one kernel
     that reads x once (`apply_secvec_lora_delta`, exact LoRA gradients, none for the vector), falling
-    back to peft's forward per call when fusing would change what peft computes (`fused_lora_adapter`).
+    back to peft's forward per call when fusing would change what peft computes (`fused_lora_choice`).
     DIST_SECVEC_FUSE_LORA=0 disables it. Under ZeRO-3 the fused path's parameters are registered as
     external parameters of the LoRA layer (here if deepspeed is imported, else
     `register_fused_params_for_zero3`). detach_security_vector restores peft's forward."""
@@ -622,7 +674,7 @@ def attach_security_vector(model, sv: SecurityVector, backend: str = "auto",
         layer.to(ref.device)
         setattr(holder, attr, layer)
         if holder is sub:
-            _install_fused_forward(sub)
+            _install_fused_forward(sub, mod)
         wrapped.append(layer)
     return wrapped
 

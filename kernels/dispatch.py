@@ -54,7 +54,10 @@ def apply_secvec_lora_delta(x: torch.Tensor, base_out: torch.Tensor, A_v: torch.
     (A_l: r_l x K, B_l: N x r_l) on the same layer. Gradients: x, base_out, A_l and B_l get exact
     ones (dx = s_v (dy B_v) A_v + s_l (dy B_l) A_l, dA_l = s_l (dy B_l)^T x, dB_l = s_l dy^T h_l);
     A_v and B_v never get one, whatever their requires_grad. The LoRA sees x itself (no dropout).
-    Dtypes and inplace as apply_secvec_delta; dA_l / dB_l come back in A_l's / B_l's dtype.
+    Dtypes and inplace as apply_secvec_delta: the math runs in x's dtype with fp32 accumulation,
+    all four weights rounded to it; dA_l / dB_l come back in A_l's / B_l's own dtype, so a float32
+    LoRA on bf16/fp16 x (peft's default on a 16-bit base) trains float32 parameters with gradients
+    of the 16-bit dtype's precision (see secvec_lora_delta.py, "Dtypes").
     """
     if resolve_backend(backend, x.device) == "triton":
         from dist_secvec_kernels.secvec_lora_delta import SecVecLoraDeltaTriton

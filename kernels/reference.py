@@ -139,14 +139,16 @@ def check_lora_shapes(x: torch.Tensor, base_out: torch.Tensor, A_v: torch.Tensor
 
 
 def lora_grads(ctx, dy2d: torch.Tensor, g_l: torch.Tensor | None):
-    """dA_l = s_l g_l^T x and dB_l = s_l dy^T h_l (in the LoRA weights' dtypes), each only when
-    needed; ctx holds x2d / h_l as saved by the forward. Shared by the torch and Triton paths."""
+    """dA_l = s_l g_l^T x and dB_l = s_l dy^T h_l, each only when needed; ctx holds x2d / h_l as
+    saved by the forward. The products run in x's dtype (fp32 accumulation); the result is cast to
+    the LoRA weight's own dtype before s_l is applied (a float32 LoRA on a bf16 x: the backward of
+    the forward's rounding cast, then one fp32 multiply). Shared by the torch and Triton paths."""
     need_a, need_b = ctx.needs_input_grad[5], ctx.needs_input_grad[6]
     dA = dB = None
     if need_a:
-        dA = (g_l.t() @ ctx.x2d).mul_(ctx.s_l).to(ctx.a_l_dtype)
+        dA = (g_l.t() @ ctx.x2d).to(ctx.a_l_dtype).mul_(ctx.s_l)
     if need_b:
-        dB = (dy2d.t() @ ctx.h_l.to(dy2d.dtype)).mul_(ctx.s_l).to(ctx.b_l_dtype)
+        dB = (dy2d.t() @ ctx.h_l.to(dy2d.dtype)).to(ctx.b_l_dtype).mul_(ctx.s_l)
     return dA, dB
 
 
@@ -168,7 +170,8 @@ class SecVecLoraDeltaTorch(torch.autograd.Function):
     """base_out + s_v (x A_v^T) B_v^T + s_l (x A_l^T) B_l^T with one shrink matmul over x.
 
     Exact gradients for x, base_out, A_l and B_l; none for A_v, B_v. All four weights are cast to
-    x's dtype for the matmuls (as secvec_delta does); dA_l / dB_l come back in A_l's / B_l's dtype.
+    x's dtype for the matmuls (as secvec_delta does); dA_l / dB_l come back in A_l's / B_l's dtype
+    (the dtype rule of a float32 LoRA on a 16-bit x: kernels/secvec_lora_delta.py, "Dtypes").
     The expand is one addmm of [s_v h_v, s_l h_l] with [B_v, B_l] into base_out (one pass over
     the output); inplace follows SecVecDeltaTorch.
     """

@@ -23,6 +23,14 @@ accumulation, t rounded to the input dtype before the expand, s applied in fp32 
 fp32 result, IEEE fp32 dot unless torch allows TF32. Each rank is padded on its own to a power of
 two >= 16 (tl.dot's minimum); r_v, r_l <= 128.
 
+Dtypes: the math runs in x's dtype (dy's in backward). All four weights are rounded to it first
+(on the host, r x K / N x r copies, so the interpreter's fp32 upcast of bf16 sees the same
+rounded weights as a GPU's bf16 dot); the usual case is a float32 LoRA (peft keeps adapters in
+float32 on a 16-bit base) on bf16/fp16 x. dA_l and dB_l are computed in x's dtype with fp32
+accumulation and come back in A_l's / B_l's own dtype: the backward of that rounding cast, so a
+float32 LoRA parameter gets a float32 gradient (of bf16/fp16 precision). peft would instead cast x
+up to float32 for the LoRA product; the two agree within the 16-bit dtype's tolerance.
+
 Saved for backward: A_v, B_v, A_l, B_l, and x (only if A_l needs a gradient) and h_l (only if B_l
 does). x is what peft's lora_A saves anyway. inplace=True writes into base_out under the rules of
 reference.can_update_in_place.
@@ -177,7 +185,8 @@ class SecVecLoraDeltaTriton(torch.autograd.Function):
             out2d, base2d = out.view(-1, N), base_out.reshape(-1, N)
         x2d = x.reshape(-1, K)
         h_l = torch.empty(x2d.shape[0], A_l.shape[0], dtype=x.dtype, device=x.device)
-        two_lowrank_update(x2d, A_v, B_v, s_v, A_l, B_l, s_l, h_l, base2d, out2d)
+        Av, Bv, Al, Bl = (w.to(x.dtype) for w in (A_v, B_v, A_l, B_l))  # no copy when already x's dtype
+        two_lowrank_update(x2d, Av, Bv, s_v, Al, Bl, s_l, h_l, base2d, out2d)
         if in_place:
             ctx.mark_dirty(base_out)
         save_for_lora_backward(ctx, x2d, h_l, A_v, B_v, A_l, B_l, s_v, s_l, x.shape, x.dtype)
@@ -185,7 +194,7 @@ class SecVecLoraDeltaTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        A_v, B_v, A_l, B_l = unpack_lora_saved(ctx)
+        A_v, B_v, A_l, B_l = (w.to(dy.dtype) for w in unpack_lora_saved(ctx))
         K, N = A_v.shape[1], B_v.shape[0]
         dy2d = dy.reshape(-1, N)
         # dx and g_l are written whole by the kernel, so torch.empty (not zeros) is safe.

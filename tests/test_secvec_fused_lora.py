@@ -239,6 +239,84 @@ def test_qlora_nf4_fused_equals_unfused(tiny_world, random_vector, batch, monkey
 
 
 # ---------------------------------------------------------------------------------------------
+# 16-bit bases: peft keeps the LoRA in float32 (autocast_adapter_dtype) and casts x up for it; the
+# fused path runs in x's dtype with the LoRA rounded to it (dispatch.apply_secvec_lora_delta) and
+# must still be taken, within bf16 tolerance of peft's path
+
+
+def bf16_base(tw, kind):
+    if kind == "bf16":
+        return plain_base(tw.model_dir).to(torch.bfloat16)
+    from dist_secvec.config import load_config
+    from dist_secvec.model import load_model
+
+    return load_model(load_config(None, [f"model.path={tw.model_dir}", "model.quantization=nf4", "model.dtype=bfloat16",
+                                         "model.compute_dtype=bfloat16", "model.quant_storage=bfloat16"]).model)
+
+
+def _close_bf16(got, want, msg=""):
+    """bf16 tolerance relative to the largest element: the LoRA product rounds its weights and x A^T
+    to bf16 on one path and not on the other (peft upcasts x), 2**-8 relative per rounding, and the
+    bf16 model carries each difference on. Measured on CPU: loss 3e-6 (bf16) / 2e-5 (nf4) relative,
+    LoRA grads 2.1% / 1.5% and dx 1.6% / 1.3% of their largest element."""
+    scale = want.abs().max().item()
+    torch.testing.assert_close(got.float(), want.float(), rtol=4e-2, atol=4e-2 * scale, msg=msg)
+
+
+@pytest.mark.parametrize("kind", ["bf16", "nf4"])
+def test_bf16_base_fp32_lora_takes_fused_path(tiny_world, random_vector, batch, monkeypatch, kind, caplog):
+    model = peft_model(tiny_world.model_dir, base=bf16_base(tiny_world, kind))
+    lora_params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert lora_params and all(p.dtype == torch.float32 for p in lora_params.values())  # peft's default
+    layers = attach_security_vector(model, load_security_vector(str(random_vector)))
+    assert all(layer.secvec_A.dtype == torch.bfloat16 for layer in layers)
+    unfused = copy.deepcopy(model)
+    calls = Calls(monkeypatch)
+    with caplog.at_level("INFO", logger="dist_secvec.secvec"):
+        loss_f, grads_f, dx_f, after_f = train_step(model, batch, lr=0.2)
+    assert calls.n == 6 * 2, "the fused path was not taken on a bf16 base with float32 LoRA weights"
+    assert not [r for r in caplog.records if "unfused" in r.getMessage()]
+    monkeypatch.setenv(FUSE_LORA_ENV, "0")
+    loss_u, grads_u, dx_u, after_u = train_step(unfused, batch, lr=0.2)
+    assert calls.n == 6 * 2
+    assert grads_f.keys() == grads_u.keys() == lora_params.keys()
+    _close_bf16(loss_f, loss_u)
+    _close_bf16(after_f, after_u)
+    assert after_f < loss_f
+    for n in grads_f:
+        assert grads_f[n].dtype == torch.float32 and grads_f[n].abs().max() > 0, n  # fp32 grads on fp32 params
+        _close_bf16(grads_f[n], grads_u[n], msg=n)
+    _close_bf16(dx_f, dx_u)
+    for layer in layers:
+        assert layer.secvec_A.grad is None and layer.secvec_B.grad is None
+
+
+def test_fallback_logged_once_per_layer(tiny_world, random_vector, batch, monkeypatch, caplog):
+    """A LoRA dtype the rule refuses (float64 on float32 x): peft's path, said once per layer at INFO."""
+    model, _ = fused_model_of(tiny_world, random_vector)
+    first = lora_layers(model)[0]
+    first.lora_A["default"].to(torch.float64)
+    first.lora_B["default"].to(torch.float64)
+    calls = Calls(monkeypatch)
+    with caplog.at_level("INFO", logger="dist_secvec.secvec"):
+        logits(model.eval(), batch)
+        logits(model, batch)
+    assert calls.n == 2 * 5
+    msgs = [r.getMessage() for r in caplog.records if "unfused" in r.getMessage()]
+    assert len(msgs) == 1 and "torch.float64" in msgs[0] and "q_proj" in msgs[0], msgs
+    # intended fallbacks (the vector switched off) are not logged
+    caplog.clear()
+    with caplog.at_level("INFO", logger="dist_secvec.secvec"), security_vector_off(model):
+        logits(model, batch)
+    assert not [r for r in caplog.records if "unfused" in r.getMessage()]
+
+
+def fused_model_of(tw, vector):
+    model = peft_model(tw.model_dir)
+    return model, attach_security_vector(model, load_security_vector(str(vector)), backend="torch")
+
+
+# ---------------------------------------------------------------------------------------------
 # ZeRO-3 on one CPU rank (a subprocess: its own process group), every parameter partitioned
 
 

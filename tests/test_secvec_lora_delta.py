@@ -94,6 +94,9 @@ CASES = [
     ((2, 19), 100, 70, 8, 16, (bf16, bf16, bf16), False),  # interpreter: the kernel's fp32 upcast path
     ((150,), 300, 520, 64, 16, (f32, f32, f32), False),  # several M, K and N blocks in the interpreter
     ((5, 8), 64, 48, 8, 8, (f16, f32, f32), False),  # fp16 activations, fp32 output and weights
+    # a float32 LoRA on a 16-bit base (peft's default): math in x's dtype, fp32 dA_l / dB_l
+    ((2, 19), 100, 70, 8, 16, (bf16, bf16, f32), False),
+    ((37,), 100, 70, 8, 8, (f16, f16, f32), True),
 ]
 
 
