@@ -23,6 +23,7 @@ from dist_secvec.errors import ConfigError
 
 # The projections of Llama-style blocks: all attention and MLP linears.
 ALL_LINEAR_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEFAULT_SV_RANK = 8  # stage 1's vector rank when security_vector.rank is not set
 DATA_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet")
 
 
@@ -56,9 +57,14 @@ class DataConfig:
 @dataclass
 class SecurityVectorConfig:
     path: Optional[str] = None  # stage 2: the trained vector directory; None = no vector
-    rank: int = 8
+    # rank and target_modules: None = not set by the user. Stage 1 then trains a rank-8
+    # (DEFAULT_SV_RANK) vector on ALL_LINEAR_TARGETS; stage 2 takes both from the vector's own files,
+    # and a value that is set must match the vector (a one-line error otherwise, before the model
+    # loads). None, not a default value, marks "unset" so that the mark survives Config.to_dict,
+    # save_config and configs built from another config (the demo, the experiment runner).
+    rank: Optional[int] = None
     alpha: float = 16.0
-    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR_TARGETS))
+    target_modules: Optional[list[str]] = None
     dropout: float = 0.0
     layers: Optional[list[int]] = None  # transformer block indices to adapt (None = all)
     # stage 1 (train-sv): harmful set the vector learns, benign set it must leave unchanged
@@ -438,7 +444,7 @@ def validate(cfg: Config, command: str) -> Config:
         raise ConfigError(f"config key 'optim.betas': expected two numbers in [0, 1), got {cfg.optim.betas}")
     if cfg.optim.max_steps is None and cfg.optim.epochs <= 0:
         raise ConfigError("config key 'optim.epochs': must be > 0 when optim.max_steps is not set")
-    if not cfg.security_vector.target_modules:
+    if cfg.security_vector.target_modules is not None and not cfg.security_vector.target_modules:
         raise ConfigError("config key 'security_vector.target_modules': name at least one module (e.g. q_proj)")
     if cfg.adapter.type == "lora" and not cfg.adapter.target_modules:
         raise ConfigError("config key 'adapter.target_modules': name at least one module for the LoRA")

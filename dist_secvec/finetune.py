@@ -72,6 +72,24 @@ def fold_choice(cfg: Config) -> tuple[bool, str]:
     return True, "LoRA on a frozen unquantized base"
 
 
+def check_vector_config(cfg: Config, sv) -> None:
+    """Stage 2 takes the vector's rank and target modules from its own files; a value the user set
+    in security_vector.rank / security_vector.target_modules (None = not set, see config.py) states
+    which vector they expect, and a vector of another shape is refused in one line naming the key,
+    both values and the fix (called before the model loads: CLI preflight and run_finetune)."""
+    want, path = cfg.security_vector, cfg.security_vector.path
+    if want.rank is not None and want.rank != sv.rank:
+        raise ConfigError(f"config key 'security_vector.rank': the config says {want.rank} but the vector '{path}' "
+                          f"has rank {sv.rank}; set security_vector.rank={sv.rank} or remove the key (stage 2 "
+                          f"takes it from the vector), or point security_vector.path at a rank-{want.rank} vector")
+    if want.target_modules is not None and sorted(set(want.target_modules)) != sorted(set(sv.target_modules)):
+        have = ",".join(sorted(set(sv.target_modules)))
+        raise ConfigError(f"config key 'security_vector.target_modules': the config says "
+                          f"[{','.join(sorted(set(want.target_modules)))}] but the vector '{path}' targets [{have}]; "
+                          f"set security_vector.target_modules=[{have}] or remove the key (stage 2 takes them from "
+                          "the vector), or point security_vector.path at a vector trained on those modules")
+
+
 def _check_frozen_vector(engine, sv_params: list) -> None:
     """The vector's parameters are never trainable, never in an optimizer, never get a gradient."""
     ids = {id(p) for p in sv_params}
@@ -106,6 +124,10 @@ def run_finetune(cfg: Config, keep_model: bool = False) -> FinetuneResult:
     device = pick_device()
     out = Path(cfg.output_dir)
     rows = load_samples(cfg.data.train, cfg.data.format, cfg.data.split, cfg.data.max_samples)  # bad rows: before any load
+    sv = None
+    if cfg.security_vector.path:  # files, hashes and shape checked before the model loads
+        sv = load_security_vector(cfg.security_vector.path)
+        check_vector_config(cfg, sv)
     tok = load_tokenizer(cfg.model)
     train = tokenize_samples(tok, rows, cfg.data)
     log.info(train.report("train data"))
@@ -120,8 +142,7 @@ def run_finetune(cfg: Config, keep_model: bool = False) -> FinetuneResult:
     model = load_model(cfg.model, device, for_training=True)
     model = add_trainable_adapter(model, cfg.adapter)
     sv_layers, folded = [], []
-    if cfg.security_vector.path:
-        sv = load_security_vector(cfg.security_vector.path)
+    if sv is not None:
         check_fingerprint(sv, model, cfg.model.path)
         fold, why = fold_choice(cfg)
         if fold:

@@ -11,6 +11,7 @@ After training, the shift on held-out benign samples is reported (mean KL, top-1
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from dist_secvec import runtime
-from dist_secvec.config import Config, save_config
+from dist_secvec.config import ALL_LINEAR_TARGETS, DEFAULT_SV_RANK, Config, save_config
 from dist_secvec.data import batches, collate, endless_batches, load_samples, tokenize_samples
 from dist_secvec.model import load_model, load_tokenizer, lora_config
 from dist_secvec.secvec import PEFT_PREFIX, base_fingerprint, save_security_vector
@@ -67,6 +68,11 @@ def run_train_sv(cfg: Config) -> TrainSVResult:
     # ---- setup: tokenizer, harmful + benign data, frozen base with a trainable vector
     from peft import get_peft_model
 
+    # the vector's shape: what the user set, else rank 8 on every linear (config.yaml records it)
+    cfg = dataclasses.replace(cfg, security_vector=dataclasses.replace(
+        cfg.security_vector,
+        rank=cfg.security_vector.rank if cfg.security_vector.rank is not None else DEFAULT_SV_RANK,
+        target_modules=list(cfg.security_vector.target_modules or ALL_LINEAR_TARGETS)))
     sv_cfg = cfg.security_vector
     runtime.seed_everything(cfg.seed)
     device = pick_device()

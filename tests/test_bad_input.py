@@ -430,6 +430,24 @@ vector_case("no-fingerprint", lambda d, e: vector_copy(d, e, edit_json("secvec.j
 vector_case("not-a-vector-dir", lambda d, e: e.model, ["adapter_model.safetensors is missing"])
 
 
+# security_vector.rank / target_modules set by the user but not the vector's: stage 2 takes both
+# from the vector's files when they are unset (None), and refuses a vector of another shape when set
+VECTOR_SHAPE_CASES = {
+    "rank": (["security_vector.rank=8"], ["'security_vector.rank'", "the config says 8", "has rank 4",
+                                          "set security_vector.rank=4 or remove the key"]),
+    "target-modules": (["security_vector.target_modules=[q_proj,k_proj]"],
+                       ["'security_vector.target_modules'", "the config says [k_proj,q_proj]",
+                        "targets [down_proj,q_proj,v_proj]",
+                        "set security_vector.target_modules=[down_proj,q_proj,v_proj] or remove the key"]),
+    "target-modules-subset": (["security_vector.target_modules=[q_proj,v_proj]", "security_vector.rank=4"],
+                              ["'security_vector.target_modules'", "targets [down_proj,q_proj,v_proj]"]),
+}
+for _name, (_extra, _must) in VECTOR_SHAPE_CASES.items():
+    @case(f"vector-config-{_name}-differs")
+    def _(d: Path, e: Env, _extra=_extra, _must=_must) -> Spec:
+        return Spec(finetune(d, e, f"security_vector.path={e.vector}", *_extra), [str(e.vector)] + _must)
+
+
 # ---- output dir that already holds a finished run; export into a non-empty dir
 
 
@@ -693,3 +711,27 @@ def test_atomic_dir_recovers_from_a_killed_save(tmp_path):
     # the previous version is back, the half-written one is gone
     assert (final / "weights").read_text() == "previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final", "other"]
+
+
+@pytest.mark.parametrize("overrides", [[], ["security_vector.rank=4"],
+                                       ["security_vector.target_modules=[v_proj,down_proj,q_proj]"],
+                                       ["security_vector.rank=4", "security_vector.target_modules=[q_proj,v_proj,down_proj]"]],
+                         ids=["unset", "rank-matches", "targets-match", "both-match"])
+def test_vector_shape_keys_unset_or_matching_are_accepted(env, overrides):
+    """Unset (None: not given by the user) means "the vector's own"; a set value that matches passes.
+    None survives a round trip through to_dict (the demo and the experiment runner build stage
+    configs that way, and a run's saved config.yaml can be passed back)."""
+    from dist_secvec.config import load_config, validate
+    from dist_secvec.finetune import check_vector_config
+    from dist_secvec.secvec import load_security_vector
+
+    cfg = validate(load_config(None, [f"model.path={env.model}", f"data.train={env.train}",
+                                      f"security_vector.path={env.vector}", *overrides]), "finetune")
+    sv = load_security_vector(str(env.vector))
+    check_vector_config(cfg, sv)
+    again = load_config(None, None, base={k: v for k, v in cfg.to_dict().items() if k != "source"})
+    assert (again.security_vector.rank, again.security_vector.target_modules) == (
+        cfg.security_vector.rank, cfg.security_vector.target_modules)
+    check_vector_config(again, sv)
+    if not overrides:
+        assert cfg.security_vector.rank is None and cfg.security_vector.target_modules is None

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_secvec.config import (ALL_LINEAR_TARGETS, Config, DataConfig, ModelConfig, OptimConfig, load_config,
+from dist_secvec.config import (ALL_LINEAR_TARGETS, AdapterConfig, Config, DataConfig, ModelConfig, OptimConfig, load_config,
                                 validate)
 from dist_secvec.errors import ConfigError, UserError
 
@@ -39,7 +39,9 @@ def test_defaults_load_and_equal_the_dataclass_defaults():
     assert cfg.optim.lr == OptimConfig.lr and isinstance(cfg.optim.lr, float)
     assert cfg.model.quantization == "none" and cfg.adapter.type == "none"
     assert cfg.adapter.target_modules == ALL_LINEAR_TARGETS
-    assert cfg.adapter.target_modules is not cfg.security_vector.target_modules  # no shared mutable default
+    assert cfg.adapter.target_modules is not AdapterConfig().target_modules  # no shared mutable default
+    # unset (None): stage 1 trains rank 8 on every linear, stage 2 takes the vector's own
+    assert cfg.security_vector.rank is None and cfg.security_vector.target_modules is None
 
 
 def test_yaml_file_then_overrides(tmp_path):
