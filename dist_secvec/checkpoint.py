@@ -9,8 +9,8 @@ Layout, one directory per checkpoint:
         trainer_state.json                                   (step, losses, world, batch sizes, vector digest)
         manifest.json                                        (every file: size and sha256; written last)
 
-Every rank writes into `.step_00000040.tmp`; rank 0 writes the manifest last and renames the
-directory into place, so a directory without a manifest (a crash mid-save) is never resumed
+Every rank writes into `.step_00000040.tmp` and fsyncs what it wrote; rank 0 writes the manifest
+last, fsyncs, and renames the directory into place, so a directory without a manifest (a crash mid-save) is never resumed
 from. On resume the manifest is checked file by file before anything is loaded.
 Data order needs no state: the stream of micro-batches is a function of the seed, and the
 resumed run passes over the `step * gradient_accumulation_steps` micro-batches already trained.
@@ -167,13 +167,16 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, state: dict, keep
             torch.save(engine.optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(engine.scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / f"rng_rank{runtime.rank()}.json").write_text(json.dumps(rng_state()))
+        runtime.fsync_tree(tmp)  # each rank: its own files on disk (a no-op for the others' files)
         barrier()
         if runtime.is_main():
             (tmp / STATE).write_text(json.dumps(dict(state, step=step), indent=1) + "\n")
             write_manifest(tmp)
+            runtime.fsync_tree(tmp)  # state and manifest too, before the rename makes it a checkpoint
             if final.exists():
                 _remove(final)
             tmp.rename(final)
+            runtime.fsync_dir(root)
             for old in complete_checkpoints(output_dir)[:-keep]:
                 _remove(old)
     except OSError as e:

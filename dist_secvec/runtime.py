@@ -77,12 +77,39 @@ def _recover_killed_save(final: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def fsync_dir(d: Path) -> None:
+    """Make a directory's entries (a rename into it, new files) durable."""
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno != errno.EINVAL:  # file systems that cannot sync a directory say EINVAL: nothing to do
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file under `root`, then its directories bottom-up, so that after a power loss a
+    directory renamed into place holds its files with their content, never empty or short ones."""
+    for d, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(d, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(d))
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Write a directory under a temporary name and rename it into place only when complete.
 
     A crash leaves the previous `final` untouched and at most a `.tmp-*` sibling behind, so a
-    half-written directory is never mistaken for a finished one. A write that fails (disk full,
+    half-written directory is never mistaken for a finished one. Files and directories are fsynced
+    before the rename and the parent after it, so a power loss cannot leave a renamed `final` with
+    empty or short files either. A write that fails (disk full,
     file too large, no permission) removes the temporary directory and ends in a one-line
     `UserError` naming `final` (see `save_error`), the previous `final` untouched.
     """
@@ -98,6 +125,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         raise save_error(final, e) from e
     try:
         yield tmp
+        fsync_tree(tmp)  # content on disk before the rename makes it visible as finished
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         err = save_error(final, e)
@@ -116,6 +144,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         raise save_error(final, e) from e
     if old.exists():
         shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(final.parent)  # the rename itself
 
 
 # ---------------------------------------------------------------------------------------------

@@ -735,3 +735,70 @@ def test_vector_shape_keys_unset_or_matching_are_accepted(env, overrides):
     check_vector_config(again, sv)
     if not overrides:
         assert cfg.security_vector.rank is None and cfg.security_vector.target_modules is None
+
+
+# ---------------------------------------------------------------------------------------------
+# durability: what a save renames into place was fsynced first (files, directories), then the rename
+
+
+@pytest.fixture
+def fsync_log(monkeypatch):
+    """Every os.fsync call as the path of its file descriptor (and os.rename calls, in order)."""
+    events = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def rename(src, dst, *a, **k):
+        events.append(("rename", str(src), str(dst)))
+        return real_rename(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    return events
+
+
+def _synced_before_rename(events: list, tmp_prefix: str, final: Path) -> set:
+    """The relative paths fsynced under the temporary directory before it was renamed to `final`."""
+    (i,) = [k for k, e in enumerate(events) if e[0] == "rename" and e[2] == str(final)]
+    tmp = events[i][1]
+    assert Path(tmp).name.startswith(tmp_prefix), events[i]
+    synced = {os.path.relpath(e[1], tmp) for e in events[:i] if e[0] == "fsync" and
+              (e[1] == tmp or e[1].startswith(tmp + os.sep))}
+    assert ("fsync", str(final.parent)) in events[i + 1:], "the parent directory is synced after the rename"
+    return synced
+
+
+def test_atomic_dir_fsyncs_files_and_dirs_before_the_rename(tmp_path, fsync_log):
+    from dist_secvec.manifest import verify_manifest, write_manifest
+    from dist_secvec.runtime import atomic_dir
+
+    final = tmp_path / "final"
+    write(final / "old", "previous version")
+    with atomic_dir(final) as tmp:
+        write(tmp / "model.safetensors", b"weights")
+        write(tmp / "sub" / "tokenizer.json", "{}")
+        write_manifest(tmp)
+    synced = _synced_before_rename(fsync_log, ".final.tmp-", final)
+    assert synced == {".", "sub", "model.safetensors", os.path.join("sub", "tokenizer.json"), "manifest.json"}
+    verify_manifest(final)  # still what was written, and nothing of the previous version
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"] and not (final / "old").exists()
+
+
+def test_checkpoint_fsyncs_before_the_rename(tmp_path, fsync_log):
+    import torch
+
+    from dist_secvec.checkpoint import save_checkpoint, verify_manifest
+    from dist_secvec.distributed import PlainEngine
+
+    model = torch.nn.Linear(3, 2)
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(params)
+    engine = PlainEngine(model, params, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), 1.0)
+    ck = save_checkpoint(engine, tmp_path, 4, {"losses": [1.0] * 4}, keep=2)
+    synced = _synced_before_rename(fsync_log, ".step_00000004.tmp", ck)
+    assert synced == {".", "trainable.safetensors", "optimizer.pt", "scheduler.pt", "rng_rank0.json",
+                      "trainer_state.json", "manifest.json"}
+    verify_manifest(ck)
