@@ -1,5 +1,7 @@
 """A training step through the real tiny Llama with the security vector attached: the Triton
-kernel (TRITON_INTERPRET=1 on CPU) gives the same loss and gradients as the torch path.
+kernel (TRITON_INTERPRET=1 on CPU) gives the same loss and gradients as the torch path, on a
+float32 base (full fine-tuning or a LoRA) and on a bitsandbytes int8 base (Linear8bitLt) under a
+LoRA, where the torch path also matches the plain-autograd reference.
 
 As in tests/test_kernels.py: TRITON_INTERPRET=1 must be set before anything imports triton. When
 an earlier test module already imported it (peft and bitsandbytes do), the in-process test skips
@@ -57,28 +59,59 @@ def _batch(tw):
     return {k: v.to(DEVICE) for k, v in collate(examples, tok.pad_token_id).items()}
 
 
+VECTOR_TARGETS = ["q_proj", "v_proj", "down_proj"]  # the random vector's (tests/conftest.py)
+# mode -> (model.quantization, LoRA targets; None = full fine-tuning)
+MODES = {
+    "full": ("none", None),
+    "lora": ("none", VECTOR_TARGETS),  # the vector's layers take the fused vector+LoRA kernel
+    # bitsandbytes int8 (Linear8bitLt, LLM.int8 matmul on CPU in bnb 0.50) under the vector:
+    "int8_plain": ("int8", ["k_proj", "o_proj", "up_proj"]),  # SecVecLinear's own kernel over the int8 base
+    "int8_fused": ("int8", VECTOR_TARGETS),  # the fused vector+LoRA kernel over the int8 base
+}
+
+
+def _reference_ops(monkeypatch):
+    """Replace the delta ops secvec.py calls by plain autograd on the same math (the torch reference):
+    the bitsandbytes base output plus s (x A^T) B^T (+ the LoRA's), the vector detached."""
+    import dist_secvec.secvec as secvec_mod
+    from dist_secvec_kernels.reference import secvec_delta_reference, secvec_lora_delta_reference
+
+    def delta(x, out, A, B, s, backend="auto", **_):
+        return out + secvec_delta_reference(x, A.detach(), B.detach(), s).to(out.dtype)
+
+    def lora_delta(x, out, A_v, B_v, s_v, A_l, B_l, s_l, backend="auto", **_):
+        return out + secvec_lora_delta_reference(x, A_v.detach(), B_v.detach(), s_v, A_l, B_l, s_l).to(out.dtype)
+
+    monkeypatch.setattr(secvec_mod, "apply_secvec_delta", delta)
+    monkeypatch.setattr(secvec_mod, "apply_secvec_lora_delta", lora_delta)
+
+
 def _step(tw, vector_dir, backend, mode):
     """Loss and {name: grad} of one forward/backward with the vector attached via `backend`."""
-    from transformers import AutoModelForCausalLM
-
-    from dist_secvec.config import AdapterConfig
-    from dist_secvec.model import add_trainable_adapter
+    from dist_secvec.config import AdapterConfig, load_config
+    from dist_secvec.model import add_trainable_adapter, load_model
     from dist_secvec.secvec import attach_security_vector, load_security_vector
 
+    quant, lora_targets = MODES[mode]
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(str(tw.model_dir), dtype=torch.float32).to(DEVICE)
+    cfg = load_config(None, [f"model.path={tw.model_dir}", f"model.quantization={quant}", "model.dtype=float32"])
+    model = load_model(cfg.model).to(DEVICE)
     model.requires_grad_(False)
-    if mode == "full":
+    if lora_targets is None:
         model = add_trainable_adapter(model, AdapterConfig(type="none"))
     else:  # LoRA B starts at zero: randomize it so every gradient path is exercised
-        model = add_trainable_adapter(model, AdapterConfig(type="lora", rank=4, alpha=8,
-                                                           target_modules=["q_proj", "v_proj", "down_proj"]))
+        model = add_trainable_adapter(model, AdapterConfig(type="lora", rank=4, alpha=8, target_modules=lora_targets))
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if "lora_B" in n:
                     p.copy_(torch.randn(p.shape) * 0.1)
-    layers = attach_security_vector(model, load_security_vector(str(vector_dir)), backend=backend)
-    assert layers and all(layer.backend == backend for layer in layers)
+    layers = attach_security_vector(model, load_security_vector(str(vector_dir)),
+                                    backend="torch" if backend == "reference" else backend)
+    assert layers and all(layer.backend in (backend, "torch") for layer in layers)
+    if quant == "int8":
+        import bitsandbytes as bnb
+
+        assert all(isinstance(layer.base_layer, bnb.nn.Linear8bitLt) for layer in layers)
     model.train()
     loss = model(**_batch(tw)).loss
     loss.backward()
@@ -89,36 +122,61 @@ def _step(tw, vector_dir, backend, mode):
     return loss.item(), grads
 
 
-@needs_triton
-@pytest.mark.parametrize("mode", ["full", "lora"])
-def test_triton_training_step_matches_torch(tiny_world, random_vector, mode, monkeypatch):
-    monkeypatch.delenv("DIST_SECVEC_BACKEND", raising=False)
-    loss_t, grads_t = _step(tiny_world, random_vector, "torch", mode)
-    from dist_secvec_kernels.secvec_delta import SecVecDeltaTriton
-
-    real_apply, n_calls = SecVecDeltaTriton.apply, []
-
-    def counting_apply(*args):
-        n_calls.append(1)
-        return real_apply(*args)
-
-    monkeypatch.setattr(SecVecDeltaTriton, "apply", counting_apply)
-    # a LoRA on the vector's layers takes the combined vector+LoRA kernel (dist_secvec.secvec fused path)
-    from dist_secvec_kernels.secvec_lora_delta import SecVecLoraDeltaTriton
-
-    real_lora = SecVecLoraDeltaTriton.apply
-    monkeypatch.setattr(SecVecLoraDeltaTriton, "apply", lambda *a: n_calls.append(1) or real_lora(*a))
-    loss_k, grads_k = _step(tiny_world, random_vector, "triton", mode)
-    assert n_calls, "the Triton kernel never ran"
-    assert abs(loss_k - loss_t) <= 1e-5 * abs(loss_t), (loss_k, loss_t)
+def _assert_same_step(got, want, rtol):
+    (loss_k, grads_k), (loss_t, grads_t) = got, want
+    assert abs(loss_k - loss_t) <= rtol * abs(loss_t), (loss_k, loss_t)
     assert grads_k.keys() == grads_t.keys()
     n_nonzero = 0
     for name, gt in grads_t.items():
         gk = grads_k[name]
         scale = gt.abs().max().item()
         n_nonzero += scale > 0
-        torch.testing.assert_close(gk, gt, rtol=1e-5, atol=1e-5 * max(scale, 1e-12), msg=name)
+        torch.testing.assert_close(gk, gt, rtol=rtol, atol=rtol * max(scale, 1e-12), msg=name)
     assert n_nonzero > len(grads_t) // 2
+
+
+def _count_triton(monkeypatch):
+    """{"plain": calls of SecVecDeltaTriton, "lora": calls of the combined vector+LoRA kernel}."""
+    from dist_secvec_kernels.secvec_delta import SecVecDeltaTriton
+    from dist_secvec_kernels.secvec_lora_delta import SecVecLoraDeltaTriton
+
+    calls = {"plain": 0, "lora": 0}
+    for key, fn in (("plain", SecVecDeltaTriton), ("lora", SecVecLoraDeltaTriton)):
+        real = fn.apply
+
+        def counting(*args, _real=real, _key=key):
+            calls[_key] += 1
+            return _real(*args)
+
+        monkeypatch.setattr(fn, "apply", counting)
+    return calls
+
+
+@needs_triton
+@pytest.mark.parametrize("mode", list(MODES))
+def test_triton_training_step_matches_torch(tiny_world, random_vector, mode, monkeypatch):
+    monkeypatch.delenv("DIST_SECVEC_BACKEND", raising=False)
+    monkeypatch.delenv("DIST_SECVEC_FUSE_LORA", raising=False)
+    torch_step = _step(tiny_world, random_vector, "torch", mode)
+    calls = _count_triton(monkeypatch)
+    triton_step = _step(tiny_world, random_vector, "triton", mode)
+    # 6 vector layers (3 targets x 2 blocks), one forward: the plain kernel where no LoRA sits on
+    # the layer, the combined vector+LoRA kernel (dist_secvec.secvec fused path) where one does
+    fused = MODES[mode][1] == VECTOR_TARGETS
+    assert calls == {"plain": 0 if fused else 6, "lora": 6 if fused else 0}, calls
+    _assert_same_step(triton_step, torch_step, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["int8_plain", "int8_fused"])
+def test_int8_base_torch_path_matches_reference(tiny_world, random_vector, mode, monkeypatch):
+    """bitsandbytes int8 base (its own matmul; the delta adds into its output): the torch path's
+    autograd Functions give the plain-autograd reference's loss and grads (the Triton path is held
+    to the torch path above)."""
+    monkeypatch.delenv("DIST_SECVEC_BACKEND", raising=False)
+    monkeypatch.delenv("DIST_SECVEC_FUSE_LORA", raising=False)
+    got = _step(tiny_world, random_vector, "torch", mode)
+    _reference_ops(monkeypatch)
+    _assert_same_step(got, _step(tiny_world, random_vector, "reference", mode), rtol=1e-5)
 
 
 def test_kernel_training_in_fresh_process():

@@ -209,20 +209,25 @@ def test_zero3_external_params_registered(fused_model):
     assert all(not m._external_params for m in lora_layers(model))
 
 
-def test_qlora_nf4_fused_equals_unfused(tiny_world, random_vector, batch, monkeypatch):
+@pytest.mark.parametrize("quant", ["nf4", "int8"])
+def test_qlora_quantized_fused_equals_unfused(tiny_world, random_vector, batch, monkeypatch, quant):
+    """NF4 and int8 (bitsandbytes Linear8bitLt, which runs on CPU in bnb 0.50) bases under the LoRA."""
     import bitsandbytes as bnb
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+    from peft.tuners.lora.bnb import Linear8bitLt as LoraLinear8bitLt
 
     from dist_secvec.config import load_config
     from dist_secvec.model import load_model
 
-    cfg = load_config(None, [f"model.path={tiny_world.model_dir}", "model.quantization=nf4",
+    cfg = load_config(None, [f"model.path={tiny_world.model_dir}", f"model.quantization={quant}",
                              "model.compute_dtype=float32", "model.quant_storage=bfloat16"])
     model = peft_model(tiny_world.model_dir, base=load_model(cfg.model))
     layers = attach_security_vector(model, load_security_vector(str(random_vector)))
+    lora_cls, base_cls = ((LoraLinear4bit, bnb.nn.Linear4bit) if quant == "nf4"
+                          else (LoraLinear8bitLt, bnb.nn.Linear8bitLt))
     fused = [m for m in lora_layers(model) if secvec_mod._is_fused(m)]
-    assert len(fused) == 6 and all(isinstance(m, LoraLinear4bit) for m in fused)
-    assert all(isinstance(layer.base_layer, bnb.nn.Linear4bit) for layer in layers)
+    assert len(fused) == 6 and all(isinstance(m, lora_cls) for m in fused)
+    assert all(isinstance(layer.base_layer, base_cls) for layer in layers)
     unfused = copy.deepcopy(model)
     calls = Calls(monkeypatch)
     loss_f, grads_f, dx_f, _ = train_step(model, batch)
@@ -250,8 +255,9 @@ def bf16_base(tw, kind):
     from dist_secvec.config import load_config
     from dist_secvec.model import load_model
 
-    return load_model(load_config(None, [f"model.path={tw.model_dir}", "model.quantization=nf4", "model.dtype=bfloat16",
-                                         "model.compute_dtype=bfloat16", "model.quant_storage=bfloat16"]).model)
+    return load_model(load_config(None, [f"model.path={tw.model_dir}", f"model.quantization={kind}",
+                                         "model.dtype=bfloat16", "model.compute_dtype=bfloat16",
+                                         "model.quant_storage=bfloat16"]).model)
 
 
 def _close_bf16(got, want, msg=""):
@@ -263,13 +269,15 @@ def _close_bf16(got, want, msg=""):
     torch.testing.assert_close(got.float(), want.float(), rtol=4e-2, atol=4e-2 * scale, msg=msg)
 
 
-@pytest.mark.parametrize("kind", ["bf16", "nf4"])
+@pytest.mark.parametrize("kind", ["bf16", "nf4", "int8"])
 def test_bf16_base_fp32_lora_takes_fused_path(tiny_world, random_vector, batch, monkeypatch, kind, caplog):
     model = peft_model(tiny_world.model_dir, base=bf16_base(tiny_world, kind))
     lora_params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert lora_params and all(p.dtype == torch.float32 for p in lora_params.values())  # peft's default
     layers = attach_security_vector(model, load_security_vector(str(random_vector)))
-    assert all(layer.secvec_A.dtype == torch.bfloat16 for layer in layers)
+    # (int8: attach keeps the vector in float32, the int8 weight naming no compute dtype; the kernels
+    # round it to x's bf16 anyway)
+    assert all(layer.secvec_A.dtype == (torch.float32 if kind == "int8" else torch.bfloat16) for layer in layers)
     unfused = copy.deepcopy(model)
     calls = Calls(monkeypatch)
     with caplog.at_level("INFO", logger="dist_secvec.secvec"):
