@@ -25,9 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dist_secvec_kernels.reference import can_update_in_place, check_shapes, rows_view
-
-MAX_RANK = 128
+from dist_secvec_kernels import host
+from dist_secvec_kernels.reference import check_shapes
 
 
 @triton.jit
@@ -74,19 +73,7 @@ def _lowrank_update_kernel(
                  acc.to(OUT.dtype.element_ty), mask=mask)
 
 
-# triton.jit picks the interpreter when the kernel is decorated (TRITON_INTERPRET=1 at import of
-# this module), so ask the kernel object rather than the environment, which may change later.
-INTERPRETED = type(_lowrank_update_kernel).__name__ == "InterpretedFunction"
-
-
-def _blocks(M: int, K: int, N: int, r_pad: int) -> tuple[int, int, int]:
-    """Interpreter: its cost is per program and per loop trip, so cover small shapes in one.
-    GPU: untuned defaults that keep the BLOCK_M x r_pad accumulator and tiles in registers."""
-    p2 = triton.next_power_of_2
-    if INTERPRETED:
-        return min(max(p2(M), 16), 128), min(max(p2(K), 16), 256), min(max(p2(N), 16), 256)
-    block_m = min(max(p2(M), 16), 64)
-    return block_m, 64, (128 if r_pad <= 64 else 64)
+INTERPRETED = host.is_interpreted(_lowrank_update_kernel)
 
 
 def lowrank_update(inp: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, base: torch.Tensor | None,
@@ -98,34 +85,20 @@ def lowrank_update(inp: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, base: to
     """
     M, K = inp.shape
     R, N = P.shape[0], Q.shape[0]
-    if not 1 <= R <= MAX_RANK:
-        raise ValueError(f"security vector rank {R} is outside 1..{MAX_RANK} supported by the Triton "
-                         "kernel; use backend='torch' (DIST_SECVEC_BACKEND=torch)")
-    if inp.device.type != "cuda" and not INTERPRETED:
-        raise RuntimeError(f"the Triton secvec kernel needs a CUDA tensor (got {inp.device}); "
-                           "use backend='torch' (or TRITON_INTERPRET=1 before this module is imported)")
+    host.check_launch(inp, INTERPRETED, {"security vector": R})
     if M == 0 or N == 0:
         return out
-    r_pad = max(16, triton.next_power_of_2(R))
-    block_m, block_k, block_n = _blocks(M, K, N, r_pad)
-    m_blocks, n_blocks = triton.cdiv(M, block_m), triton.cdiv(N, block_n)
-    if split_n is None:
-        split_n = 1
-        if inp.device.type == "cuda":
-            sms = torch.cuda.get_device_properties(inp.device).multi_processor_count
-            split_n = min(n_blocks, max(1, triton.cdiv(2 * sms, m_blocks)))
-    dot_fp32 = inp.dtype == torch.float32 or (inp.dtype == torch.bfloat16 and INTERPRETED)
-    precision = None
-    if dot_fp32:
-        precision = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    r_pad = host.pad_rank(R)
+    block_m, block_k, block_n = host.blocks(M, K, N, (r_pad,), INTERPRETED)
+    dot_fp32, precision = host.dot_config(inp.dtype, INTERPRETED)
     bsrc = base if base is not None else out  # never read when HAS_BASE is False
-    _lowrank_update_kernel[(m_blocks, min(split_n, n_blocks))](
+    _lowrank_update_kernel[host.grid(inp, M, N, block_m, block_n, split_n)](
         inp, P, Q, bsrc, out, M, K, N, R, float(scale),
         inp.stride(0), inp.stride(1), P.stride(0), P.stride(1), Q.stride(0), Q.stride(1),
         bsrc.stride(0), bsrc.stride(1), out.stride(0), out.stride(1),
         HAS_BASE=base is not None, DOT_FP32=dot_fp32, PRECISION=precision,
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, R_PAD=r_pad,
-        num_warps=8 if block_m * block_n >= 64 * 128 else 4,
+        num_warps=host.num_warps(block_m, block_n),
     )
     return out
 
@@ -136,14 +109,8 @@ class SecVecDeltaTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, base_out, A, B, scale, inplace=False):
         check_shapes(x, base_out, A, B)
-        K, N = x.shape[-1], base_out.shape[-1]
-        rows = rows_view(base_out) if inplace and can_update_in_place(x, base_out) else None
-        in_place = rows is not None
-        if in_place:
-            out, out2d, base2d = base_out, rows, rows
-        else:
-            out = torch.empty(base_out.shape, dtype=base_out.dtype, device=base_out.device)
-            out2d, base2d = out.view(-1, N), base_out.reshape(-1, N)
+        K = x.shape[-1]
+        out, out2d, base2d, in_place = host.output_buffers(x, base_out, inplace)
         lowrank_update(x.reshape(-1, K), A, B, base2d, out2d, scale)
         if in_place:
             ctx.mark_dirty(base_out)

@@ -40,10 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dist_secvec_kernels.reference import (can_update_in_place, check_lora_shapes, lora_grads, rows_view,
-                                           save_for_lora_backward, unpack_lora_saved)
-
-MAX_RANK = 128
+from dist_secvec_kernels import host
+from dist_secvec_kernels.reference import check_lora_shapes, lora_grads, save_for_lora_backward, unpack_lora_saved
 
 
 @triton.jit
@@ -107,18 +105,7 @@ def _two_lowrank_update_kernel(
                  acc.to(OUT.dtype.element_ty), mask=mask)
 
 
-# triton.jit picks the interpreter when the kernel is decorated (TRITON_INTERPRET=1 at import).
-INTERPRETED = type(_two_lowrank_update_kernel).__name__ == "InterpretedFunction"
-
-
-def _blocks(M: int, K: int, N: int, r_pad: int) -> tuple[int, int, int]:
-    """Interpreter: cover small shapes in one program. GPU: untuned defaults; two accumulators
-    (r_pad = rv_pad + rl_pad) share the register budget secvec_delta.py gives one."""
-    p2 = triton.next_power_of_2
-    if INTERPRETED:
-        return min(max(p2(M), 16), 128), min(max(p2(K), 16), 256), min(max(p2(N), 16), 256)
-    block_m = min(max(p2(M), 16), 64)
-    return block_m, (64 if r_pad <= 64 else 32), (128 if r_pad <= 64 else 64)
+INTERPRETED = host.is_interpreted(_two_lowrank_update_kernel)
 
 
 def two_lowrank_update(inp: torch.Tensor, Pv: torch.Tensor, Qv: torch.Tensor, scale_v: float,
@@ -132,36 +119,21 @@ def two_lowrank_update(inp: torch.Tensor, Pv: torch.Tensor, Qv: torch.Tensor, sc
     """
     M, K = inp.shape
     RV, RL, N = Pv.shape[0], Pl.shape[0], Qv.shape[0]
-    for name, R in (("security vector", RV), ("LoRA", RL)):
-        if not 1 <= R <= MAX_RANK:
-            raise ValueError(f"{name} rank {R} is outside 1..{MAX_RANK} supported by the Triton kernel; "
-                             "use backend='torch' (DIST_SECVEC_BACKEND=torch)")
-    if inp.device.type != "cuda" and not INTERPRETED:
-        raise RuntimeError(f"the Triton secvec kernel needs a CUDA tensor (got {inp.device}); "
-                           "use backend='torch' (or TRITON_INTERPRET=1 before this module is imported)")
+    host.check_launch(inp, INTERPRETED, {"security vector": RV, "LoRA": RL})
     if M == 0:
         return out
-    rv_pad, rl_pad = max(16, triton.next_power_of_2(RV)), max(16, triton.next_power_of_2(RL))
-    block_m, block_k, block_n = _blocks(M, K, N, rv_pad + rl_pad)
-    m_blocks, n_blocks = triton.cdiv(M, block_m), max(1, triton.cdiv(N, block_n))
-    if split_n is None:
-        split_n = 1
-        if inp.device.type == "cuda":
-            sms = torch.cuda.get_device_properties(inp.device).multi_processor_count
-            split_n = min(n_blocks, max(1, triton.cdiv(2 * sms, m_blocks)))
-    dot_fp32 = inp.dtype == torch.float32 or (inp.dtype == torch.bfloat16 and INTERPRETED)
-    precision = None
-    if dot_fp32:
-        precision = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    rv_pad, rl_pad = host.pad_rank(RV), host.pad_rank(RL)
+    block_m, block_k, block_n = host.blocks(M, K, N, (rv_pad, rl_pad), INTERPRETED)
+    dot_fp32, precision = host.dot_config(inp.dtype, INTERPRETED)
     bsrc = base if base is not None else out  # never read when HAS_BASE is False
-    _two_lowrank_update_kernel[(m_blocks, min(split_n, n_blocks))](
+    _two_lowrank_update_kernel[host.grid(inp, M, N, block_m, block_n, split_n)](
         inp, Pv, Qv, Pl, Ql, t_l, bsrc, out, M, K, N, RV, RL, float(scale_v), float(scale_l),
         inp.stride(0), inp.stride(1), Pv.stride(0), Pv.stride(1), Qv.stride(0), Qv.stride(1),
         Pl.stride(0), Pl.stride(1), Ql.stride(0), Ql.stride(1), t_l.stride(0), t_l.stride(1),
         bsrc.stride(0), bsrc.stride(1), out.stride(0), out.stride(1),
         HAS_BASE=base is not None, DOT_FP32=dot_fp32, PRECISION=precision,
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, RV_PAD=rv_pad, RL_PAD=rl_pad,
-        num_warps=8 if block_m * block_n >= 64 * 128 else 4,
+        num_warps=host.num_warps(block_m, block_n),
     )
     return out
 
@@ -175,14 +147,8 @@ class SecVecLoraDeltaTriton(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, base_out, A_v, B_v, s_v, A_l, B_l, s_l, inplace=False):
         check_lora_shapes(x, base_out, A_v, B_v, A_l, B_l)
-        K, N = x.shape[-1], base_out.shape[-1]
-        rows = rows_view(base_out) if inplace and can_update_in_place(x, base_out) else None
-        in_place = rows is not None
-        if in_place:
-            out, out2d, base2d = base_out, rows, rows
-        else:
-            out = torch.empty(base_out.shape, dtype=base_out.dtype, device=base_out.device)
-            out2d, base2d = out.view(-1, N), base_out.reshape(-1, N)
+        K = x.shape[-1]
+        out, out2d, base2d, in_place = host.output_buffers(x, base_out, inplace)
         x2d = x.reshape(-1, K)
         h_l = torch.empty(x2d.shape[0], A_l.shape[0], dtype=x.dtype, device=x.device)
         Av, Bv, Al, Bl = (w.to(x.dtype) for w in (A_v, B_v, A_l, B_l))  # no copy when already x's dtype

@@ -1,0 +1,87 @@
+"""Host-side launch set-up shared by the Triton kernels (secvec_delta.py, secvec_lora_delta.py).
+
+Checks, block sizes, grid split, dot precision and warps for a row-block kernel that walks the N
+blocks of its rows, and the output buffers of an autograd Function that may update base_out in
+place. Imported as `dist_secvec_kernels.host` (kernels/ has no __init__.py; see pyproject.toml).
+"""
+
+import torch
+import triton
+
+from dist_secvec_kernels.reference import can_update_in_place, rows_view
+
+MAX_RANK = 128
+
+
+def is_interpreted(kernel) -> bool:
+    """triton.jit picks the interpreter when the kernel is decorated (TRITON_INTERPRET=1 at import
+    of its module), so ask the kernel object rather than the environment, which may change later."""
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def check_launch(inp: torch.Tensor, interpreted: bool, ranks: dict) -> None:
+    """Every rank in 1..MAX_RANK ({name: r}, e.g. {"security vector": r}), and a CUDA tensor unless
+    the kernel is interpreted."""
+    for name, R in ranks.items():
+        if not 1 <= R <= MAX_RANK:
+            raise ValueError(f"{name} rank {R} is outside 1..{MAX_RANK} supported by the Triton kernel; "
+                             "use backend='torch' (DIST_SECVEC_BACKEND=torch)")
+    if inp.device.type != "cuda" and not interpreted:
+        raise RuntimeError(f"the Triton secvec kernel needs a CUDA tensor (got {inp.device}); "
+                           "use backend='torch' (or TRITON_INTERPRET=1 before this module is imported)")
+
+
+def pad_rank(R: int) -> int:
+    """A power of two >= 16 (tl.dot's minimum); loads past R are masked."""
+    return max(16, triton.next_power_of_2(R))
+
+
+def blocks(M: int, K: int, N: int, r_pads: tuple[int, ...], interpreted: bool) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_K, BLOCK_N) for BLOCK_M x r_pad fp32 accumulators, one per padded rank in
+    r_pads. Interpreter: its cost is per program and per loop trip, so cover small shapes in one.
+    GPU: untuned defaults that keep the accumulators and tiles in registers: BLOCK_N 64 once the
+    padded ranks pass 64 in all, and two accumulators share one's budget by halving BLOCK_K there."""
+    p2 = triton.next_power_of_2
+    if interpreted:
+        return min(max(p2(M), 16), 128), min(max(p2(K), 16), 256), min(max(p2(N), 16), 256)
+    r_pad = sum(r_pads)
+    block_m = min(max(p2(M), 16), 64)
+    block_k = 64 if len(r_pads) == 1 or r_pad <= 64 else 32
+    return block_m, block_k, (128 if r_pad <= 64 else 64)
+
+
+def grid(inp: torch.Tensor, M: int, N: int, block_m: int, block_n: int, split_n: int | None) -> tuple[int, int]:
+    """(row blocks, programs per row block). split_n default: enough programs to fill the GPU
+    (2 per SM), 1 off CUDA; never more than the N blocks."""
+    m_blocks, n_blocks = triton.cdiv(M, block_m), max(1, triton.cdiv(N, block_n))
+    if split_n is None:
+        split_n = 1
+        if inp.device.type == "cuda":
+            sms = torch.cuda.get_device_properties(inp.device).multi_processor_count
+            split_n = min(n_blocks, max(1, triton.cdiv(2 * sms, m_blocks)))
+    return m_blocks, min(split_n, n_blocks)
+
+
+def dot_config(dtype: torch.dtype, interpreted: bool) -> tuple[bool, str | None]:
+    """(DOT_FP32, PRECISION): fp32 inputs, and bf16 in the interpreter (whose bf16 tl.dot is wrong),
+    dot in fp32, IEEE unless torch allows TF32 (torch.set_float32_matmul_precision)."""
+    dot_fp32 = dtype == torch.float32 or (dtype == torch.bfloat16 and interpreted)
+    if not dot_fp32:
+        return False, None
+    return True, "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def num_warps(block_m: int, block_n: int) -> int:
+    return 8 if block_m * block_n >= 64 * 128 else 4
+
+
+def output_buffers(x: torch.Tensor, base_out: torch.Tensor, inplace: bool):
+    """(out, out2d, base2d, in_place) for a forward that writes base_out + delta: base_out's own rows
+    when inplace is asked and reference.can_update_in_place allows it (the caller then marks base_out
+    dirty), else a fresh output (torch.empty: the kernel writes every element)."""
+    N = base_out.shape[-1]
+    rows = rows_view(base_out) if inplace and can_update_in_place(x, base_out) else None
+    if rows is not None:
+        return base_out, rows, rows, True
+    out = torch.empty(base_out.shape, dtype=base_out.dtype, device=base_out.device)
+    return out, out.view(-1, N), base_out.reshape(-1, N), False
