@@ -3,49 +3,18 @@ kernel (TRITON_INTERPRET=1 on CPU) gives the same loss and gradients as the torc
 float32 base (full fine-tuning or a LoRA) and on a bitsandbytes int8 base (Linear8bitLt) under a
 LoRA, where the torch path also matches the plain-autograd reference.
 
-As in tests/test_kernels.py: TRITON_INTERPRET=1 must be set before anything imports triton. When
-an earlier test module already imported it (peft and bitsandbytes do), the in-process test skips
-and test_kernel_training_in_fresh_process reruns this file in a new interpreter process.
+TRITON_INTERPRET=1 set-up: tests/triton_env.py (imported first). When an earlier test module
+already imported triton (peft and bitsandbytes do), the in-process tests skip and
+test_kernel_training_in_fresh_process reruns this file in a new interpreter process.
 """
 
-import os
-import subprocess
-import sys
+# first: sets TRITON_INTERPRET=1 (on CPU) before triton is imported
+from triton_env import DEVICE, interpreter_env, needs_triton, rerun_in_fresh_process
 
+import pytest
 import torch
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-_OLD_INTERPRET = os.environ.get("TRITON_INTERPRET")
-TRITON_IN_PROCESS = DEVICE == "cuda" or _OLD_INTERPRET == "1" or "triton" not in sys.modules
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-
-if TRITON_IN_PROCESS:
-    import dist_secvec_kernels.secvec_delta  # noqa: E402,F401  (decorated under the interpreter)
-
-
-def _restore_interpret():
-    if _OLD_INTERPRET is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _OLD_INTERPRET
-
-
-_restore_interpret()
-
-
-@pytest.fixture(autouse=True)
-def _interpreter_env():
-    if DEVICE == "cpu":
-        os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    _restore_interpret()
-
-
-needs_triton = pytest.mark.skipif(not TRITON_IN_PROCESS, reason="triton was imported before "
-                                  "TRITON_INTERPRET=1; test_kernel_training_in_fresh_process runs this")
+__all__ = ["interpreter_env"]  # fixture from triton_env, used by pytest
 
 
 def _batch(tw):
@@ -180,11 +149,4 @@ def test_int8_base_torch_path_matches_reference(tiny_world, random_vector, mode,
 
 
 def test_kernel_training_in_fresh_process():
-    if TRITON_IN_PROCESS:
-        pytest.skip("ran in this process")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-           "-k", "not fresh_process"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
+    rerun_in_fresh_process(__file__, "not fresh_process")

@@ -1,84 +1,30 @@
 """The security-vector delta, torch path and Triton kernel, against a float64 reference.
 
-Without a GPU the Triton kernel runs in the interpreter. triton.jit picks the interpreter when a
-kernel is decorated, and triton's own helpers are decorated when triton is first imported, so
-TRITON_INTERPRET=1 must be set before anything imports triton. It is set for this module's
-imports and tests only (not for the rest of the session, whose subprocesses would inherit it).
-peft and bitsandbytes import triton, so when another test module loaded them first, the Triton
-tests here skip and test_triton_in_fresh_process reruns them in a new interpreter process.
+Without a GPU the Triton kernel runs in the interpreter; tests/triton_env.py (imported first)
+sets it up and holds the tolerances and helpers shared with the other kernel tests. When another
+test module imported triton first, the Triton tests here skip and test_triton_in_fresh_process
+reruns them in a new interpreter process.
 """
 
 import os
 import subprocess
 import sys
 
+# first: sets TRITON_INTERPRET=1 (on CPU) before triton is imported
+from triton_env import (BACKENDS, DEVICE, TRITON_IN_PROCESS, _close, _rand, bf16, f16, f32,
+                        interpreter_env, nan_empty, needs_triton, rerun_in_fresh_process)
+
+import pytest
 import torch
+import torch.nn.functional as F
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-_OLD_INTERPRET = os.environ.get("TRITON_INTERPRET")
-TRITON_IN_PROCESS = DEVICE == "cuda" or _OLD_INTERPRET == "1" or "triton" not in sys.modules
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from dist_secvec_kernels.dispatch import apply_secvec_delta, resolve_backend  # noqa: E402
-from dist_secvec_kernels.reference import SecVecDeltaTorch, secvec_delta_reference  # noqa: E402
+from dist_secvec_kernels.dispatch import apply_secvec_delta, resolve_backend
+from dist_secvec_kernels.reference import SecVecDeltaTorch, secvec_delta_reference
 
 if TRITON_IN_PROCESS:
     import dist_secvec_kernels.secvec_delta as sv
 
-
-def _restore_interpret():
-    if _OLD_INTERPRET is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _OLD_INTERPRET
-
-
-_restore_interpret()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter_env():
-    """Triton still reads TRITON_INTERPRET at launch (its first launch imports more of it)."""
-    if DEVICE == "cpu":
-        os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    _restore_interpret()
-
-
-needs_triton = pytest.mark.skipif(not TRITON_IN_PROCESS, reason="triton was imported before "
-                                  "TRITON_INTERPRET=1; test_triton_in_fresh_process runs this")
-BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
-f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
-TOL = {f32: 1e-5, f16: 2e-3, bf16: 2e-2}  # relative to the largest reference element
-
-
-def _close(got, ref, *dtypes):
-    """Within the tolerance of the least precise dtype the value passed through."""
-    tol = max(TOL[d] for d in dtypes)
-    torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
-
-
-def _rand(*shape, dtype=f32, noncontig=False):
-    """Fresh normal values; noncontig gives a stride-2 view of a buffer twice as wide."""
-    if noncontig:
-        return torch.randn(*shape[:-1], 2 * shape[-1], device=DEVICE).to(dtype)[..., ::2]
-    return torch.randn(*shape, device=DEVICE).to(dtype)
-
-
-@pytest.fixture
-def nan_empty(monkeypatch):
-    """Buffers the paths allocate start as nan, so an element they never write fails the test."""
-    real = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", empty)
+__all__ = ["interpreter_env", "nan_empty"]  # fixtures from triton_env, used by pytest
 
 
 # (leading dims, K, N, r, (x dtype, base_out dtype, vector dtype), non-contiguous inputs)
@@ -262,11 +208,5 @@ else:
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-@pytest.mark.skipif(TRITON_IN_PROCESS, reason="the Triton tests ran in this process")
 def test_triton_in_fresh_process():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-           "-k", "triton and not fresh_process and not never_imports"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
+    rerun_in_fresh_process(__file__, "triton and not fresh_process and not never_imports")
