@@ -310,6 +310,70 @@ class DeepSpeedEngine:
         norm = self.engine.get_global_grad_norm()
         return None if norm is None else float(norm)
 
+    def step_applied(self) -> bool:
+        """Whether the last boundary step updated the weights: False when DeepSpeed's ZeRO
+        optimizer found a non-finite gradient norm and dropped the step itself."""
+        return bool(self.engine.was_step_applied())
+
+    def skip_reason(self) -> Optional[str]:
+        """Why this engine cannot skip a step cleanly (None: it can; see skip_step)."""
+        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+        opt = self.engine.optimizer
+        if isinstance(opt, (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3)):
+            return None
+        if isinstance(opt, torch.optim.Optimizer) and not hasattr(opt, "overflow"):
+            return None  # ZeRO stage 0, fp32: the run's own AdamW, unwrapped
+        return f"DeepSpeed's {type(opt).__name__} (ZeRO stage 0 with 16-bit weights)"
+
+    def skip_step(self) -> None:
+        """The accumulation boundary of a step whose loss was NaN/inf on some rank (every rank
+        calls it: the ranks agree on the verdict). It goes through DeepSpeed's own overflow path,
+        the one a fp16 overflow takes, forced: the ZeRO optimizer (its collectives unchanged)
+        reports an overflow, drops the reduced gradients (partitions, offload buffers) and does
+        not update; the engine then counts a skipped step, does not advance the schedule, zeroes
+        the gradients and advances its micro-step and global-step counters as for any boundary.
+        The weights, optimizer states and schedule stay exactly as before the step."""
+        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+        opt = self.engine.optimizer
+        assert self.engine.is_gradient_accumulation_boundary(), "skip_step outside an accumulation boundary"
+        patch: dict = {}  # instance attributes set for this one step, restored (or removed) after it
+        if isinstance(opt, DeepSpeedZeroOptimizer):  # ZeRO 1 and 2
+            check = opt.check_overflow
+
+            def forced_check(*args, **kwargs):
+                check(*args, **kwargs)
+                opt.overflow = True
+            patch = {"check_overflow": forced_check, "check_grad_overflow": True}
+        elif isinstance(opt, DeepSpeedZeroOptimizer_Stage3):
+            check = opt._overflow_check_and_loss_scale_update
+
+            def forced_check(*args, **kwargs):
+                check(*args, **kwargs)
+                opt.overflow = True
+                return True
+            patch = {"_overflow_check_and_loss_scale_update": forced_check}
+        elif self.skip_reason() is None:  # the bare torch optimizer (ZeRO 0, fp32): no update at all
+            patch = {"step": lambda *args, **kwargs: opt.zero_grad(set_to_none=True), "overflow": True}
+        else:
+            raise RuntimeError(f"skip_step: {self.skip_reason()} cannot skip a step")  # refused before training
+        missing = object()
+        saved = {k: opt.__dict__.get(k, missing) for k in patch}
+        opt.__dict__.update(patch)
+        try:
+            self.engine.step()
+        finally:
+            for k, v in saved.items():
+                if v is missing:
+                    opt.__dict__.pop(k, None)
+                else:
+                    opt.__dict__[k] = v
+        if self.engine.was_step_applied():
+            raise RuntimeError("DeepSpeed applied a step that was to be skipped")  # a bug
+
     def lr(self) -> float:
         return self.engine.get_lr()[0]
 

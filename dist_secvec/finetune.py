@@ -11,7 +11,8 @@ per-step cost) and the original weights are restored bit for bit before saving
 
 One loop for one process (`PlainEngine`) and for DeepSpeed on any number of ranks
 (`DeepSpeedEngine`, see dist_secvec.distributed): checkpoints and resume (dist_secvec.checkpoint),
-SIGTERM/SIGINT stop after a checkpoint (dist_secvec.interrupt), NaN/inf stop or skip.
+SIGTERM/SIGINT stop after a checkpoint (dist_secvec.interrupt), NaN/inf stop or skip (on every
+rank alike under DeepSpeed: `DeepSpeedEngine.skip_step`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ log = logging.getLogger(__name__)
 
 class NonFiniteError(UserError):
     """NaN/inf loss or gradients: the run stops, the last checkpoint stays as it was."""
+
+
+def nonfinite_message(step: int) -> str:
+    return (f"loss or gradients are not finite at step {step}; lower optim.lr or check the data, then resume from "
+            "the last checkpoint (checkpoint.resume=latest), or set optim.nonfinite=skip")
 
 
 @dataclass
@@ -114,9 +120,11 @@ def run_finetune(cfg: Config, keep_model: bool = False) -> FinetuneResult:
     if stage == 3 and cfg.model.quantization == "int8":
         raise ConfigError("config keys 'model.quantization=int8' and ZeRO stage 3: 8-bit bases train wrong under "
                           "ZeRO-3; use model.quantization=nf4 or ZeRO stage 2")
-    if use_ds and cfg.optim.nonfinite == "skip":
-        raise ConfigError("config key 'optim.nonfinite': skip is supported in single-process runs only; under "
-                          "DeepSpeed use stop (the default) and resume from the last checkpoint")
+    fp16 = bool(ds and ds.get("fp16", {}).get("enabled"))  # dynamic loss scaling skips overflow steps itself
+    if use_ds and cfg.optim.nonfinite == "skip" and stage == 0 and (fp16 or ds.get("bf16", {}).get("enabled")):
+        raise ConfigError(f"config key 'optim.nonfinite': skip cannot drop a step cleanly under ZeRO stage 0 with "
+                          f"{cfg.model.dtype} weights (DeepSpeed's 16-bit optimizer wrapper); use a ZeRO stage of "
+                          "1-3, or stop (the default) and resume from the last checkpoint")
     if use_ds:
         init_distributed(cfg)
     rank, world = runtime.rank(), runtime.world_size()
@@ -170,6 +178,9 @@ def run_finetune(cfg: Config, keep_model: bool = False) -> FinetuneResult:
     else:
         engine = PlainEngine(model, params, optimizer, scheduler, cfg.optim.max_grad_norm)
     _check_frozen_vector(engine, sv_params)
+    if use_ds and cfg.optim.nonfinite == "skip" and engine.skip_reason():
+        raise ConfigError(f"config key 'optim.nonfinite': skip cannot drop a step cleanly with "
+                          f"{engine.skip_reason()}; use stop (the default) and resume from the last checkpoint")
     model = engine.module
     sv_ids = {id(p) for p in sv_params}
     partition = partition_report({"security_vector": sv_params, "trainable": params,
@@ -232,25 +243,31 @@ def run_finetune(cfg: Config, keep_model: bool = False) -> FinetuneResult:
                               else (local_loss, 0.0 if finite else 1.0))
             if not use_ds and finite and not engine.grads_finite():
                 bad = 1.0
+            skip = cfg.optim.nonfinite == "skip"
+            if bad and not skip:
+                raise NonFiniteError(nonfinite_message(step))
             if bad:
-                if cfg.optim.nonfinite == "skip":
-                    engine.skip_step()
-                    log.warning("step %d: non-finite loss or gradient; step skipped (optim.nonfinite=skip)", step)
-                    losses.append(float("nan"))
-                    bar.update(1)
-                    continue
-                raise NonFiniteError(f"loss or gradients are not finite at step {step}; lower optim.lr or check the "
-                                     "data, then resume from the last checkpoint (checkpoint.resume=latest), "
-                                     "or set optim.nonfinite=skip")
-            grad_norm = engine.step(boundary=True)
-            losses.append(step_loss)
-            bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}")
-            if runtime.is_main() and (step % cfg.logging.log_every == 0 or step == steps):
-                rec = {"step": step, "loss": step_loss, "lr": engine.lr(), "grad_norm": grad_norm,
-                       "tokens": int(n_tokens), "elapsed_s": round(time.time() - t0, 2)}
-                append_jsonl(log_path, rec)
-                log.info("step %d/%d loss %.4f lr %.3g", step, steps, step_loss, rec["lr"])
+                engine.skip_step()  # every rank: the gradients dropped, no update, the schedule not advanced
+            else:
+                grad_norm = engine.step(boundary=True)
+                if use_ds and not fp16 and not engine.step_applied():
+                    # the ZeRO optimizer found a non-finite gradient norm (finite loss) and dropped the step
+                    if not skip:
+                        raise NonFiniteError(nonfinite_message(step))
+                    bad = 1.0
+            if bad:
+                log.warning("step %d: non-finite loss or gradient; step skipped (optim.nonfinite=skip)", step)
+                losses.append(float("nan"))
+                bar.update(1)
+            else:
+                losses.append(step_loss)
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss:.4f}")
+                if runtime.is_main() and (step % cfg.logging.log_every == 0 or step == steps):
+                    rec = {"step": step, "loss": step_loss, "lr": engine.lr(), "grad_norm": grad_norm,
+                           "tokens": int(n_tokens), "elapsed_s": round(time.time() - t0, 2)}
+                    append_jsonl(log_path, rec)
+                    log.info("step %d/%d loss %.4f lr %.3g", step, steps, step_loss, rec["lr"])
             if (every and (step % every == 0 or step == steps)) or stop.requested(step):
                 checkpoint(step)
             if stop.requested(step) and step < steps:

@@ -6,6 +6,7 @@ Runs stage 2 (`run_finetune`) and then the trained model's logits on a fixed inp
 that forward is itself a collective (every rank gathers each layer). Rank 0 writes OUT/probe.json
 (losses, run info with the per-rank partition report) and OUT/logits.safetensors.
 PROBE_STOP_AT_STEP=k makes every rank see a stop request at step k, as after a SIGTERM.
+PROBE_NAN_AT=CALL:RANK makes the loss of that rank's CALL-th forward (counting from 1) NaN.
 """
 
 import json
@@ -30,6 +31,20 @@ def main() -> int:
     if stop_at:
         StopRequest.requested = lambda self, step: (setattr(self, "signal_name", "SIGTERM (probe)")
                                                     or step >= int(stop_at))
+    nan_at = os.environ.get("PROBE_NAN_AT")
+    if nan_at:
+        import dist_secvec.finetune as ft
+
+        call, on_rank = map(int, nan_at.split(":"))
+        forward, count = ft.DeepSpeedEngine.__call__, [0]
+
+        def nan_forward(self, **batch):
+            out = forward(self, **batch)
+            count[0] += 1
+            if count[0] == call and runtime.rank() == on_rank:
+                out["loss"] = out["loss"] * float("nan")
+            return out
+        ft.DeepSpeedEngine.__call__ = nan_forward
     try:
         res = run_finetune(cfg, keep_model=True)
     except Stopped as e:

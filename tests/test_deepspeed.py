@@ -46,6 +46,7 @@ def launch(ranks: int, cfg: dict, out: Path, *overrides: str, env: dict | None =
            str(PROBE), str(cfg_path), str(out / "probe"), *overrides]
     r = subprocess.run(cmd, cwd=out, env=full_env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"launcher exit {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
+    (out / "launcher.log").write_text(r.stdout + r.stderr)
     return json.loads((out / "probe" / "probe.json").read_text())
 
 
@@ -292,11 +293,13 @@ def test_rank_batches_two_ranks_split_the_one_rank_stream():
 
 @pytest.mark.parametrize("overrides, msg", [
     (["model.quantization=int8", "adapter.type=lora"], "8-bit bases train wrong under ZeRO-3"),
-    (["optim.nonfinite=skip"], "skip is supported in single-process runs only"),
+    (["optim.nonfinite=skip", "deepspeed.zero_stage=0", "model.dtype=bfloat16"],
+     "skip cannot drop a step cleanly under ZeRO stage 0 with bfloat16 weights"),
 ])
 def test_finetune_refuses_before_starting_processes(tiny_world, tmp_path, overrides, msg):
     """ZeRO-3 from a DeepSpeed JSON (not only deepspeed.zero_stage) + int8, or the skip policy under
-    DeepSpeed: one-line errors before any process group or model exists."""
+    ZeRO-0 with 16-bit weights (DeepSpeed's wrapper optimizer has no clean skip): one-line errors
+    before any process group or model exists."""
     import json as _json
 
     import torch.distributed as dist
@@ -339,3 +342,72 @@ def test_zero3_lora_folds_the_vector_and_restores_the_base(tiny_world, random_ve
     res = run_finetune(load_config(str(tmp_path / "plain.yaml")))
     assert res.info["security_vector_mode"] == "folded"
     assert res.losses == pytest.approx(probe["losses"], rel=2e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# optim.nonfinite=skip on 2 ranks: a NaN loss on one rank drops that step on every rank
+
+
+NAN_STEP = 3  # its first micro-batch (forward 2 * NAN_STEP - 1 with 2 micro-batches per step)
+
+
+@pytest.fixture(scope="module")
+def plain_nan_run(tiny_world, random_vector, tmp_path_factory):
+    """The plain single-process loop (1 rank x micro-batch 4: the same global batches) with the
+    NaN on the same step, skipped: PlainEngine drops the gradients, no update, no schedule step."""
+    import dist_secvec.finetune as ft
+    from dist_secvec.config import load_config
+
+    tmp = tmp_path_factory.mktemp("plain_nan")
+    cfg = dict(base_cfg(tiny_world, random_vector, tmp, optim={"micro_batch_size": 4, "nonfinite": "skip"}),
+               deepspeed={}, output_dir=str(tmp / "plain"))
+    (tmp / "plain.yaml").write_text(yaml.safe_dump(cfg))
+
+    class NaNEngine(ft.PlainEngine):
+        calls = 0
+
+        def __call__(self, **batch):
+            out = super().__call__(**batch)
+            NaNEngine.calls += 1
+            if NaNEngine.calls == 2 * NAN_STEP - 1:
+                out["loss"] = out["loss"] * float("nan")
+            return out
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(ft, "PlainEngine", NaNEngine)
+    try:
+        res = ft.run_finetune(load_config(str(tmp / "plain.yaml")))
+    finally:
+        mp.undo()
+    return res.losses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_skip_policy_two_ranks_drops_the_nan_step(tiny_world, random_vector, tmp_path, stage, plain_nan_run):
+    """Rank 1 alone sees a NaN loss at step NAN_STEP: both ranks skip that step (DeepSpeed's own
+    overflow path: no update, no schedule step, the micro-step counters as after any step), the run
+    finishes with exit 0, and every loss, before and after, equals the plain loop that skipped the
+    same step; the weights stay finite."""
+    import math
+
+    import torch
+    from safetensors.torch import load_file
+
+    zero = {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {})}
+    cfg = base_cfg(tiny_world, random_vector, tmp_path, optim={"nonfinite": "skip"},
+                   deepspeed={"config": {"zero_optimization": zero}}, checkpoint={"every_steps": NAN_STEP})
+    probe = launch(2, cfg, tmp_path, env={"PROBE_NAN_AT": f"{2 * NAN_STEP - 1}:1"})
+    losses = probe["losses"]
+    assert len(losses) == STEPS and math.isnan(losses[NAN_STEP - 1])
+    assert all(math.isfinite(x) for i, x in enumerate(losses) if i != NAN_STEP - 1), losses
+    assert losses == pytest.approx(plain_nan_run, rel=2e-5, nan_ok=True)
+    log = (tmp_path / "launcher.log").read_text()
+    assert f"step {NAN_STEP}: non-finite loss or gradient; step skipped (optim.nonfinite=skip)" in log
+    assert torch.isfinite(gathered_logits(tmp_path)).all()
+    weights = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    assert weights and all(torch.isfinite(w).all() for w in weights.values())
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [s for s in range(1, STEPS + 1) if s != NAN_STEP]
+    state = json.loads((tmp_path / "run" / "checkpoints" / f"step_{NAN_STEP:08d}" / "trainer_state.json").read_text())
+    assert math.isnan(state["losses"][NAN_STEP - 1])  # the checkpoint of the skipped step is written too
