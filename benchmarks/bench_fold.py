@@ -11,13 +11,16 @@ round by round so load on a shared machine hits all of them alike.
 """
 
 import argparse
-import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import interleaved, md_table, write_outputs  # noqa: E402
 
 VARIANTS = ("no_vector", "folded", "attached")
 
@@ -89,26 +92,19 @@ def main() -> None:
         make_vector(model_dir, vector_dir, args.vector_rank)
         jobs = {v: variant(v, model_dir, vector_dir, args.lora_rank) for v in VARIANTS}
         ids = torch.randint(0, args.vocab, (1, args.tokens), generator=torch.Generator().manual_seed(0))
-        times = {v: [] for v in VARIANTS}
-        for i in range(args.warmup + args.steps):
-            for v in VARIANTS:  # interleaved: drifting load hits every variant alike
-                t = step(*jobs[v], ids)
-                if i >= args.warmup:
-                    times[v].append(t)
+        # interleaved: drifting load hits every variant alike
+        times = interleaved({v: (lambda j=jobs[v]: step(*j, ids)) for v in VARIANTS}, args.warmup, args.steps)
     med = {v: statistics.median(ts) for v, ts in times.items()}
     rows = [{"variant": v, "step_ms_median": round(1000 * med[v], 1),
              "step_ms_p25_p75": [round(1000 * q, 1) for q in statistics.quantiles(times[v], n=4)[0:3:2]],
              "ratio_vs_no_vector": round(med[v] / med["no_vector"], 3)} for v in VARIANTS]
-    args.out.mkdir(parents=True, exist_ok=True)
     setup = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    (args.out / "bench_fold.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2) + "\n")
-    lines = [f"LoRA r={args.lora_rank} on a {args.hidden}-hidden {args.layers}-layer Llama, {args.tokens} tokens/step, "
-             f"vector r={args.vector_rank} on every projection ({torch.get_num_threads()} threads)", "",
-             "| variant | step ms (median) | p25-p75 | vs no vector |", "|---|---|---|---|"]
-    lines += [f"| {r['variant']} | {r['step_ms_median']} | {r['step_ms_p25_p75'][0]}-{r['step_ms_p25_p75'][1]} | "
-              f"{r['ratio_vs_no_vector']:.3f}x |" for r in rows]
-    (args.out / "bench_fold.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    title = (f"LoRA r={args.lora_rank} on a {args.hidden}-hidden {args.layers}-layer Llama, {args.tokens} tokens/step, "
+             f"vector r={args.vector_rank} on every projection ({torch.get_num_threads()} threads)")
+    table = md_table(["variant", "step ms (median)", "p25-p75", "vs no vector"],
+                     [[r["variant"], str(r["step_ms_median"]), f"{r['step_ms_p25_p75'][0]}-{r['step_ms_p25_p75'][1]}",
+                       f"{r['ratio_vs_no_vector']:.3f}x"] for r in rows])
+    write_outputs(args.out, "bench_fold", {"setup": setup, "rows": rows}, f"{title}\n\n{table}")
 
 
 if __name__ == "__main__":
