@@ -153,7 +153,12 @@ def _run(args) -> int:
     if args.command in ONE_RANK_COMMANDS and world_size() > 1 and rank() != 0:
         log.warning("%s runs on rank 0 only; rank %d has nothing to do", args.command, rank())
         return 0
-    if args.command != "demo":
+    if args.command == "finetune":
+        from dist_secvec.interrupt import StopRequest
+
+        with StopRequest():  # SIGTERM/SIGINT while checking the inputs: stop at once, exit 0
+            preflight(cfg, args.command)
+    elif args.command != "demo":
         preflight(cfg, args.command)
     if args.command == "demo":
         from dist_secvec.demo.run import run_demo

@@ -113,6 +113,18 @@ def _vector_digest(layers: list, sv_params: list) -> Optional[str]:
 
 
 def run_finetune(cfg: Config, keep_model: bool = False) -> FinetuneResult:
+    """Stage 2. SIGTERM/SIGINT: while loading, stop at once (nothing trained since the last
+    checkpoint); while training, after the step with a checkpoint; while finishing, after the
+    atomic save of final/ (dist_secvec.interrupt). Each ends in `Stopped` (exit 0)."""
+    with StopRequest() as stop:
+        res = _run_finetune(cfg, keep_model, stop)
+        if stop.signal_name is not None:
+            raise Stopped(f"{stop.signal_name} received while finishing: the run is complete, {res.final_dir} "
+                          "was saved first (nothing to resume)")
+        return res
+
+
+def _run_finetune(cfg: Config, keep_model: bool, stop: StopRequest) -> FinetuneResult:
     # ---- setup: processes, tokenizer, data, model, trainable part, frozen vector, engine
     use_ds = uses_deepspeed(cfg)
     ds = ds_config(cfg, runtime.world_size()) if use_ds else None  # bad JSON: refused before any process group
@@ -227,7 +239,7 @@ def run_finetune(cfg: Config, keep_model: bool = False) -> FinetuneResult:
     every = cfg.checkpoint.every_steps
     t0 = time.time()
     step = start
-    with StopRequest() as stop:
+    with stop.training():
         for step in range(start + 1, steps + 1):
             group = [to_device(collate(next(micro_batches), pad_id), device) for _ in range(ga)]
             counts, n_tokens = label_tokens(group)

@@ -563,3 +563,78 @@ def test_vector_changed_mid_run_is_refused_at_the_checkpoint(cli, setup, monkeyp
     assert f"security vector changed during stage 2 (step {EVERY})" in lines[0], lines
     assert not (out / "checkpoints").exists() or not list((out / "checkpoints").iterdir())
     assert not (out / "final").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGTERM/SIGINT while loading (before the first step) or during the final save
+
+SLOW = """
+import os, sys, time
+import dist_secvec.finetune as ft
+
+phase, mark = os.environ["SLOW_PHASE"], os.environ["SLOW_MARK"]
+name = {"load": "load_model", "save": "write_manifest"}[phase]  # write_manifest: final/'s, inside atomic_dir
+real = getattr(ft, name)
+
+def slow(*args, **kwargs):
+    open(mark, "w").close()
+    time.sleep({"load": 60, "save": 3}[phase])
+    return real(*args, **kwargs)
+
+setattr(ft, name, slow)
+from dist_secvec.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+SHORT = ("optim.max_steps=4", "checkpoint.every_steps=2")
+
+
+def signal_in_phase(cfg: Path, out: Path, phase: str, sig: str) -> tuple[int, float, list[str], str]:
+    """A finetune run whose model load (or final save) is slowed down; `sig` is sent once it is there.
+    Returns the exit code, the seconds from the signal to the exit, the `dist-secvec` lines, stderr."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    mark, err = out.parent / f"{phase}.mark", out.parent / f"{phase}.stderr"
+    env = dict(sub_env(), SLOW_PHASE=phase, SLOW_MARK=str(mark))
+    with open(err, "w") as f:
+        p = subprocess.Popen([PY, "-c", SLOW, "finetune", "--config", str(cfg), f"output_dir={out}", *SHORT],
+                             stdout=subprocess.DEVNULL, stderr=f, env=env)
+    STARTED.append(p)
+    t = time.time()
+    while not mark.exists():
+        assert p.poll() is None and time.time() - t < 120, err.read_text()[-3000:]
+        time.sleep(0.02)
+    t = time.time()
+    p.send_signal(getattr(signal, sig))
+    rc = p.wait(timeout=120)
+    text = err.read_text()
+    return rc, time.time() - t, [ln for ln in text.splitlines() if ln.startswith("dist-secvec")], text
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_while_loading_stops_at_once_and_resume_works(setup, tmp_path, sig):
+    _, cfg = setup
+    out = tmp_path / "out"
+    rc, took, lines, text = signal_in_phase(cfg, out, "load", sig)
+    assert rc == 0 and lines == [f"dist-secvec finetune: stopped by {sig} while loading, before the first training "
+                                 "step: nothing was trained since the last checkpoint; resume with "
+                                 "checkpoint.resume=latest"], text[-3000:]
+    assert took < 10 and "Traceback" not in text, (took, text[-3000:])
+    assert not (out / "final").exists() and not (out / "checkpoints").exists()
+    assert not [p for p in tmp_path.rglob("*") if ".tmp" in p.name]
+    p, err = start(cfg, out, *SHORT, "checkpoint.resume=latest", tag="resume")
+    assert p.wait(timeout=300) == 0, err.read_text()[-3000:]
+    assert finished(out) and logged_steps(out) == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_during_the_final_save_finishes_it_then_exits_0(setup, tmp_path, sig):
+    from dist_secvec.manifest import verify_manifest
+
+    _, cfg = setup
+    out = tmp_path / "out"
+    rc, took, lines, text = signal_in_phase(cfg, out, "save", sig)
+    assert rc == 0 and lines == [f"dist-secvec finetune: {sig} received while finishing: the run is complete, "
+                                 f"{out / 'final'} was saved first (nothing to resume)"], text[-3000:]
+    assert "Traceback" not in text
+    verify_manifest(out / "final")  # whole, as its manifest says
+    assert json.loads((out / "final" / "dist_secvec_run.json").read_text())["steps"] == 4
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
