@@ -2,10 +2,15 @@
 
 W' = W + s * B @ A once at load replaces the per-step SecVecLinear delta; the original W comes
 back bit for bit before saving. Full fine-tuning (W trains) and quantized bases keep the wrapper.
+A folded run's output is not bit-identical to the unfolded run's: the trained LoRA differs in the
+last bits (x (W + sBA)^T and x W^T + s (x A^T) B^T round differently). What is bit-identical: the
+base weights the run hands on (and every untouched tensor of a merged export), the file sets,
+manifest entries and tensor names of final/ and of the exports; the LoRA agrees within tolerance.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -15,6 +20,7 @@ from safetensors.torch import load_file
 import dist_secvec.finetune as finetune_mod
 from dist_secvec.config import load_config
 from dist_secvec.errors import SecurityVectorError
+from dist_secvec.export import run_export
 from dist_secvec.finetune import fold_choice, run_finetune
 from dist_secvec.model import unwrap_base
 from dist_secvec.secvec import (FoldedLayer, SecVecLinear, _inner_linear, attach_security_vector,
@@ -158,6 +164,83 @@ def test_fold_restores_base_bit_exact(lora_runs, tiny_world):
         got = getattr(_inner_linear(base.get_submodule(mod)), attr)
         assert got.dtype == want.dtype and torch.equal(got.detach().cpu(), want), key
     assert not any("secvec" in k for k in res.model.state_dict())
+
+
+def test_fold_and_wrapper_runs_keep_the_same_base(lora_runs):
+    """The model each run hands on (evaluation uses it): every base weight of the folded run equals
+    the unfolded run's bit for bit (test_fold_restores_base_bit_exact: and the original's)."""
+    fold, wrap = (unwrap_base(lora_runs[n][0].model) for n in ("fold", "wrap"))
+    base_f = {k: v for k, v in fold.state_dict().items() if "lora_" not in k}
+    base_w = {k: v for k, v in wrap.state_dict().items() if "lora_" not in k}
+    assert base_f.keys() == base_w.keys() and base_f
+    for k in base_f:
+        assert base_f[k].dtype == base_w[k].dtype and torch.equal(base_f[k], base_w[k]), k
+
+
+# ---------------------------------------------------------------------------------------------
+# (b2) "the export is bit-identical to the same run's export without folding": what holds. The
+# trained LoRA cannot be (x (W + sBA)^T rounds differently from x W^T + s (x A^T) B^T, see above);
+# the base weights, the files and the tensor names are; the LoRA agrees within fp32 tolerance.
+
+
+def _files(d: Path) -> list[str]:
+    return sorted(p.relative_to(d).as_posix() for p in d.rglob("*") if p.is_file())
+
+
+def _tensors(d: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def test_final_dirs_same_files_and_keys(lora_runs):
+    """final/ of the folded and the unfolded run: the same files, manifest entries and adapter config."""
+    fold, wrap = lora_runs["fold"][0].final_dir, lora_runs["wrap"][0].final_dir
+    assert _files(fold) == _files(wrap)
+    manifest = lambda d: json.loads((d / "manifest.json").read_text())["files"]  # noqa: E731
+    assert sorted(manifest(fold)) == sorted(manifest(wrap)) and manifest(fold)
+    config = lambda d: json.loads((d / "adapter_config.json").read_text())  # noqa: E731
+    assert config(fold) == config(wrap)
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_exports_folded_vs_unfolded(lora_runs, tiny_world, tmp_path, merge):
+    exports = {}
+    for name in ("fold", "wrap"):
+        out = tmp_path / name
+        run_export(load_config(None, [f"export.checkpoint={lora_runs[name][0].final_dir}", "export.dtype=float32",
+                                      f"export.merge={str(merge).lower()}", f"output_dir={out}",
+                                      "logging.progress=false"]))
+        exports[name] = out
+    assert _files(exports["fold"]) == _files(exports["wrap"])
+    a, b = _tensors(exports["fold"]), _tensors(exports["wrap"])
+    assert a.keys() == b.keys() and a
+    assert not [k for k in a if "secvec" in k]
+    if not merge:  # the adapter alone
+        assert all("lora_" in k for k in a)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=2e-4 * b[k].abs().max().item(), msg=k)
+        return
+    # merged: W + s_l B_l A_l on the LoRA's layers (the merged deltas within the LoRA's tolerance;
+    # measured: 1e-5 of the largest weight at most), every other tensor the original base weight,
+    # bit for bit, in both exports
+    adapter = load_file(str(lora_runs["fold"][0].final_dir / "adapter_model.safetensors"))
+    lora_modules = {k.split(".lora_")[0].removeprefix("base_model.model.") for k in adapter}
+    orig = plain_base(tiny_world.model_dir).state_dict()
+    n_exact = n_merged = 0
+    for k in a:
+        assert a[k].dtype == b[k].dtype == orig[k].dtype, k
+        if k.rpartition(".")[0] in lora_modules:
+            n_merged += 1
+            assert not torch.equal(a[k], orig[k]), k  # the LoRA was merged in
+            # the merged LoRA deltas agree as the adapters do (tolerance of test_lora_fold_matches_wrapper)
+            da, db = a[k] - orig[k], b[k] - orig[k]
+            torch.testing.assert_close(da, db, rtol=1e-4, atol=2e-4 * db.abs().max().item(), msg=k)
+        else:
+            n_exact += 1
+            assert torch.equal(a[k], orig[k]) and torch.equal(b[k], orig[k]), k
+    assert n_merged == len(lora_modules) and n_exact > 0
 
 
 # ---------------------------------------------------------------------------------------------
