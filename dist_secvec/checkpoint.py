@@ -164,8 +164,9 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, state: dict, keep
 
             save_file({n: p.detach().contiguous().cpu() for n, p in _trainable(engine.module).items()},
                       str(tmp / "trainable.safetensors"))
-            torch.save(engine.optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(engine.scheduler.state_dict(), tmp / "scheduler.pt")
+            for name, obj in (("optimizer.pt", engine.optimizer), ("scheduler.pt", engine.scheduler)):
+                with open(tmp / name, "wb") as f:  # a failed write surfaces as an OSError (errno), not torch's own
+                    torch.save(obj.state_dict(), f)
         (tmp / f"rng_rank{runtime.rank()}.json").write_text(json.dumps(rng_state()))
         runtime.fsync_tree(tmp)  # each rank: its own files on disk (a no-op for the others' files)
         barrier()
@@ -179,11 +180,14 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, state: dict, keep
             runtime.fsync_dir(root)
             for old in complete_checkpoints(output_dir)[:-keep]:
                 _remove(old)
-    except OSError as e:
+    except Exception as e:
+        why = runtime.write_failure(e)
+        if why is None:
+            raise
         if runtime.is_main():
             shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"cannot write checkpoint '{final}' ({e.strerror or e}); free disk space or set "
-                        "output_dir elsewhere; earlier checkpoints are intact") from e
+        raise UserError(f"cannot write checkpoint '{final}': {why} (earlier checkpoints are intact; resume "
+                        "from the latest with checkpoint.resume=latest)") from e
     barrier()
     log.info("checkpoint step %d saved to %s", step, final)
     return final

@@ -147,6 +147,12 @@ def _run(args) -> int:
     from dist_secvec.runtime import rank, setup_logging, world_size
 
     setup_logging("debug" if args.debug else cfg.logging.level)
+    if not args.debug:
+        import warnings
+
+        # peft asks transformers' deprecated is_gradient_checkpointing on every LoRA wrap (stage 1,
+        # QLoRA): a library's note to itself, not something the user can act on
+        warnings.filterwarnings("ignore", message=r".*`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     if not cfg.logging.progress:  # the hub's and transformers' loading/saving bars too
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     log = logging.getLogger("dist_secvec")

@@ -155,16 +155,24 @@ _NO_ACCESS = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 def _os_errno(e: BaseException) -> Optional[int]:
-    """The errno of an OSError, or of a library error that wraps one in its message
-    (safetensors: "I/O error: File too large (os error 27)")."""
-    if isinstance(e, OSError):
-        return e.errno
-    m = re.search(r"\(os error (\d+)\)", str(e))
-    return int(m.group(1)) if m else None
+    """The errno of an OSError, of a library error that wraps one in its message (safetensors:
+    "I/O error: File too large (os error 27)"), or of one raised while handling an OSError
+    (torch.save into a file object: "unexpected pos ..." with the OSError as its context)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno is not None:
+            return e.errno
+        m = re.search(r"\(os error (\d+)\)", str(e))
+        if m:
+            return int(m.group(1))
+        e = e.__cause__ or e.__context__
+    return None
 
 
-def save_error(final: Path, e: BaseException):
-    """A one-line UserError for a failed write of `final`, or None when `e` is no I/O error."""
+def write_failure(e: BaseException) -> Optional[str]:
+    """Why a write failed and what to do, for an I/O error (disk full, file too large, no
+    permission, ...); None for anything else (a bug, or a UserError that speaks for itself)."""
     from dist_secvec.errors import UserError
 
     if isinstance(e, UserError):
@@ -173,10 +181,18 @@ def save_error(final: Path, e: BaseException):
     if code is None:
         return None
     if code in _NO_SPACE:
-        why = (f"the disk is full or the file is too large ({os.strerror(code)}); free space or raise the "
-               "file-size limit (ulimit -f), then rerun")
-    elif code in _NO_ACCESS:
-        why = f"no permission to write there ({os.strerror(code)}); choose a writable output_dir"
-    else:
-        why = f"{type(e).__name__}: {os.strerror(code)}; check the file system, then rerun"
+        return (f"the disk is full or the file is too large ({os.strerror(code)}); free space or raise the "
+                "file-size limit (ulimit -f), then rerun")
+    if code in _NO_ACCESS:
+        return f"no permission to write there ({os.strerror(code)}); choose a writable output_dir"
+    return f"{type(e).__name__}: {os.strerror(code)}; check the file system, then rerun"
+
+
+def save_error(final: Path, e: BaseException):
+    """A one-line UserError for a failed write of `final`, or None when `e` is no I/O error."""
+    from dist_secvec.errors import UserError
+
+    why = write_failure(e)
+    if why is None:
+        return None
     return UserError(f"cannot save '{final}': {why} (nothing was written; any previous version is unchanged)")

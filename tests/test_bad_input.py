@@ -106,6 +106,7 @@ class Spec:
     code: int = 2
     limit_fsize: Optional[int] = None  # RLIMIT_FSIZE for the child (disk full), SIGXFSZ ignored
     protect: list = field(default_factory=list)  # extra paths that must stay unchanged
+    may_create: list = field(default_factory=list)  # files (relative to the case dir) a run may add before it fails
 
 
 CASES: dict[str, Callable[[Path, Env], Spec]] = {}
@@ -511,6 +512,43 @@ def _(d: Path, e: Env) -> Spec:
                  "nothing was written"], limit_fsize=20_000)
 
 
+# stage 2 and stage 1 through the CLI: the run trains, then its save hits the limit. What the run
+# wrote before (config.yaml, its log) may stay; no final/, checkpoint or vector directory appears
+# (not even a half-written one), and an earlier checkpoint or file in output_dir is unchanged
+
+DISK_FULL = ["disk is full or the file is too large", "ulimit -f"]
+
+
+@case("disk-full-finetune-final")
+def _(d: Path, e: Env) -> Spec:
+    return Spec(finetune(d, e, "logging.level=error"),
+                ["cannot save", str(d / "out" / "final"), *DISK_FULL, "nothing was written"],
+                limit_fsize=20_000, may_create=["out/config.yaml", "out/train_log.jsonl"])
+
+
+@case("disk-full-finetune-checkpoint")
+def _(d: Path, e: Env) -> Spec:
+    from dist_secvec.manifest import write_manifest
+
+    earlier = d / "out" / "checkpoints" / "step_00000005"  # of an earlier run in the same output_dir
+    write(earlier / "trainer_state.json", '{"step": 5}\n')
+    write_manifest(earlier)
+    return Spec(finetune(d, e, "checkpoint.every_steps=1", "logging.level=error"),
+                ["cannot write checkpoint", str(d / "out" / "checkpoints" / "step_00000001"), *DISK_FULL,
+                 "earlier checkpoints are intact"],
+                limit_fsize=20_000, may_create=["out/config.yaml", "out/train_log.jsonl"])
+
+
+@case("disk-full-train-sv")
+def _(d: Path, e: Env) -> Spec:
+    write(d / "out" / "notes.txt", "a file already in the output dir\n")
+    return Spec(["train-sv", f"model.path={e.model}", f"security_vector.harmful_data={e.train}",
+                 "security_vector.kl_weight=0", "security_vector.rank=16", "optim.max_steps=1",
+                 "logging.progress=false", "logging.level=error", f"output_dir={d / 'out'}"],
+                ["cannot save", str(d / "out" / "secvec"), *DISK_FULL, "nothing was written"],
+                limit_fsize=20_000, may_create=["out/config.yaml", "out/train_sv_log.jsonl"])
+
+
 # ---- hostfiles of the launch scripts
 
 
@@ -622,7 +660,9 @@ def test_bad_input(name, results):
         assert line.startswith(f"dist-secvec {spec.argv[0]}: error: "), line
     for text in spec.must:
         assert text in line, f"{text!r} not in: {line}"
-    assert r.after == r.before, "an existing file changed, or a new one was written"
+    after = {root: {k: v for k, v in files.items() if k in r.before.get(root, {}) or
+                    not (root == str(r.root) and k in spec.may_create)} for root, files in r.after.items()}
+    assert after == r.before, "an existing file changed, or a new one was written"
     leftovers = [p for p in r.root.rglob("*") if ".tmp-" in p.name or ".old-" in p.name or ".hostfile." in p.name]
     assert not leftovers, leftovers
 
@@ -664,8 +704,21 @@ def test_internal_error_is_exit_1(env, tmp_path, debug):
 # atomic saves: a failed write keeps the previous directory (in-process: the unit under the CLI)
 
 
+def _torch_save_error() -> RuntimeError:
+    """What torch.save into a file object raises when a write fails: its own message, the
+    OSError only as the context."""
+    try:
+        raise OSError(27, "File too large")
+    except OSError:
+        try:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        except RuntimeError as e:
+            return e
+
+
 @pytest.mark.parametrize("error", [OSError(28, "No space left on device"), OSError(27, "File too large"),
-                                   RuntimeError("Error while serializing: I/O error: File too large (os error 27)")])
+                                   RuntimeError("Error while serializing: I/O error: File too large (os error 27)"),
+                                   _torch_save_error()])
 def test_atomic_dir_failed_save_keeps_previous(tmp_path, error):
     from dist_secvec import runtime
     from dist_secvec.errors import UserError
