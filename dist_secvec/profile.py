@@ -4,8 +4,26 @@ Runs real optimizer steps of the configured stage-2 (finetune) job, built with t
 functions as `dist_secvec.finetune` (tokenizer, data, model, trainable part, frozen vector,
 optimizer), and times each step split into data (collate + to_device), forward, backward and
 optimizer (clip + step + schedule + zero_grad), with torch.cuda.synchronize around each phase on
-CUDA. Then it repeats the job with the vector off, on the torch path and on the Triton path
-(CUDA only) to report the vector's overhead as step-time ratios.
+CUDA.
+
+The vector's overhead: next to the configured job it builds the same job with the vector off
+(no_vector), attached on the torch path (torch) and on the Triton path (triton, CUDA only). Each
+job is built and runs its warmup steps alone; then the jobs' measured steps are interleaved in
+rounds (each job DIST_SECVEC_PROFILE_ROUND_STEPS steps in turn, default 2, the order rotated every
+round), so drift in machine load hits all of them alike, and every job draws the same batches in
+the same order. `overhead` in profile.json gives per variant the median step time and quartiles,
+the ratio to no_vector (median of per-step ratios on the same batches), the vector's FLOP share
+(its delta FLOPs in the job with it attached) and `within_target` (ratio - 1 <= 1.5 x FLOP share).
+DIST_SECVEC_PROFILE_INTERLEAVE=0 runs the jobs one after the other, one alive at a time (when
+several copies of the model do not fit).
+
+Peak memory per variant (`variant_memory`, DIST_SECVEC_PROFILE_MEMORY): on CPU each variant in a
+fresh process of its own (`python -m dist_secvec.profile --memory-child`, one per rank; under a
+launcher the children of all ranks form a new process group), which builds the job and runs
+warmup + DIST_SECVEC_PROFILE_MEMORY_STEPS (default 2) steps and reports its peak RSS: a process's
+peak RSS cannot be reset and would hold every variant's job. On CUDA, in this process: the peak
+allocated while the variant is built and warmed up, stats reset before, bytes of jobs already
+alive subtracted. Each is compared with no_vector's (target: within 2%). `off` skips it.
 
 Outputs in output_dir: profile.json, profile.md and profile_*.png. DIST_SECVEC_PROFILE_VARIANTS
 (a comma list of no_vector,torch,triton; empty for none) limits the overhead variants run.
@@ -335,32 +353,38 @@ def _comm_seconds(engine) -> Optional[float]:
     return None if ms is None else ms / 1000.0
 
 
-def run_steps(job: Job, steps: int, warmup: int, trace_path: Optional[Path] = None) -> dict:
-    """warmup + steps optimizer steps of finetune's loop, each phase timed; returns per-step records
-    and the memory figures measured from the tensors (this rank's)."""
-    cfg, dev, model, eng = job.cfg, job.device, job.model, job.engine
-    if eng is None:  # a Job built by hand: the plain engine over its optimizer
-        eng = job.engine = PlainEngine(model, job.params, job.optimizer, job.scheduler, cfg.optim.max_grad_norm)
-    use_ds = job.ds is not None
-    rank, world = (runtime.rank(), runtime.world_size()) if use_ds else (0, 1)
-    ga = cfg.optim.gradient_accumulation_steps
-    gen = torch.Generator().manual_seed(cfg.seed)
-    micro = rank_batches(job.examples, cfg.optim.micro_batch_size, rank, world, gen, cfg.data.shuffle)  # finetune's order
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    model.train()
-    records, mem = [], {"grad_bytes": 0, "secvec_grad_bytes": 0}
-    zero_opt = eng.engine.optimizer if use_ds else None
-    quiet = (lambda: contextlib.redirect_stdout(io.StringIO())) if use_ds else contextlib.nullcontext
-    prof = None
-    for step in range(warmup + steps):
-        if step == warmup and trace_path is not None:
-            prof = torch.profiler.profile(record_shapes=False)
-            prof.__enter__()
+class StepRunner:
+    """Optimizer steps of finetune's loop on one job, one at a time, each phase timed: run_steps
+    runs them back to back, the overhead rounds interleave the steps of several jobs. Every job
+    draws its micro-batches with finetune's rank_batches from the same seed, so step i of each
+    variant sees the same batches."""
+
+    def __init__(self, job: Job):
+        cfg, model = job.cfg, job.model
+        if job.engine is None:  # a Job built by hand: the plain engine over its optimizer
+            job.engine = PlainEngine(model, job.params, job.optimizer, job.scheduler, cfg.optim.max_grad_norm)
+        self.job = job
+        self.use_ds = job.ds is not None
+        self.world = runtime.world_size() if self.use_ds else 1
+        rank = runtime.rank() if self.use_ds else 0
+        gen = torch.Generator().manual_seed(cfg.seed)
+        self.micro = rank_batches(job.examples, cfg.optim.micro_batch_size, rank, self.world, gen,
+                                  cfg.data.shuffle)  # finetune's order
+        self.records: list[dict] = []
+        self.mem: dict = {"grad_bytes": 0, "secvec_grad_bytes": 0}
+        self.zero_opt = job.engine.engine.optimizer if self.use_ds else None
+        self.quiet = (lambda: contextlib.redirect_stdout(io.StringIO())) if self.use_ds else contextlib.nullcontext
+        self.steps_done = 0
+        self.peak: Optional[dict] = None  # set by the caller to report a peak taken earlier (see peak_memory)
+        model.train()
+
+    def step(self, measured: bool = True) -> dict:
+        job, dev, eng, use_ds, quiet = self.job, self.job.device, self.job.engine, self.use_ds, self.quiet
+        ga = job.cfg.optim.gradient_accumulation_steps
         pc = time.perf_counter
         _sync(dev)
         t = pc()
-        group = [to_device(collate(next(micro), job.pad_id), dev) for _ in range(ga)]
+        group = [to_device(collate(next(self.micro), job.pad_id), dev) for _ in range(ga)]
         counts, n_tokens = label_tokens(group)  # the global batch's label tokens (all ranks)
         _sync(dev)
         rec = {"data": pc() - t, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
@@ -371,7 +395,7 @@ def run_steps(job: Job, steps: int, warmup: int, trace_path: Optional[Path] = No
             _sync(dev)
             rec["forward"] += pc() - t
             t = pc()
-            eng.backward(loss * loss_weight(n, world, n_tokens))
+            eng.backward(loss * loss_weight(n, self.world, n_tokens))
             _sync(dev)
             rec["backward"] += pc() - t
             if i < ga - 1:
@@ -382,9 +406,12 @@ def run_steps(job: Job, steps: int, warmup: int, trace_path: Optional[Path] = No
                 rec["optimizer"] += pc() - t
                 c = _comm_seconds(eng)
                 comm = None if c is None or comm is None else comm + c
+        self.steps_done += 1
         if not math.isfinite(loss.item()):
-            raise RuntimeError(f"loss is {loss.item()} at profile step {step + 1}")
-        mem["grad_bytes"] = max(mem["grad_bytes"], grad_bytes(model) + (zero_grad_bytes(zero_opt) if use_ds else 0))
+            raise RuntimeError(f"loss is {loss.item()} at profile step {self.steps_done}")
+        mem = self.mem
+        mem["grad_bytes"] = max(mem["grad_bytes"], grad_bytes(job.model) +
+                                (zero_grad_bytes(self.zero_opt) if use_ds else 0))
         mem["secvec_grad_bytes"] = max(mem["secvec_grad_bytes"], secvec_grad_bytes(job.sv_layers, job.folded))
         t = pc()
         with quiet():
@@ -400,32 +427,53 @@ def run_steps(job: Job, steps: int, warmup: int, trace_path: Optional[Path] = No
         rec["tokens_nonpad"] = sum(int(b["attention_mask"].sum()) for b in group)
         rec["tokens_loss"] = sum(counts)
         rec["seq_len"] = statistics.mean(int(b["input_ids"].shape[1]) for b in group)
-        if step >= warmup:
-            records.append(rec)
+        if measured:
+            self.records.append(rec)
+        return rec
+
+    def finish(self) -> dict:
+        """The measured records and the memory figures measured from the tensors (this rank's)."""
+        job, model, mem = self.job, self.job.model, self.mem
+        params = list(model.parameters())
+        mem["param_bytes"] = param_bytes(model)
+        mem["param_bytes_whole"] = sum(whole_bytes(p) for p in params)
+        mem["param_bytes_resident"] = sum(resident_bytes(p) for p in params)
+        mem["optimizer_state_bytes"] = optimizer_state_bytes(job.optimizer)
+        mem["optimizer_master_bytes"] = master_param_bytes(job.optimizer, model, self.zero_opt)
+        mem["secvec_optimizer_bytes"] = secvec_optimizer_bytes(job.optimizer, job.sv_layers, job.folded)
+        if self.use_ds:  # a vector tensor in a ZeRO optimizer's partitioned groups: its fp32 master + 2 moments
+            ids = {id(t) for t in vector_tensors(job.sv_layers, job.folded)}
+            owned = [p for p in params if id(p) in ids and id(p) in job.engine.optimizer_param_ids()]
+            if owned:
+                log.error("%d security vector tensors are in the DeepSpeed optimizer", len(owned))
+            mem["secvec_optimizer_bytes"] += sum(3 * 4 * held_numel(p) for p in owned)
+        mem["secvec_param_bytes"] = sum(held_bytes(t) for layer in job.sv_layers
+                                        for t in (layer.secvec_A, layer.secvec_B))
+        mem["peak"] = self.peak or peak_memory(job.device)
+        return {"records": self.records, "memory": mem}
+
+
+def run_steps(job: Job, steps: int, warmup: int, trace_path: Optional[Path] = None) -> dict:
+    """warmup + steps optimizer steps of finetune's loop back to back, each phase timed; returns
+    per-step records and the memory figures measured from the tensors (this rank's)."""
+    if job.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(job.device)
+    runner = StepRunner(job)
+    prof = None
+    for step in range(warmup + steps):
+        if step == warmup and trace_path is not None:
+            prof = torch.profiler.profile(record_shapes=False)
+            prof.__enter__()
+        runner.step(measured=step >= warmup)
     if prof is not None:
         prof.__exit__(None, None, None)
         prof.export_chrome_trace(str(trace_path))
-    params = list(model.parameters())
-    mem["param_bytes"] = param_bytes(model)
-    mem["param_bytes_whole"] = sum(whole_bytes(p) for p in params)
-    mem["param_bytes_resident"] = sum(resident_bytes(p) for p in params)
-    mem["optimizer_state_bytes"] = optimizer_state_bytes(job.optimizer)
-    mem["optimizer_master_bytes"] = master_param_bytes(job.optimizer, model, zero_opt)
-    mem["secvec_optimizer_bytes"] = secvec_optimizer_bytes(job.optimizer, job.sv_layers, job.folded)
-    if use_ds:  # a vector tensor in a ZeRO optimizer's partitioned groups: its fp32 master + 2 moments
-        ids = {id(t) for t in vector_tensors(job.sv_layers, job.folded)}
-        owned = [p for p in params if id(p) in ids and id(p) in eng.optimizer_param_ids()]
-        if owned:
-            log.error("%d security vector tensors are in the DeepSpeed optimizer", len(owned))
-        mem["secvec_optimizer_bytes"] += sum(3 * 4 * held_numel(p) for p in owned)
-    mem["secvec_param_bytes"] = sum(held_bytes(t) for layer in job.sv_layers for t in (layer.secvec_A, layer.secvec_B))
-    mem["peak"] = peak_memory(dev)
-    return {"records": records, "memory": mem}
+    return runner.finish()
 
 
 def spread(values: list[float]) -> dict:
     v = sorted(values)
-    q = statistics.quantiles(v, n=4) if len(v) >= 2 else [v[0]] * 3
+    q = statistics.quantiles(v, n=4, method="inclusive") if len(v) >= 2 else [v[0]] * 3  # within [min, max]
     return {"median": statistics.median(v), "p25": q[0], "p75": q[2], "min": v[0], "max": v[-1],
             "mean": statistics.fmean(v), "n": len(v)}
 
@@ -471,7 +519,8 @@ def aggregate(ranks: list[dict]) -> dict:
     comm = None
     if all(c is not None for r in ranks for c in r["comm_times"]):
         comm = spread([max(v) for v in zip(*(r["comm_times"] for r in ranks))])
-    return {"step_time_s": step["median"], "step_time": step, "phases": phases, "comm": comm,
+    return {"step_time_s": step["median"], "step_time": step, "step_times": per_step("step_times"),
+            "phases": phases, "comm": comm,
             "step_time_s_per_rank": [statistics.median(r["step_times"]) for r in ranks],
             "flops_per_token": r0["flops_per_token"], "flops_formula": r0["flops_formula"],
             "flops_parts": r0["flops_parts"],
@@ -527,17 +576,307 @@ def profile_variants() -> tuple[str, ...]:
     return names
 
 
-def _measure(cfg: Config, vector: str, steps: int, warmup: int, tok, examples,
-             trace_path: Optional[Path] = None, with_partition: bool = False) -> tuple[list[dict], Job]:
-    """Build the job, run its steps on every rank; every rank's summary (gathered) and this rank's job."""
-    job = build_job(cfg, steps + warmup, vector, tok, examples)
-    mine = summarize(job, run_steps(job, steps, warmup, trace_path))
-    if with_partition:
-        sv_ids = {id(t) for t in vector_tensors(job.sv_layers, [])}
-        mine["partition"] = partition_report({
-            "security_vector": [p for p in job.model.parameters() if id(p) in sv_ids], "trainable": job.params,
-            "frozen": [p for p in job.model.parameters() if not p.requires_grad and id(p) not in sv_ids]})[0]
-    return gather(mine), job
+def _env_int(name: str, default: int, minimum: int = 1) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = minimum - 1
+    if value < minimum:
+        raise UserError(f"{name}={raw!r}: need an integer >= {minimum}")
+    return value
+
+
+def memory_mode(device: torch.device) -> str:
+    """How each variant's peak memory is measured (DIST_SECVEC_PROFILE_MEMORY): process (a fresh
+    process per variant: its peak RSS, or its CUDA peak; the default on CPU, where a process's
+    peak RSS cannot be reset and would include every job the process holds), inline (CUDA: the
+    peak allocated while the variant is built and warmed up, with the peak stats reset and the
+    bytes already allocated by other jobs subtracted; the default on CUDA), off."""
+    mode = os.environ.get("DIST_SECVEC_PROFILE_MEMORY", "auto").strip() or "auto"
+    if mode not in ("auto", "process", "inline", "off"):
+        raise UserError(f"DIST_SECVEC_PROFILE_MEMORY={mode!r}: choose auto, process, inline or off")
+    if mode == "auto":
+        return "inline" if device.type == "cuda" else "process"
+    return mode
+
+
+def _vector_arg(name: str) -> str:
+    return {"configured": "configured", "no_vector": "off"}.get(name, name)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _variant_backend(name: str):
+    """A variant names its path itself: DIST_SECVEC_BACKEND applies to the configured job only."""
+    saved = os.environ.pop("DIST_SECVEC_BACKEND", None) if name != "configured" else None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["DIST_SECVEC_BACKEND"] = saved
+
+
+def _mark_memory(device: torch.device) -> int:
+    """Reset the CUDA peak stats; the bytes allocated now (0 on CPU)."""
+    if device.type != "cuda":
+        return 0
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def _peak_since(device: torch.device, base: int) -> dict:
+    """peak_memory, plus on CUDA the peak allocated above `base` (what this job added)."""
+    peak = peak_memory(device)
+    if peak["kind"] == "cuda":
+        peak["baseline_allocated"] = base
+        peak["job_max_allocated"] = peak["max_allocated"] - base
+    return peak
+
+
+def _partition(job: Job) -> dict:
+    sv_ids = {id(t) for t in vector_tensors(job.sv_layers, [])}
+    return partition_report({
+        "security_vector": [p for p in job.model.parameters() if id(p) in sv_ids], "trainable": job.params,
+        "frozen": [p for p in job.model.parameters() if not p.requires_grad and id(p) not in sv_ids]})[0]
+
+
+def measure_jobs(cfg: Config, names: list[str], steps: int, warmup: int, tok, examples,
+                 trace_path: Optional[Path] = None, interleave: bool = True, per_round: int = 2) -> dict:
+    """Time `steps` optimizer steps of each job in `names` (configured first; no_vector, torch,
+    triton: the vector off / attached on that path). Each job is built and runs its `warmup`
+    steps alone (its peak memory is read then: the configured job is built first, so its peak is
+    its own); then, interleaved, rounds in which every job runs `per_round` steps in turn, the
+    order rotated by one each round, so drifting machine load hits all of them alike. With
+    interleave False each job runs all its steps and is dropped before the next is built.
+    Collective under several ranks: every rank runs the same rounds. Returns, per name, every
+    rank's summary (gathered) and the job's mode/backend/device/stage."""
+    device = pick_device()
+    out: dict[str, dict] = {}
+
+    def build(name: str) -> StepRunner:
+        base = _mark_memory(device)
+        with _variant_backend(name):  # the kernels read DIST_SECVEC_BACKEND at every call: steps too
+            job = build_job(cfg, steps + warmup, _vector_arg(name), tok, examples)
+            runner = StepRunner(job)
+            for _ in range(warmup):
+                runner.step(measured=False)
+        if interleave:  # later jobs join this process: its peak is taken now, before they are built
+            runner.peak = _peak_since(device, base)
+        out[name] = {"mode": job.vector_mode, "backend": job.backend, "device": job.device,
+                     "zero_stage": job.zero_stage}
+        return runner
+
+    def done(name: str, runner: StepRunner) -> None:
+        mine = summarize(runner.job, runner.finish())
+        if name == "configured":
+            mine["partition"] = _partition(runner.job)
+        out[name]["ranks"] = gather(mine)
+
+    def traced(runner: StepRunner, n: int) -> None:
+        prof = torch.profiler.profile(record_shapes=False)
+        with prof:
+            for _ in range(n):
+                runner.step()
+        prof.export_chrome_trace(str(trace_path))
+
+    if not interleave:
+        for name in names:
+            runner = build(name)
+            with _variant_backend(name):
+                if name == "configured" and trace_path is not None:
+                    traced(runner, steps)
+                else:
+                    for _ in range(steps):
+                        runner.step()
+            done(name, runner)
+            del runner
+        return out
+    runners = {name: build(name) for name in names}
+    n_rounds = math.ceil(steps / per_round)
+    for r in range(n_rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            runner = runners[name]
+            n = min(per_round, steps - len(runner.records))
+            with _variant_backend(name):
+                if name == "configured" and trace_path is not None and r == 0:
+                    traced(runner, n)  # the trace: the configured job's steps of the first round
+                    continue
+                for _ in range(n):
+                    runner.step()
+    for name in names:
+        done(name, runners[name])
+    return out
+
+
+def memory_in_processes(cfg: Config, names: list[str], steps: int, warmup: int, out: Path,
+                        use_ds: bool) -> dict[str, list]:
+    """Each variant's peak memory in fresh processes (one per rank: under a launcher the children
+    of all ranks form a process group of their own on a new port): build the job, run warmup +
+    steps optimizer steps, report the process's peak RSS (CUDA: peak allocated). Returns, per
+    name, every rank's {"peak": ..., "memory": ...} or {"error": ...}."""
+    import subprocess
+
+    rank = runtime.rank()
+    work = out / ".profile_memory"
+    work.mkdir(parents=True, exist_ok=True)
+    timeout = _env_int("DIST_SECVEC_PROFILE_MEMORY_TIMEOUT", 1800)
+    results: dict[str, list] = {}
+    for name in names:
+        port = gather(_free_port() if rank == 0 else None)[0]
+        spec = work / f"{name}_rank{rank}.json"
+        result_file = work / f"{name}_rank{rank}.result.json"
+        result_file.unlink(missing_ok=True)
+        spec.write_text(json.dumps({"cfg": cfg.to_dict(), "variant": name, "steps": steps, "warmup": warmup,
+                                    "result": str(result_file)}))
+        env = dict(os.environ)
+        if name != "configured":
+            env.pop("DIST_SECVEC_BACKEND", None)
+        if use_ds:  # the children of every rank: a new group, same ranks, a new port
+            env.update(RANK=str(rank), WORLD_SIZE=str(runtime.world_size()), MASTER_PORT=str(port),
+                       LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"),
+                       MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"))
+        else:
+            for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+                env.pop(k, None)
+        t0 = time.perf_counter()
+        try:
+            p = subprocess.run([sys.executable, "-m", "dist_secvec.profile", "--memory-child", str(spec)], env=env,
+                               capture_output=True, text=True, timeout=timeout)
+            if p.returncode == 0 and result_file.exists():
+                res = json.loads(result_file.read_text())
+            else:
+                res = {"error": f"exit {p.returncode}: {(p.stderr or p.stdout)[-800:]}"}
+        except subprocess.TimeoutExpired:
+            res = {"error": f"timed out after {timeout} s (DIST_SECVEC_PROFILE_MEMORY_TIMEOUT)"}
+        res["seconds"] = time.perf_counter() - t0
+        if "error" in res:
+            log.warning("memory of variant %s in a separate process failed: %s", name, res["error"])
+        results[name] = gather(res)
+    return results
+
+
+def _memory_child(spec_path: str) -> int:
+    """`python -m dist_secvec.profile --memory-child SPEC`: one variant's job in this fresh
+    process; writes its peak memory and memory figures to SPEC's result file."""
+    spec = json.loads(Path(spec_path).read_text())
+    from dist_secvec.config import load_config
+
+    cfg = load_config(None, None, base=spec["cfg"])
+    logging.basicConfig(level=logging.WARNING)
+    job = build_job(cfg, spec["steps"] + spec["warmup"], _vector_arg(spec["variant"]))
+    res = run_steps(job, spec["steps"], spec["warmup"])
+    mem = res["memory"]
+    if runtime.is_main() or job.ds is not None:
+        Path(spec["result"]).write_text(json.dumps({"peak": mem["peak"], "memory": mem, "mode": job.vector_mode,
+                                                    "pid": os.getpid(),
+                                                    "steps": spec["steps"], "warmup": spec["warmup"]}))
+    if job.ds is not None:
+        barrier()
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def _peak_bytes(peak: Optional[dict]) -> Optional[int]:
+    if not peak:
+        return None
+    return peak.get("job_max_allocated", peak.get("max_allocated", peak.get("max_rss")))
+
+
+def variant_memory(mode: str, measured: dict, children: Optional[dict], device: torch.device) -> dict:
+    """Each variant's peak memory per rank and its ratio to no_vector's (the target: within 2%)."""
+    per: dict[str, Any] = {}
+    if mode == "process":
+        for name, ranks in (children or {}).items():
+            errs = [r["error"] for r in ranks if "error" in r]
+            per[name] = ({"peak_memory_bytes": None, "error": errs[0]} if errs else
+                         {"peak_memory_bytes": [_peak_bytes(r["peak"]) for r in ranks],
+                          "peak_memory_kind": ranks[0]["peak"]["kind"],
+                          "seconds": max(r["seconds"] for r in ranks)})
+        method = ("a fresh process per variant (and rank): the peak of building the job and running "
+                  f"its warmup + measured steps ({'CUDA max allocated' if device.type == 'cuda' else 'peak RSS'})")
+    elif mode == "inline" and device.type == "cuda":
+        for name, rec in measured.items():
+            peaks = [r["memory"]["peak"] for r in rec["ranks"]]
+            per[name] = {"peak_memory_bytes": [_peak_bytes(p) for p in peaks], "peak_memory_kind": "cuda"}
+        method = ("this process, CUDA: peak allocated while the variant is built and runs its warmup steps, the "
+                  "peak stats reset before and the bytes other jobs hold subtracted")
+    else:
+        reason = ("DIST_SECVEC_PROFILE_MEMORY=off" if mode == "off" else
+                  "a CPU process's peak RSS cannot be reset and holds every job: set "
+                  "DIST_SECVEC_PROFILE_MEMORY=process for a fresh process per variant")
+        return {"method": None, "reason": reason, "variants": None}
+    base = per.get("no_vector", {}).get("peak_memory_bytes")
+    for name, rec in per.items():
+        mine = rec.get("peak_memory_bytes")
+        if base and mine and all(base) and all(m is not None for m in mine):
+            ratio = max(m / b for m, b in zip(mine, base))  # the worst rank
+            rec["ratio_to_no_vector"] = ratio
+            rec["within_2pct"] = ratio <= 1.02
+        else:
+            rec["ratio_to_no_vector"] = rec["within_2pct"] = None
+    return {"method": method, "target": "peak within 2% of no_vector (worst rank)", "variants": per}
+
+
+def overhead_report(agg: dict, measured: dict, skipped: dict, memory: dict, per_round: int,
+                    n_rounds: int, interleave: bool) -> dict:
+    """Per variant: median step time and spread, the step-time ratio to no_vector (median of the
+    per-step ratios: step i of both jobs sees the same batches in the same round), the vector's
+    FLOP share (attached) and whether ratio - 1 <= 1.5 x that share (the target)."""
+    share = None
+    for name in ("torch", "triton", "configured"):
+        if name in agg and agg[name]["flops_parts"]["secvec_delta"] > 0:
+            share = agg[name]["flops_parts"]["secvec_delta"] / agg[name]["flops_per_token"]
+            break
+    nv = agg.get("no_vector")
+    mem = memory.get("variants") or {}
+    rep: dict[str, Any] = {}
+    for name in list(agg) + [v for v in skipped if v not in agg]:
+        if name in skipped:
+            rep[name] = {"ratio": None, "flop_share": share, "within_target": None, "skipped": skipped[name]}
+            continue
+        a = agg[name]
+        rec = {"step_time_s": a["step_time_s"], "step_time_p25": a["step_time"]["p25"],
+               "step_time_p75": a["step_time"]["p75"], "n_steps": a["step_time"]["n"],
+               "mode": measured[name]["mode"], "backend": measured[name]["backend"],
+               "flop_share": share,
+               "flop_share_computed": a["flops_parts"]["secvec_delta"] / a["flops_per_token"],
+               "target_ratio": None if share is None else 1 + 1.5 * share}
+        if nv is None:
+            rec.update(ratio=None, within_target=None, reason="no_vector not measured")
+        else:
+            paired = spread([t / b for t, b in zip(a["step_times"], nv["step_times"])])
+            rec.update(ratio=paired["median"], ratio_p25=paired["p25"], ratio_p75=paired["p75"],
+                       ratio_of_medians=a["step_time_s"] / nv["step_time_s"])
+            if name == "no_vector":
+                rec["within_target"] = None  # the baseline
+            else:
+                rec["within_target"] = None if share is None else bool(rec["ratio"] - 1 <= 1.5 * share)
+        m = mem.get(name) or {}
+        rec["peak_memory_bytes"] = m.get("peak_memory_bytes")
+        rec["peak_memory_ratio"] = m.get("ratio_to_no_vector")
+        rec["memory_within_target"] = m.get("within_2pct")
+        rep[name] = rec
+    method = (f"interleaved: {n_rounds} rounds of {per_round} optimizer steps per variant, order rotated each "
+              "round" if interleave else "one variant after the other (DIST_SECVEC_PROFILE_INTERLEAVE=0)")
+    return {"variants": rep, "method": method,
+            "target": "ratio - 1 <= 1.5 x flop_share (flop_share: the vector's delta FLOPs / the job's FLOPs with "
+                      "the vector attached; ratio: median over steps of step time / no_vector's step time on the "
+                      "same batches)"}
 
 
 def run_profile(cfg: Config, default_job: bool = False) -> dict:
@@ -558,40 +897,62 @@ def run_profile(cfg: Config, default_job: bool = False) -> dict:
     if not examples:
         raise UserError("profile: no training examples left after tokenization")
     rank = runtime.rank()
+    device = pick_device()
 
-    # the configured job, fully measured on every rank
-    trace = None
-    if cfg.profile.trace:
-        trace = out / ("trace.json" if rank == 0 else f"trace_rank{rank}.json")
-    ranks, job = _measure(cfg, "configured", steps, warmup, tok, examples, trace, with_partition=True)
-    main = aggregate(ranks)
-    main_mode, main_backend, dev, stage = job.vector_mode, job.backend, job.device, job.zero_stage
-    del job
-
-    # the vector's overhead: the same job with the vector off, on the torch path, on the Triton path
-    variants: dict[str, Any] = {}
+    # which variants: the vector off, on the torch path, on the Triton path (CUDA only)
+    skipped: dict[str, str] = {}
+    timed: list[str] = []
     if not cfg.security_vector.path:
         overhead_reason = "no security vector configured (security_vector.path is null)"
     else:
         overhead_reason = None
         for v in profile_variants():
-            if v == "triton" and dev.type != "cuda":
-                variants[v] = {"step_time_ratio": None, "reason": "Triton path needs CUDA; this run is on CPU"}
+            if v == "triton" and device.type != "cuda":
+                skipped[v] = "Triton path needs CUDA; this run is on CPU"
                 continue
             if v == "triton":
                 try:
                     importlib.import_module("dist_secvec_kernels.secvec_delta")
                 except Exception as e:  # no usable triton
-                    variants[v] = {"step_time_ratio": None, "reason": f"triton unavailable: {type(e).__name__}: {e}"}
+                    skipped[v] = f"triton unavailable: {type(e).__name__}: {e}"
                     continue
-            saved = os.environ.pop("DIST_SECVEC_BACKEND", None)  # the variant names its path itself
-            try:
-                vranks, vjob = _measure(cfg, "off" if v == "no_vector" else v, steps, warmup, tok, examples)
-            finally:
-                if saved is not None:
-                    os.environ["DIST_SECVEC_BACKEND"] = saved
-            del vjob
-            s = aggregate(vranks)
+            timed.append(v)
+    names = ["configured"] + timed
+    interleave = os.environ.get("DIST_SECVEC_PROFILE_INTERLEAVE", "1").strip() != "0" and len(names) > 1
+    per_round = _env_int("DIST_SECVEC_PROFILE_ROUND_STEPS", 2)
+    n_rounds = math.ceil(steps / per_round)
+    # with variants, each job's peak is read after its warmup steps alone: at least one
+    w = max(warmup, 1) if len(names) > 1 else warmup
+
+    # each variant's peak memory in fresh processes (first: this process holds no job yet)
+    mmode = memory_mode(device) if len(names) > 1 else "off"
+    children = None
+    if mmode == "process":
+        mem_steps = min(steps, _env_int("DIST_SECVEC_PROFILE_MEMORY_STEPS", 2))
+        children = memory_in_processes(cfg, names, mem_steps, w, out,
+                                       use_ds=runtime.world_size() > 1 or uses_deepspeed(cfg))
+
+    trace = None
+    if cfg.profile.trace:
+        trace = out / ("trace.json" if rank == 0 else f"trace_rank{rank}.json")
+    measured = measure_jobs(cfg, names, steps, w, tok, examples, trace, interleave, per_round)
+    agg = {name: aggregate(m["ranks"]) for name, m in measured.items()}
+    main, ranks = agg["configured"], measured["configured"]["ranks"]
+    cm = measured["configured"]
+    main_mode, main_backend, dev, stage = cm["mode"], cm["backend"], cm["device"], cm["zero_stage"]
+
+    # the overhead: the old per-variant table (secvec_overhead) and the interleaved report (overhead)
+    variants: dict[str, Any] = {}
+    memory = variant_memory(mmode, measured, children, dev) if len(names) > 1 else {
+        "method": None, "reason": overhead_reason or "no overhead variants (DIST_SECVEC_PROFILE_VARIANTS)",
+        "variants": None}
+    overhead = None
+    if cfg.security_vector.path:
+        for v in profile_variants():
+            if v in skipped:
+                variants[v] = {"step_time_ratio": None, "reason": skipped[v]}
+                continue
+            s = agg[v]
             variants[v] = {"step_time_s": s["step_time_s"], "step_time": s["step_time"],
                            "phases": {p: s["phases"][p]["median"] for p in PHASES},
                            "flops_per_token": s["flops_per_token"]}
@@ -606,6 +967,8 @@ def run_profile(cfg: Config, default_job: bool = False) -> dict:
         variants["configured"]["secvec_flop_share"] = fshare
         if fshare and base_t:  # the target: overhead at most 1.5x the delta's FLOP share
             variants["configured"]["overhead_over_flop_share"] = (main["step_time_s"] / base_t - 1) / fshare
+        if len(names) > 1 or skipped:
+            overhead = overhead_report(agg, measured, skipped, memory, per_round, n_rounds, interleave)
 
     # aggregation over ranks
     ws = len(ranks)
@@ -629,7 +992,7 @@ def run_profile(cfg: Config, default_job: bool = False) -> dict:
                 "adapter": cfg.adapter.type, "security_vector": cfg.security_vector.path, "vector_mode": main_mode,
                 "backend": main_backend, "micro_batch_size": cfg.optim.micro_batch_size,
                 "gradient_accumulation_steps": cfg.optim.gradient_accumulation_steps,
-                "max_length": cfg.data.max_length, "steps": steps, "warmup": warmup,
+                "max_length": cfg.data.max_length, "steps": steps, "warmup": w,
                 "deepspeed": stage is not None, "zero_stage": stage},
         "step_time_s": main["step_time_s"],
         "step_time": main["step_time"],
@@ -680,6 +1043,11 @@ def run_profile(cfg: Config, default_job: bool = False) -> dict:
         "secvec_grad_bytes_per_rank": [m["secvec_grad_bytes"] for m in mems],
         "secvec_optimizer_bytes_per_rank": [m["secvec_optimizer_bytes"] for m in mems],
         "secvec_overhead": variants or None,
+        "overhead": None if overhead is None else overhead["variants"],
+        "overhead_method": None if overhead is None else overhead["method"],
+        "overhead_target": None if overhead is None else overhead["target"],
+        "variant_memory": memory["variants"],
+        "variant_memory_method": memory["method"] or memory.get("reason"),
         "secvec_overhead_reason": overhead_reason,
         "multi_rank": ("figures of every rank gathered by rank 0 (all_gather_object); step times: per step the "
                        "slowest rank; tokens/s: summed over ranks" if ws > 1 else "single process"),
@@ -746,6 +1114,23 @@ def write_report(out: Path, r: dict) -> None:
                          f"{rec.get('reason') or rec.get('mode') or ''} |")
     else:
         lines.append(f"overhead: n/a ({r['secvec_overhead_reason']})")
+    if r.get("overhead"):
+        lines += ["", f"## overhead, {r['overhead_method']}", "", f"target: {r['overhead_target']}", "",
+                  "| variant | step ms median [p25, p75] | ratio [p25, p75] | FLOP share | target ratio | within | "
+                  "peak memory vs no_vector | within 2% |", "|---|---|---|---|---|---|---|---|"]
+        f3 = lambda x, f="{:.3f}": "n/a" if x is None else f.format(x)  # noqa: E731
+        for v, rec in r["overhead"].items():
+            if rec.get("skipped"):
+                lines.append(f"| {v} | skipped: {rec['skipped']} | | {f3(rec['flop_share'], '{:.2%}')} | | | | |")
+                continue
+            lines.append(
+                f"| {v} | {1000 * rec['step_time_s']:.1f} [{1000 * rec['step_time_p25']:.1f}, "
+                f"{1000 * rec['step_time_p75']:.1f}] | {f3(rec['ratio'])} [{f3(rec.get('ratio_p25'))}, "
+                f"{f3(rec.get('ratio_p75'))}] | {f3(rec['flop_share'], '{:.2%}')} | {f3(rec['target_ratio'])} | "
+                f"{'-' if rec['within_target'] is None else rec['within_target']} | "
+                f"{f3(rec['peak_memory_ratio'], '{:.4f}')} | "
+                f"{'-' if rec['memory_within_target'] is None else rec['memory_within_target']} |")
+    lines += ["", f"per-variant peak memory: {r['variant_memory_method']}"]
     lines += ["", "FLOPs: " + r["flops_formula"], ""]
     (out / "profile.md").write_text("\n".join(lines) + "\n")
     try:
@@ -805,11 +1190,22 @@ def plot_report(out: Path, r: dict) -> None:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    ov = {v: rec.get("step_time_ratio") for v, rec in (r["secvec_overhead"] or {}).items()}
+    if r.get("overhead"):  # interleaved: paired ratios, their quartiles, and the target
+        ov = {v: rec.get("ratio") for v, rec in r["overhead"].items()}
+        targets = [rec.get("target_ratio") if not rec.get("skipped") and v != "no_vector" else None
+                   for v, rec in r["overhead"].items()]
+        err = [[(x - (rec.get("ratio_p25") or x)) if x else 0 for x, rec in zip(ov.values(), r["overhead"].values())],
+               [((rec.get("ratio_p75") or x) - x) if x else 0 for x, rec in zip(ov.values(), r["overhead"].values())]]
+    else:
+        ov = {v: rec.get("step_time_ratio") for v, rec in (r["secvec_overhead"] or {}).items()}
+        targets, err = [None] * len(ov), None
     names = list(ov)
-    ax.bar(names, [x or 0 for x in ov.values()], color="#d62728")
+    ax.bar(names, [x or 0 for x in ov.values()], color="#d62728", yerr=err, capsize=3)
     for i, x in enumerate(ov.values()):
         ax.text(i, (x or 0) + 0.01, "n/a" if x is None else f"{x:.3f}", ha="center", fontsize=9)
+    for i, t in enumerate(targets):
+        if t is not None:
+            ax.plot([i - 0.4, i + 0.4], [t, t], color="k", ls="--", lw=1, label="target" if i == targets.index(t) else None)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_ylabel("step time / no vector")
     ax.set_title("security vector overhead", fontsize=10)
@@ -840,10 +1236,20 @@ def cli_main(config: Optional[str], overrides: list[str], steps: Optional[int] =
         ov = r["secvec_overhead"] or {}
         ratios = ", ".join(f"{k} {v['step_time_ratio']:.3f}" for k, v in ov.items()
                            if v.get("step_time_ratio") is not None)
+        within = "".join(f"; {k}: paired ratio {v['ratio']:.3f}, target <= {v['target_ratio']:.3f} "
+                         f"({'met' if v['within_target'] else 'missed'})"
+                         for k, v in (r.get("overhead") or {}).items()
+                         if v.get("within_target") is not None and v.get("target_ratio") is not None)
         print(f"step {r['step_time_s'] * 1000:.1f} ms (median), {r['tokens_per_s']:.0f} tokens/s "
               f"({r['loss_tokens_per_s']:.0f} with loss), {r['flops_per_token']:.4g} FLOPs/token, MFU {mfu}, "
               f"peak {r['peak_memory_kind']} {r['peak_memory_bytes'][0] / 2 ** 20:.0f} MiB, "
               f"secvec grad/optimizer bytes {r['secvec_grad_bytes']}/{r['secvec_optimizer_bytes']}; "
-              f"overhead vs no vector: {ratios or 'n/a'}; {r['world_size']} rank(s), parameter bytes per rank "
+              f"overhead vs no vector: {ratios or 'n/a'}{within}; {r['world_size']} rank(s), parameter bytes per rank "
               f"{r['param_memory_ratio']:.3f} of the whole model; report: {Path(cfg.output_dir) / 'profile.md'}")
     return 0
+
+
+if __name__ == "__main__":  # the hidden child of memory_in_processes
+    if len(sys.argv) == 3 and sys.argv[1] == "--memory-child":
+        sys.exit(_memory_child(sys.argv[2]))
+    sys.exit("usage: python -m dist_secvec.profile --memory-child SPEC (internal; use `dist-secvec profile`)")

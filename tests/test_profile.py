@@ -91,7 +91,7 @@ def test_secvec_byte_measures_can_fail(tiny_world, random_vector, tmp_path):
     assert optimizer_state_bytes(job.optimizer, {id(A)}) == 2 * A.numel() * 4
 
 
-def test_cli_profile_on_tiny_world(tiny_world, random_vector, tmp_path):
+def test_cli_profile_on_tiny_world(tiny_world, random_vector, tmp_path, monkeypatch):
     from dist_secvec.cli import main
 
     out = tmp_path / "prof"
@@ -101,6 +101,7 @@ def test_cli_profile_on_tiny_world(tiny_world, random_vector, tmp_path):
         "data": {"train": [tiny_world.data["finetune_mixed"]], "max_length": 64},
         "security_vector": {"path": str(random_vector)}, "optim": {"micro_batch_size": 4},
         "logging": {"progress": False}}))
+    monkeypatch.setenv("DIST_SECVEC_PROFILE_MEMORY", "off")  # test_cli_profile_memory_per_variant runs the children
     assert main(["profile", "--config", str(cfg_file), f"output_dir={out}", "--steps", "3", "--warmup", "1"]) == 0
     r = json.loads((out / "profile.json").read_text())
     for key in REQUIRED:
@@ -115,8 +116,134 @@ def test_cli_profile_on_tiny_world(tiny_world, random_vector, tmp_path):
     if not torch.cuda.is_available():
         assert r["mfu"] is None and ov["triton"]["step_time_ratio"] is None and "CUDA" in ov["triton"]["reason"]
         assert r["memory_breakdown"]["activation_bytes_estimate"] is None
+    # the interleaved overhead report: every variant with its ratio, the vector's FLOP share, the target
+    assert "interleaved" in r["overhead_method"] and "1.5 x flop_share" in r["overhead_target"]
+    share = r["flops_parts"]["secvec_delta"] / r["flops_per_token"]
+    assert set(r["overhead"]) == {"configured", "no_vector", "torch", "triton"}
+    for v, rec in r["overhead"].items():
+        assert {"ratio", "flop_share", "within_target"} <= set(rec), v
+        assert rec["flop_share"] == pytest.approx(share)
+    for v in ("configured", "torch"):
+        rec = r["overhead"][v]
+        assert rec["ratio"] > 0 and rec["n_steps"] == 3 and isinstance(rec["within_target"], bool)
+        assert rec["within_target"] == (rec["ratio"] - 1 <= 1.5 * share)
+        assert rec["step_time_p25"] <= rec["step_time_s"] <= rec["step_time_p75"]
+    assert r["overhead"]["no_vector"]["ratio"] == 1.0 and r["overhead"]["no_vector"]["within_target"] is None
+    assert r["overhead"]["no_vector"]["flop_share_computed"] == 0
+    if not torch.cuda.is_available():
+        assert r["overhead"]["triton"]["ratio"] is None and "CUDA" in r["overhead"]["triton"]["skipped"]
+    assert r["variant_memory"] is None and "off" in r["variant_memory_method"]
     for name in ("profile.md", "profile_step_time.png", "profile_memory.png", "profile_overhead.png"):
         assert (out / name).stat().st_size > 0
+    assert "| torch |" in (out / "profile.md").read_text()
+
+
+def test_cli_profile_memory_per_variant(tiny_world, random_vector, tmp_path, monkeypatch):
+    """Each variant's peak memory comes from a fresh process of its own (CPU: peak RSS cannot be
+    reset in a process that holds the other variants' jobs), compared with no_vector's."""
+    from dist_secvec.cli import main
+
+    out = tmp_path / "prof"
+    cfg_file = tmp_path / "job.yaml"
+    cfg_file.write_text(yaml.safe_dump({
+        "model": {"path": str(tiny_world.model_dir)},
+        "data": {"train": [tiny_world.data["finetune_mixed"]], "max_length": 64},
+        "security_vector": {"path": str(random_vector)}, "optim": {"micro_batch_size": 4},
+        "logging": {"progress": False}}))
+    monkeypatch.setenv("DIST_SECVEC_PROFILE_VARIANTS", "no_vector")
+    monkeypatch.setenv("DIST_SECVEC_PROFILE_MEMORY", "process")
+    monkeypatch.setenv("DIST_SECVEC_PROFILE_MEMORY_STEPS", "1")
+    assert main(["profile", "--config", str(cfg_file), f"output_dir={out}", "--steps", "2", "--warmup", "0"]) == 0
+    r = json.loads((out / "profile.json").read_text())
+    assert r["job"]["warmup"] == 1  # with variants every job runs at least one step alone first
+    assert "fresh process" in r["variant_memory_method"]
+    mem = r["variant_memory"]
+    assert set(mem) == {"configured", "no_vector"}
+    for v, rec in mem.items():
+        assert "error" not in rec, rec
+        assert len(rec["peak_memory_bytes"]) == 1 and rec["peak_memory_bytes"][0] > 100 * 2 ** 20  # a whole process
+        assert rec["peak_memory_kind"] == ("cuda" if torch.cuda.is_available() else "process_rss")
+        assert isinstance(rec["within_2pct"], bool)
+    assert mem["no_vector"]["ratio_to_no_vector"] == 1.0
+    c = mem["configured"]
+    assert c["ratio_to_no_vector"] == pytest.approx(c["peak_memory_bytes"][0] / mem["no_vector"]["peak_memory_bytes"][0])
+    assert c["within_2pct"] == (c["ratio_to_no_vector"] <= 1.02)
+    assert r["overhead"]["configured"]["peak_memory_ratio"] == c["ratio_to_no_vector"]
+    assert r["overhead"]["configured"]["memory_within_target"] == c["within_2pct"]
+
+
+def test_memory_child_is_another_process(tiny_world, random_vector, tmp_path):
+    import os
+
+    from dist_secvec.profile import memory_in_processes
+
+    cfg = _cfg(tiny_world, tmp_path, random_vector)
+    res = memory_in_processes(cfg, ["torch"], steps=1, warmup=0, out=tmp_path / "m", use_ds=False)
+    (rec,) = res["torch"]  # one rank
+    assert "error" not in rec, rec
+    assert rec["pid"] != os.getpid() and rec["mode"] == "attached" and rec["steps"] == 1
+    assert rec["memory"]["secvec_grad_bytes"] == 0 and rec["memory"]["secvec_optimizer_bytes"] == 0
+    assert rec["memory"]["secvec_param_bytes"] > 0
+    assert rec["peak"]["kind"] == ("cuda" if torch.cuda.is_available() else "process_rss")
+
+
+def test_interleaved_rounds_rotate_and_share_batches(tiny_world, random_vector, tmp_path, monkeypatch):
+    """Every variant runs `steps` measured steps after its warmup alone, in rounds of per_round
+    steps whose order rotates; step i of each variant sees the same batch."""
+    from dist_secvec import profile
+    from dist_secvec.data import load_samples, tokenize_samples
+    from dist_secvec.model import load_tokenizer
+
+    cfg = _cfg(tiny_world, tmp_path, random_vector)
+    tok = load_tokenizer(cfg.model)
+    examples = tokenize_samples(tok, load_samples(cfg.data.train, "auto", cfg.data.split, None), cfg.data).examples
+    calls = []
+    real_step = profile.StepRunner.step
+
+    def step(self, measured=True):
+        rec = real_step(self, measured)
+        calls.append((self.job.vector_mode, measured, rec["tokens_padded"]))
+        return rec
+
+    monkeypatch.setattr(profile.StepRunner, "step", step)
+    m = profile.measure_jobs(cfg, ["configured", "no_vector"], steps=3, warmup=1, tok=tok, examples=examples,
+                             per_round=2)
+    order = [mode for mode, measured, _ in calls]
+    # build + warmup alone, then rounds: (cfg x2, off x2), (off x1, cfg x1): rotated
+    assert order == ["attached", "off", "attached", "attached", "off", "off", "off", "attached"]
+    assert [c[1] for c in calls] == [False, False] + [True] * 6
+    tokens = {mode: [t for md, meas, t in calls if md == mode] for mode in ("attached", "off")}
+    assert tokens["attached"] == tokens["off"]  # the same batches in the same order
+    for name in ("configured", "no_vector"):
+        (rank,) = m[name]["ranks"]
+        assert len(rank["step_times"]) == 3 and rank["memory"]["peak"]["kind"]
+    assert m["configured"]["mode"] == "attached" and m["no_vector"]["mode"] == "off"
+
+
+def test_overhead_report_pairs_steps_and_checks_the_target():
+    from dist_secvec.profile import overhead_report, spread
+
+    def agg(times, delta, fpt=1000.0):
+        return {"step_time_s": spread(times)["median"], "step_time": spread(times), "step_times": times,
+                "flops_parts": {"secvec_delta": delta}, "flops_per_token": fpt}
+
+    base = [1.0, 2.0, 1.0, 2.0]
+    a = {"configured": agg([1.05, 2.1, 1.05, 2.1], 0.0), "no_vector": agg(base, 0.0),
+         "torch": agg([1.2, 2.4, 1.2, 2.4], 40.0, 1040.0)}
+    measured = {n: {"mode": m, "backend": None} for n, m in
+                (("configured", "folded"), ("no_vector", "off"), ("torch", "attached"))}
+    mem = {"variants": {"no_vector": {"peak_memory_bytes": [100], "ratio_to_no_vector": 1.0, "within_2pct": True}}}
+    rep = overhead_report(a, measured, {"triton": "Triton path needs CUDA"}, mem, 2, 2, True)
+    v = rep["variants"]
+    share = 40.0 / 1040.0  # the vector's share where it is attached, for every variant
+    assert v["torch"]["ratio"] == pytest.approx(1.2) and v["torch"]["flop_share"] == pytest.approx(share)
+    assert v["torch"]["within_target"] is False  # +20% > 1.5 x 3.8%
+    assert v["configured"]["ratio"] == pytest.approx(1.05) and v["configured"]["within_target"] is True
+    assert v["configured"]["flop_share_computed"] == 0.0  # folded: no per-token cost
+    assert v["no_vector"]["ratio"] == 1.0 and v["no_vector"]["memory_within_target"] is True
+    assert v["triton"] == {"ratio": None, "flop_share": pytest.approx(share), "within_target": None,
+                           "skipped": "Triton path needs CUDA"}
+    assert "2 rounds of 2" in rep["method"]
 
 
 def test_gather_needs_a_process_group_under_several_ranks(monkeypatch):
@@ -158,7 +285,8 @@ def test_profile_two_ranks_zero3_through_the_launcher(tiny_world, random_vector,
         "stage": 3, "stage3_param_persistence_threshold": 0}}}}))
     out = tmp_path / "prof"
     env = dict(os.environ, OMP_NUM_THREADS="1", DEEPSPEED=str(Path(sys.executable).with_name("deepspeed")),
-               DIST_SECVEC_PROFILE_VARIANTS="no_vector")  # one overhead variant: keeps the test short
+               DIST_SECVEC_PROFILE_VARIANTS="no_vector",  # one overhead variant: keeps the test short
+               DIST_SECVEC_PROFILE_MEMORY_STEPS="1")
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     r = subprocess.run([str(root / "launch" / "deepspeed.sh"), "--gpus", "2", "--cpu", "--master-port",
@@ -189,5 +317,12 @@ def test_profile_two_ranks_zero3_through_the_launcher(tiny_world, random_vector,
     assert p["param_memory_ratio"] <= 0.55
     ov = p["secvec_overhead"]
     assert ov["no_vector"]["step_time_ratio"] == 1.0 and ov["configured"]["step_time_ratio"] > 0 and "torch" not in ov
+    # interleaved rounds on both ranks; each variant's memory from child processes of both ranks (a group of their own)
+    assert set(p["overhead"]) == {"configured", "no_vector"} and p["overhead"]["configured"]["n_steps"] == 2
+    assert isinstance(p["overhead"]["configured"]["within_target"], bool)
+    for v, rec in p["variant_memory"].items():
+        assert "error" not in rec, rec
+        assert len(rec["peak_memory_bytes"]) == 2 and all(b > 0 for b in rec["peak_memory_bytes"]), v
+        assert isinstance(rec["within_2pct"], bool)
     for name in ("profile.md", "profile_step_time.png", "profile_memory.png", "profile_overhead.png"):
         assert (out / name).stat().st_size > 0
