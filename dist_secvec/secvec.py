@@ -643,6 +643,12 @@ def register_fused_params_for_zero3(model) -> int:
     return n
 
 
+def _float_dtype(model) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (a quantized model's unquantized
+    parts: embeddings, norms, biases), float32 if it has none."""
+    return next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
+
+
 def attach_security_vector(model, sv: SecurityVector, backend: str = "auto",
                            dtype: Optional[torch.dtype] = None) -> list[SecVecLinear]:
     """Wrap each targeted linear of `model` (peft-wrapped or not) in a frozen SecVecLinear.
@@ -668,8 +674,9 @@ def attach_security_vector(model, sv: SecurityVector, backend: str = "auto",
         inner = getattr(holder, attr)
         ref = _inner_linear(inner).weight
         # a 4-bit layer stores its weight in quant_storage; the vector belongs in the compute dtype
+        # (an int8 layer names none: the model's floating dtype, i.e. what its output comes in)
         compute = getattr(_inner_linear(inner), "compute_dtype", None)
-        target_dtype = dtype or compute or (ref.dtype if ref.dtype.is_floating_point else torch.float32)
+        target_dtype = dtype or compute or (ref.dtype if ref.dtype.is_floating_point else _float_dtype(base))
         layer = SecVecLinear(inner, A.to(target_dtype).clone(), B.to(target_dtype).clone(), sv.scale, backend)
         layer.to(ref.device)
         setattr(holder, attr, layer)

@@ -148,5 +148,18 @@ def test_int8_base_torch_path_matches_reference(tiny_world, random_vector, mode,
     _assert_same_step(got, _step(tiny_world, random_vector, "reference", mode), rtol=1e-5)
 
 
+def test_int8_base_vector_in_the_models_float_dtype(tiny_world, random_vector):
+    """An int8 layer names no compute dtype: the vector takes the model's floating dtype (that of
+    its embeddings and of the layer's output), not float32."""
+    from dist_secvec.config import load_config
+    from dist_secvec.model import load_model
+    from dist_secvec.secvec import attach_security_vector, load_security_vector
+
+    cfg = load_config(None, [f"model.path={tiny_world.model_dir}", "model.quantization=int8", "model.dtype=bfloat16"])
+    model = load_model(cfg.model)
+    layers = attach_security_vector(model, load_security_vector(str(random_vector)))
+    assert layers and {(layer.secvec_A.dtype, layer.secvec_B.dtype) for layer in layers} == {(torch.bfloat16,) * 2}
+
+
 def test_kernel_training_in_fresh_process():
     rerun_in_fresh_process(__file__, "not fresh_process")
