@@ -21,7 +21,9 @@ Peak memory per variant (`variant_memory`, DIST_SECVEC_PROFILE_MEMORY): on CPU e
 fresh process of its own (`python -m dist_secvec.profile --memory-child`, one per rank; under a
 launcher the children of all ranks form a new process group), which builds the job and runs
 warmup + DIST_SECVEC_PROFILE_MEMORY_STEPS (default 2) steps and reports its peak RSS: a process's
-peak RSS cannot be reset and would hold every variant's job. On CUDA, in this process: the peak
+peak RSS cannot be reset and would hold every variant's job. A fresh process's peak RSS varies by
+a few percent from run to run: DIST_SECVEC_PROFILE_MEMORY_REPEATS=N runs each variant N times
+(interleaved) and keeps the median. On CUDA, in this process: the peak
 allocated while the variant is built and warmed up, stats reset before, bytes of jobs already
 alive subtracted. Each is compared with no_vector's (target: within 2%). `off` skips it.
 
@@ -721,49 +723,62 @@ def measure_jobs(cfg: Config, names: list[str], steps: int, warmup: int, tok, ex
 
 
 def memory_in_processes(cfg: Config, names: list[str], steps: int, warmup: int, out: Path,
-                        use_ds: bool) -> dict[str, list]:
+                        use_ds: bool, repeats: int = 1) -> dict[str, list]:
     """Each variant's peak memory in fresh processes (one per rank: under a launcher the children
     of all ranks form a process group of their own on a new port): build the job, run warmup +
-    steps optimizer steps, report the process's peak RSS (CUDA: peak allocated). Returns, per
-    name, every rank's {"peak": ..., "memory": ...} or {"error": ...}."""
+    steps optimizer steps, report the process's peak RSS (CUDA: peak allocated). With repeats > 1
+    every variant runs that many times (variants interleaved) and the run with the median peak is
+    kept (a fresh process's peak RSS varies by a few percent from run to run). Returns, per name,
+    every rank's {"peak": ..., "memory": ..., "peak_repeats": [...]} or {"error": ...}."""
     import subprocess
 
     rank = runtime.rank()
     work = out / ".profile_memory"
     work.mkdir(parents=True, exist_ok=True)
     timeout = _env_int("DIST_SECVEC_PROFILE_MEMORY_TIMEOUT", 1800)
+    runs: dict[str, list] = {name: [] for name in names}
+    for _ in range(repeats):
+        for name in names:
+            port = gather(_free_port() if rank == 0 else None)[0]
+            spec = work / f"{name}_rank{rank}.json"
+            result_file = work / f"{name}_rank{rank}.result.json"
+            result_file.unlink(missing_ok=True)
+            spec.write_text(json.dumps({"cfg": cfg.to_dict(), "variant": name, "steps": steps, "warmup": warmup,
+                                        "result": str(result_file)}))
+            env = dict(os.environ)
+            if name != "configured":
+                env.pop("DIST_SECVEC_BACKEND", None)
+            if use_ds:  # the children of every rank: a new group, same ranks, a new port
+                env.update(RANK=str(rank), WORLD_SIZE=str(runtime.world_size()), MASTER_PORT=str(port),
+                           LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"),
+                           MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"))
+            else:
+                for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+                    env.pop(k, None)
+            t0 = time.perf_counter()
+            try:
+                p = subprocess.run([sys.executable, "-m", "dist_secvec.profile", "--memory-child", str(spec)],
+                                   env=env, capture_output=True, text=True, timeout=timeout)
+                if p.returncode == 0 and result_file.exists():
+                    res = json.loads(result_file.read_text())
+                else:
+                    res = {"error": f"exit {p.returncode}: {(p.stderr or p.stdout)[-800:]}"}
+            except subprocess.TimeoutExpired:
+                res = {"error": f"timed out after {timeout} s (DIST_SECVEC_PROFILE_MEMORY_TIMEOUT)"}
+            res["seconds"] = time.perf_counter() - t0
+            if "error" in res:
+                log.warning("memory of variant %s in a separate process failed: %s", name, res["error"])
+            runs[name].append(res)
     results: dict[str, list] = {}
     for name in names:
-        port = gather(_free_port() if rank == 0 else None)[0]
-        spec = work / f"{name}_rank{rank}.json"
-        result_file = work / f"{name}_rank{rank}.result.json"
-        result_file.unlink(missing_ok=True)
-        spec.write_text(json.dumps({"cfg": cfg.to_dict(), "variant": name, "steps": steps, "warmup": warmup,
-                                    "result": str(result_file)}))
-        env = dict(os.environ)
-        if name != "configured":
-            env.pop("DIST_SECVEC_BACKEND", None)
-        if use_ds:  # the children of every rank: a new group, same ranks, a new port
-            env.update(RANK=str(rank), WORLD_SIZE=str(runtime.world_size()), MASTER_PORT=str(port),
-                       LOCAL_RANK=os.environ.get("LOCAL_RANK", "0"),
-                       MASTER_ADDR=os.environ.get("MASTER_ADDR", "127.0.0.1"))
+        ok = [r for r in runs[name] if "error" not in r]
+        if len(ok) < len(runs[name]):
+            mine = next(r for r in runs[name] if "error" in r)
         else:
-            for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-                env.pop(k, None)
-        t0 = time.perf_counter()
-        try:
-            p = subprocess.run([sys.executable, "-m", "dist_secvec.profile", "--memory-child", str(spec)], env=env,
-                               capture_output=True, text=True, timeout=timeout)
-            if p.returncode == 0 and result_file.exists():
-                res = json.loads(result_file.read_text())
-            else:
-                res = {"error": f"exit {p.returncode}: {(p.stderr or p.stdout)[-800:]}"}
-        except subprocess.TimeoutExpired:
-            res = {"error": f"timed out after {timeout} s (DIST_SECVEC_PROFILE_MEMORY_TIMEOUT)"}
-        res["seconds"] = time.perf_counter() - t0
-        if "error" in res:
-            log.warning("memory of variant %s in a separate process failed: %s", name, res["error"])
-        results[name] = gather(res)
+            ok.sort(key=lambda r: _peak_bytes(r["peak"]))
+            mine = ok[(len(ok) - 1) // 2]  # the median run (the lower middle one of an even count)
+            mine["peak_repeats"] = [_peak_bytes(r["peak"]) for r in runs[name]]
+        results[name] = gather(mine)
     return results
 
 
@@ -805,10 +820,12 @@ def variant_memory(mode: str, measured: dict, children: Optional[dict], device: 
             errs = [r["error"] for r in ranks if "error" in r]
             per[name] = ({"peak_memory_bytes": None, "error": errs[0]} if errs else
                          {"peak_memory_bytes": [_peak_bytes(r["peak"]) for r in ranks],
+                          "peak_memory_repeats": [r.get("peak_repeats") for r in ranks],
                           "peak_memory_kind": ranks[0]["peak"]["kind"],
                           "seconds": max(r["seconds"] for r in ranks)})
         method = ("a fresh process per variant (and rank): the peak of building the job and running "
-                  f"its warmup + measured steps ({'CUDA max allocated' if device.type == 'cuda' else 'peak RSS'})")
+                  f"its warmup + measured steps ({'CUDA max allocated' if device.type == 'cuda' else 'peak RSS'}; "
+                  "the median of DIST_SECVEC_PROFILE_MEMORY_REPEATS runs)")
     elif mode == "inline" and device.type == "cuda":
         for name, rec in measured.items():
             peaks = [r["memory"]["peak"] for r in rec["ranks"]]
@@ -930,7 +947,8 @@ def run_profile(cfg: Config, default_job: bool = False) -> dict:
     if mmode == "process":
         mem_steps = min(steps, _env_int("DIST_SECVEC_PROFILE_MEMORY_STEPS", 2))
         children = memory_in_processes(cfg, names, mem_steps, w, out,
-                                       use_ds=runtime.world_size() > 1 or uses_deepspeed(cfg))
+                                       use_ds=runtime.world_size() > 1 or uses_deepspeed(cfg),
+                                       repeats=_env_int("DIST_SECVEC_PROFILE_MEMORY_REPEATS", 1))
 
     trace = None
     if cfg.profile.trace:

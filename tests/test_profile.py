@@ -178,9 +178,11 @@ def test_memory_child_is_another_process(tiny_world, random_vector, tmp_path):
     from dist_secvec.profile import memory_in_processes
 
     cfg = _cfg(tiny_world, tmp_path, random_vector)
-    res = memory_in_processes(cfg, ["torch"], steps=1, warmup=0, out=tmp_path / "m", use_ds=False)
+    res = memory_in_processes(cfg, ["torch"], steps=1, warmup=0, out=tmp_path / "m", use_ds=False, repeats=2)
     (rec,) = res["torch"]  # one rank
     assert "error" not in rec, rec
+    assert len(rec["peak_repeats"]) == 2 and rec["peak"]["max_rss" if rec["peak"]["kind"] == "process_rss"
+                                                             else "max_allocated"] == min(rec["peak_repeats"])
     assert rec["pid"] != os.getpid() and rec["mode"] == "attached" and rec["steps"] == 1
     assert rec["memory"]["secvec_grad_bytes"] == 0 and rec["memory"]["secvec_optimizer_bytes"] == 0
     assert rec["memory"]["secvec_param_bytes"] > 0
