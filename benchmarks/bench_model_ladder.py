@@ -53,21 +53,24 @@ def parse_size(text: str) -> tuple[int, int]:
     return h, n
 
 
-def build_model(root: Path, hidden: int, layers: int, seq_len: int, n_rows: int, seed: int) -> dict:
-    """Tokenizer + random Llama (safetensors) + synthetic data + random security vector under root."""
+def build_model(root: Path, hidden: int, layers: int, seq_len: int, n_rows: int, seed: int, head_dim: int = 32,
+                intermediate: int | None = None, n_words: int = 1000) -> dict:
+    """Tokenizer + random Llama (safetensors) + synthetic data under root (intermediate size
+    2.75 x hidden unless given; a word-level vocabulary of n_words words + specials)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from dist_secvec.demo.world import build_tokenizer
 
     rng = random.Random(seed)
-    words = [f"w{i}" for i in range(1000)]
+    words = [f"w{i}" for i in range(n_words)]
     model_dir = root / "model"
     model_dir.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer([" ".join(words)], model_dir)
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=int(2.75 * hidden) // 8 * 8,
-                      num_hidden_layers=layers, num_attention_heads=hidden // 32, num_key_value_heads=hidden // 32,
+    inter = intermediate or int(2.75 * hidden) // 8 * 8
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=hidden // head_dim, num_key_value_heads=hidden // head_dim,
                       max_position_embeddings=max(seq_len, 128), bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
     model = LlamaForCausalLM(cfg)
@@ -83,8 +86,9 @@ def build_model(root: Path, hidden: int, layers: int, seq_len: int, n_rows: int,
     return {"model_dir": model_dir, "data": data, "n_params": n_params}
 
 
-def write_vector(model_dir: Path, out: Path, rank: int, seed: int) -> Path:
-    """A random security vector in the stage-1 format (peft adapter + secvec.json), nonzero A and B."""
+def write_vector(model_dir: Path, out: Path, rank: int, seed: int, targets=("q_proj", "v_proj")) -> Path:
+    """A random security vector in the stage-1 format (peft adapter + secvec.json), nonzero A and B,
+    on the `targets` projections."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -92,7 +96,7 @@ def write_vector(model_dir: Path, out: Path, rank: int, seed: int) -> Path:
     from dist_secvec.secvec import base_fingerprint, record_file_hashes
 
     torch.manual_seed(seed)
-    targets = ["q_proj", "v_proj"]
+    targets = list(targets)
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     pm = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2.0 * rank, lora_dropout=0.0, target_modules=targets,
                                          bias="none"))
