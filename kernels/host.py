@@ -36,18 +36,28 @@ def pad_rank(R: int) -> int:
     return max(16, triton.next_power_of_2(R))
 
 
-def blocks(M: int, K: int, N: int, r_pads: tuple[int, ...], interpreted: bool) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_K, BLOCK_N) for BLOCK_M x r_pad fp32 accumulators, one per padded rank in
-    r_pads. Interpreter: its cost is per program and per loop trip, so cover small shapes in one.
-    GPU: untuned defaults that keep the accumulators and tiles in registers: BLOCK_N 64 once the
-    padded ranks pass 64 in all, and two accumulators share one's budget by halving BLOCK_K there."""
+#: GPU tiles (BLOCK_M, BLOCK_K, BLOCK_N, warps) by the sum of the padded ranks (one or both
+#: accumulators), for 16-bit and for float32 dot inputs: the largest tiles that ptxas compiles for
+#: sm_80 and sm_90 without spilling registers and within shared memory (kernels/aot.py measures
+#: it, tests/test_kernel_compile.py checks it). A spill would put the rank-r intermediate or the
+#: output tile in local memory: the memory traffic that fusing exists to remove.
+GPU_TILES = {
+    False: ((16, (64, 64, 128, 8)), (80, (32, 64, 128, 8)), (256, (32, 32, 64, 8))),  # fp16/bf16
+    True: ((16, (32, 64, 128, 8)), (128, (32, 32, 64, 8)), (256, (16, 32, 32, 8))),  # fp32
+}
+
+
+def blocks(M: int, K: int, N: int, r_pads: tuple[int, ...], interpreted: bool,
+           dot_fp32: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_K, BLOCK_N, warps) for BLOCK_M x r_pad fp32 accumulators, one per padded rank
+    in r_pads. Interpreter: its cost is per program and per loop trip, so cover small shapes in one.
+    GPU: GPU_TILES by dot dtype and the padded ranks' sum; BLOCK_M no larger than the rows need."""
     p2 = triton.next_power_of_2
     if interpreted:
-        return min(max(p2(M), 16), 128), min(max(p2(K), 16), 256), min(max(p2(N), 16), 256)
+        return min(max(p2(M), 16), 128), min(max(p2(K), 16), 256), min(max(p2(N), 16), 256), 4
     r_pad = sum(r_pads)
-    block_m = min(max(p2(M), 16), 64)
-    block_k = 64 if len(r_pads) == 1 or r_pad <= 64 else 32
-    return block_m, block_k, (128 if r_pad <= 64 else 64)
+    block_m, block_k, block_n, warps = next(t for limit, t in GPU_TILES[dot_fp32] if r_pad <= limit)
+    return min(max(p2(M), 16), block_m), block_k, block_n, warps
 
 
 def grid(inp: torch.Tensor, M: int, N: int, block_m: int, block_n: int, split_n: int | None) -> tuple[int, int]:
@@ -69,10 +79,6 @@ def dot_config(dtype: torch.dtype, interpreted: bool) -> tuple[bool, str | None]
     if not dot_fp32:
         return False, None
     return True, "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-
-
-def num_warps(block_m: int, block_n: int) -> int:
-    return 8 if block_m * block_n >= 64 * 128 else 4
 
 
 def output_buffers(x: torch.Tensor, base_out: torch.Tensor, inplace: bool):

@@ -89,8 +89,8 @@ def lowrank_update(inp: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, base: to
     if M == 0 or N == 0:
         return out
     r_pad = host.pad_rank(R)
-    block_m, block_k, block_n = host.blocks(M, K, N, (r_pad,), INTERPRETED)
     dot_fp32, precision = host.dot_config(inp.dtype, INTERPRETED)
+    block_m, block_k, block_n, warps = host.blocks(M, K, N, (r_pad,), INTERPRETED, dot_fp32)
     bsrc = base if base is not None else out  # never read when HAS_BASE is False
     _lowrank_update_kernel[host.grid(inp, M, N, block_m, block_n, split_n)](
         inp, P, Q, bsrc, out, M, K, N, R, float(scale),
@@ -98,7 +98,7 @@ def lowrank_update(inp: torch.Tensor, P: torch.Tensor, Q: torch.Tensor, base: to
         bsrc.stride(0), bsrc.stride(1), out.stride(0), out.stride(1),
         HAS_BASE=base is not None, DOT_FP32=dot_fp32, PRECISION=precision,
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, R_PAD=r_pad,
-        num_warps=host.num_warps(block_m, block_n),
+        num_warps=warps,
     )
     return out
 

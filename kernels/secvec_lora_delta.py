@@ -123,8 +123,8 @@ def two_lowrank_update(inp: torch.Tensor, Pv: torch.Tensor, Qv: torch.Tensor, sc
     if M == 0:
         return out
     rv_pad, rl_pad = host.pad_rank(RV), host.pad_rank(RL)
-    block_m, block_k, block_n = host.blocks(M, K, N, (rv_pad, rl_pad), INTERPRETED)
     dot_fp32, precision = host.dot_config(inp.dtype, INTERPRETED)
+    block_m, block_k, block_n, warps = host.blocks(M, K, N, (rv_pad, rl_pad), INTERPRETED, dot_fp32)
     bsrc = base if base is not None else out  # never read when HAS_BASE is False
     _two_lowrank_update_kernel[host.grid(inp, M, N, block_m, block_n, split_n)](
         inp, Pv, Qv, Pl, Ql, t_l, bsrc, out, M, K, N, RV, RL, float(scale_v), float(scale_l),
@@ -133,7 +133,7 @@ def two_lowrank_update(inp: torch.Tensor, Pv: torch.Tensor, Qv: torch.Tensor, sc
         bsrc.stride(0), bsrc.stride(1), out.stride(0), out.stride(1),
         HAS_BASE=base is not None, DOT_FP32=dot_fp32, PRECISION=precision,
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_N=block_n, RV_PAD=rv_pad, RL_PAD=rl_pad,
-        num_warps=host.num_warps(block_m, block_n),
+        num_warps=warps,
     )
     return out
 
