@@ -50,12 +50,12 @@ def make_vector(model_dir: Path, out: Path, rank: int) -> None:
     m.save_pretrained(str(out), safe_serialization=True)
 
 
-def variant(name: str, model_dir: Path, vector_dir: Path, lora_rank: int):
+def variant(name: str, model_dir: Path, vector_dir: Path, lora_rank: int, device: str, dtype: str):
     from dist_secvec.config import AdapterConfig, ModelConfig
     from dist_secvec.model import add_trainable_adapter, load_model
     from dist_secvec.secvec import attach_security_vector, fold_security_vector, load_security_vector
 
-    model = add_trainable_adapter(load_model(ModelConfig(path=str(model_dir))),
+    model = add_trainable_adapter(load_model(ModelConfig(path=str(model_dir), dtype=dtype)).to(device),
                                   AdapterConfig(type="lora", rank=lora_rank, alpha=2 * lora_rank))
     if name != "no_vector":
         sv = load_security_vector(str(vector_dir))
@@ -70,6 +70,8 @@ def step(model, opt, ids) -> float:
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+    if ids.is_cuda:
+        torch.cuda.synchronize()
     return time.perf_counter() - t0
 
 
@@ -83,15 +85,19 @@ def main() -> None:
     ap.add_argument("--vector-rank", type=int, default=8)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                    help="model weights (default: bfloat16 on CUDA, float32 on CPU)")
     ap.add_argument("--out", type=Path, default=Path("bench_fold_out"))
     args = ap.parse_args()
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, vector_dir = Path(tmp) / "model", Path(tmp) / "vector"
         build(model_dir, args.hidden, args.layers, args.vocab, seed=0)
         make_vector(model_dir, vector_dir, args.vector_rank)
-        jobs = {v: variant(v, model_dir, vector_dir, args.lora_rank) for v in VARIANTS}
-        ids = torch.randint(0, args.vocab, (1, args.tokens), generator=torch.Generator().manual_seed(0))
+        jobs = {v: variant(v, model_dir, vector_dir, args.lora_rank, args.device, args.dtype) for v in VARIANTS}
+        ids = torch.randint(0, args.vocab, (1, args.tokens), generator=torch.Generator().manual_seed(0)).to(args.device)
         # interleaved: drifting load hits every variant alike
         times = interleaved({v: (lambda j=jobs[v]: step(*j, ids)) for v in VARIANTS}, args.warmup, args.steps)
     med = {v: statistics.median(ts) for v, ts in times.items()}
@@ -100,7 +106,8 @@ def main() -> None:
              "ratio_vs_no_vector": round(med[v] / med["no_vector"], 3)} for v in VARIANTS]
     setup = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     title = (f"LoRA r={args.lora_rank} on a {args.hidden}-hidden {args.layers}-layer Llama, {args.tokens} tokens/step, "
-             f"vector r={args.vector_rank} on every projection ({torch.get_num_threads()} threads)")
+             f"vector r={args.vector_rank} on every projection, {args.dtype} on {args.device}"
+             + ("" if args.device.startswith("cuda") else f" ({torch.get_num_threads()} threads)"))
     table = md_table(["variant", "step ms (median)", "p25-p75", "vs no vector"],
                      [[r["variant"], str(r["step_ms_median"]), f"{r['step_ms_p25_p75'][0]}-{r['step_ms_p25_p75'][1]}",
                        f"{r['ratio_vs_no_vector']:.3f}x"] for r in rows])
