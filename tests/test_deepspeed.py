@@ -7,7 +7,9 @@ Each `slow` test starts tests/ds_probe.py on 1 or 2 CPU ranks. What they show:
   plain single-process loop) on the same global batches;
 - full fine-tuning and QLoRA (NF4 base) both train and export a model/adapter that reloads on one
   process to the logits of the gathered model;
-- stop at step k with a checkpoint, resume: steps k+1.. repeat the uninterrupted run's losses.
+- stop at step k with a checkpoint, resume: steps k+1.. repeat the uninterrupted run's losses;
+- optim.nonfinite=skip: a NaN loss on one rank drops that step on both (ZeRO 0, 2, 3), and the
+  losses equal the plain loop's that skipped the same step.
 """
 
 from __future__ import annotations

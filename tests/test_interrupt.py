@@ -9,7 +9,10 @@ every failure explains itself.
 - Each file of a checkpoint flipped, truncated or deleted (the manifest too): resume refuses with
   exit 2 and one line naming the file, and leaves the checkpoint as it was.
 - A checkpoint written with one security vector refuses to resume with another.
-- NaN/inf loss: exit 2 naming the step, the last checkpoint intact; optim.nonfinite=skip finishes.
+- NaN/inf loss: exit 2 naming the step, the last checkpoint intact; optim.nonfinite=skip finishes
+  (on 2 DeepSpeed ranks: tests/test_deepspeed.py).
+- SIGTERM/SIGINT while the model loads: exit 0 at once, one line, nothing written, resume works;
+  during the final save: the save completes, then exit 0 with one line.
 - 2 ranks under the deepspeed launcher, rank 1 killed with SIGKILL: the launcher kills the other
   rank and the job exits non-zero within a bounded time, no rank left behind.
 
