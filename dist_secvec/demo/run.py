@@ -67,14 +67,29 @@ def _merge(dst: dict, src: dict) -> dict:
     return out
 
 
+#: stages every rank runs under a launcher (data parallel); stage 1 and evaluation run on rank 0
+DATA_PARALLEL_STAGES = ("align", "finetune")
+
+
 def _stage_config(cfg: Config, stage: str, quick: bool, **sections) -> Config:
-    """A full Config for one stage: the demo's config + stage settings + the given sections."""
+    """A full Config for one stage: the demo's config + stage settings + the given sections. Under
+    a launcher a data-parallel stage keeps the demo's global batch: each of the N ranks takes
+    micro_batch_size / N of it, so the run has the single process's steps and its results."""
     base = cfg.to_dict()
     base.pop("source", None)
     base = _merge(base, STAGES[stage])
     if quick:
         base = _merge(base, QUICK.get(stage, {}))
-    return load_config(None, None, base=_merge(base, sections))
+    base = _merge(base, sections)
+    world = runtime.world_size()
+    if world > 1 and stage in DATA_PARALLEL_STAGES:
+        mb = base["optim"]["micro_batch_size"]
+        if mb % world == 0:
+            base["optim"]["micro_batch_size"] = mb // world
+        else:
+            log.warning("demo stage %s: micro-batch %d does not split over %d ranks; each rank takes %d "
+                        "(a global batch %d times the single process's)", stage, mb, world, mb, world)
+    return load_config(None, None, base=base)
 
 
 def _barrier() -> None:
@@ -96,7 +111,9 @@ def aligned_base(cfg: Config, sizes: WorldSizes, data: dict, tok_texts: list[str
     from dist_secvec.finetune import run_finetune
 
     stage = _stage_config(cfg, "align", quick, model={"path": "unused"})
-    key_src = json.dumps({"v": CACHE_VERSION, "seed": cfg.seed, "sizes": sizes.__dict__, "optim": stage.optim.__dict__,
+    # the global batch in the key: a base trained on N ranks is the single process's, and reused by it
+    optim = dict(stage.optim.__dict__, micro_batch_size=stage.optim.micro_batch_size * runtime.world_size())
+    key_src = json.dumps({"v": CACHE_VERSION, "seed": cfg.seed, "sizes": sizes.__dict__, "optim": optim,
                           "max_length": stage.data.max_length}, sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     cached = _cache_root(cfg) / f"aligned-{key}"
