@@ -48,6 +48,17 @@ PEFT_PREFIX = "base_model.model."
 FUSE_LORA_ENV = "DIST_SECVEC_FUSE_LORA"
 
 
+def writes_fresh_output(base_layer: nn.Module) -> bool:
+    """Whether the delta may be added into the base layer's output in place (saving a copy of it,
+    an M x N read and write: measured on CPU, 1024 x 512 -> 1344, it was half the vector's cost).
+    True for linear layers (torch's, bitsandbytes' 4- and 8-bit ones subclass it), whose backward
+    saves x and W but never the output; the kernels still fall back to a fresh output for views,
+    leaves and inference tensors (reference.can_update_in_place). DIST_SECVEC_INPLACE=0 turns it off."""
+    if os.environ.get("DIST_SECVEC_INPLACE", "").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    return isinstance(base_layer, nn.Linear)
+
+
 class SecVecLinear(nn.Module):
     """y = base_layer(x) + s * (x A^T) B^T with A and B frozen; the delta is skipped when inactive.
 
@@ -95,7 +106,8 @@ class SecVecLinear(nn.Module):
         out = self.base_layer(x, *args, **kwargs)
         if not self.active:
             return out
-        return apply_secvec_delta(x, out, self.secvec_A, self.secvec_B, self.scale, self.backend)
+        return apply_secvec_delta(x, out, self.secvec_A, self.secvec_B, self.scale, self.backend,
+                                  inplace=writes_fresh_output(self.base_layer))
 
     def extra_repr(self) -> str:
         r, k = self.secvec_A.shape
@@ -577,7 +589,8 @@ def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     sv = self.base_layer
     out = sv.base_layer(x, *args, **kwargs)  # the inner base: the vector is added below, not twice
     return apply_secvec_lora_delta(x, out, sv.secvec_A, sv.secvec_B, sv.scale, self.lora_A[n].weight,
-                                   self.lora_B[n].weight, self.scaling[n], sv.backend)
+                                   self.lora_B[n].weight, self.scaling[n], sv.backend,
+                                   inplace=writes_fresh_output(sv.base_layer))
 
 
 def _is_fused(sub: nn.Module) -> bool:

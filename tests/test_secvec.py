@@ -601,3 +601,48 @@ def test_nf4_vector_keeps_compute_dtype(tiny_world, stage1):
     for layer in layers:
         assert layer.secvec_A.dtype == torch.float32
         assert torch.equal(layer.secvec_A, file_t[names[id(layer)]][0])
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["plain", "under_lora"])
+def test_delta_added_into_the_base_output_in_place(lora, monkeypatch):
+    """Over a linear base the delta goes into the base layer's own output (no second M x N tensor),
+    with the same output and gradients as a fresh output (DIST_SECVEC_INPLACE=0)."""
+    from peft import LoraConfig, get_peft_model
+
+    from dist_secvec.secvec import SecurityVector
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(24, 20, bias=False)  # as in Llama (with a bias, a 3-D output is a view)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    torch.manual_seed(0)
+    net, x0 = Net(), torch.randn(3, 5, 24)
+    if lora:
+        net = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, target_modules=["proj"]))
+        torch.nn.init.normal_(net.base_model.model.proj.lora_B["default"].weight)
+    sv = SecurityVector(path="mem", rank=6, alpha=12.0, target_modules=["proj"],
+                        weights={"proj": (torch.randn(6, 24), torch.randn(20, 6))})
+    (layer,) = attach_security_vector(net, sv, backend="torch")
+    seen = []
+    layer.base_layer.register_forward_hook(lambda m, i, o: seen.append(o.data_ptr()))
+
+    def step():
+        x = x0.clone().requires_grad_(True)
+        y = net(x)
+        (y.square().sum()).backward()
+        grads = [x.grad] + [p.grad.clone() for p in net.parameters() if p.requires_grad]
+        net.zero_grad(set_to_none=True)
+        return y.detach(), grads, y.data_ptr()
+
+    y_in, g_in, ptr = step()
+    assert ptr == seen[-1]  # the result is the base layer's output tensor itself
+    monkeypatch.setenv("DIST_SECVEC_INPLACE", "0")
+    y_out, g_out, ptr2 = step()
+    assert ptr2 != seen[-1]
+    torch.testing.assert_close(y_in, y_out)
+    for a, b in zip(g_in, g_out):
+        torch.testing.assert_close(a, b)

@@ -275,9 +275,8 @@ def test_bf16_base_fp32_lora_takes_fused_path(tiny_world, random_vector, batch, 
     lora_params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert lora_params and all(p.dtype == torch.float32 for p in lora_params.values())  # peft's default
     layers = attach_security_vector(model, load_security_vector(str(random_vector)))
-    # (int8: attach keeps the vector in float32, the int8 weight naming no compute dtype; the kernels
-    # round it to x's bf16 anyway)
-    assert all(layer.secvec_A.dtype == (torch.float32 if kind == "int8" else torch.bfloat16) for layer in layers)
+    # (int8: the weight names no compute dtype; the vector takes the model's floating dtype)
+    assert all(layer.secvec_A.dtype == torch.bfloat16 for layer in layers)
     unfused = copy.deepcopy(model)
     calls = Calls(monkeypatch)
     with caplog.at_level("INFO", logger="dist_secvec.secvec"):
