@@ -169,7 +169,7 @@ class ProfileConfig:
     steps: int = 20  # measured optimizer steps (`dist-secvec profile --steps`)
     warmup: int = 3  # steps run first and not measured (`--warmup`)
     peak_tflops: Optional[float] = None  # accelerator peak for MFU; None = a known-GPU table (null on CPU)
-    trace: bool = False  # also write a torch.profiler Chrome trace of the measured steps
+    trace: bool = False  # also write a torch.profiler Chrome trace: the configured job's steps of the first measured round
 
 
 @dataclass
