@@ -63,7 +63,11 @@ def main() -> int:
 
         out.mkdir(parents=True, exist_ok=True)
         save_file({"logits": logits.contiguous()}, str(out / "logits.safetensors"))
-        (out / "probe.json").write_text(json.dumps({"losses": res.losses, "info": res.info}))
+        import deepspeed.comm.comm as ds_comm
+
+        shm = getattr(ds_comm.cdb, "shm_comm_op", None) is not None  # DeepSpeed's CPU shm all-reduce in use
+        (out / "probe.json").write_text(json.dumps({"losses": res.losses, "info": res.info, "shm_comm_op": shm,
+                                                    "master_port": os.environ.get("MASTER_PORT")}))
     return 0
 
 

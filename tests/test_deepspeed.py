@@ -120,6 +120,17 @@ def test_zero3_two_ranks_partition_base_and_vector(full_ft):
 
 
 @pytest.mark.slow
+def test_no_shared_memory_left_behind(full_ft):
+    """DeepSpeed's CPU all-reduce buffers (/dev/shm, 66 MB per rank, never unlinked by DeepSpeed)
+    are removed once every rank has mapped them: a finished run leaves none."""
+    _, probe = full_ft
+    if not probe["shm_comm_op"]:
+        pytest.skip("DeepSpeed's shm comm op is not in use here")
+    leftover = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{probe['master_port']}_*"))
+    assert not leftover, leftover
+
+
+@pytest.mark.slow
 def test_zero3_full_finetune_loss_falls_and_export_reloads(full_ft, tiny_world):
     import torch
 
