@@ -39,7 +39,7 @@ from dist_secvec.interrupt import StopRequest
 from dist_secvec.manifest import write_manifest
 from dist_secvec.model import add_trainable_adapter, load_model, load_tokenizer
 from dist_secvec.secvec import (attach_security_vector, check_fingerprint, detach_security_vector,
-                                fold_security_vector, load_security_vector, unfold_security_vector,
+                                fold_security_vector, load_security_vector, path_calls, unfold_security_vector,
                                 vector_digest)
 from dist_secvec.training import append_jsonl, build_optimizer, pick_device, to_device, total_steps
 
@@ -294,6 +294,7 @@ def _run_finetune(cfg: Config, keep_model: bool, stop: StopRequest) -> FinetuneR
     _check_frozen_vector(engine, sv_params)
     if _vector_digest(sv_layers or folded, sv_params) != digest:
         raise SecurityVectorError("the security vector changed during stage 2; the run is not safe to use")
+    paths = path_calls(sv_layers) if sv_layers else None
     if sv_layers:
         detach_security_vector(model)
     if folded:
@@ -309,7 +310,8 @@ def _run_finetune(cfg: Config, keep_model: bool, stop: StopRequest) -> FinetuneR
             "n_truncated": train.n_truncated, "n_dropped": train.n_dropped, "trainable_params": trainable,
             "security_vector": cfg.security_vector.path, "adapter": cfg.adapter.type,
             "base_model": cfg.model.path, "world_size": world, "zero_stage": stage, "partition": partition,
-            "security_vector_mode": "folded" if folded else "attached" if sv_layers else None}
+            "security_vector_mode": "folded" if folded else "attached" if sv_layers else None,
+            "security_vector_paths": paths}
     final = out / "final"
     state_dict = gathered_state_dict(engine, cfg.adapter.type == "lora")
     if runtime.is_main():

@@ -77,7 +77,7 @@ from dist_secvec.errors import ConfigError, UserError
 from dist_secvec.finetune import fold_choice
 from dist_secvec.model import add_trainable_adapter, load_model, load_tokenizer, unwrap_base
 from dist_secvec.secvec import (attach_security_vector, check_fingerprint, fold_security_vector,
-                                load_security_vector)
+                                load_security_vector, path_calls)
 from dist_secvec.training import build_optimizer, pick_device, to_device
 
 log = logging.getLogger(__name__)
@@ -684,6 +684,7 @@ def measure_jobs(cfg: Config, names: list[str], steps: int, warmup: int, tok, ex
         if name == "configured":
             mine["partition"] = _partition(runner.job)
         out[name]["ranks"] = gather(mine)
+        out[name]["paths"] = path_calls(runner.job.sv_layers)  # which code computed the vector (rank 0's)
 
     def traced(runner: StepRunner, n: int) -> None:
         prof = torch.profiler.profile(record_shapes=False)
@@ -870,7 +871,7 @@ def overhead_report(agg: dict, measured: dict, skipped: dict, memory: dict, per_
         rec = {"step_time_s": a["step_time_s"], "step_time_p25": a["step_time"]["p25"],
                "step_time_p75": a["step_time"]["p75"], "n_steps": a["step_time"]["n"],
                "mode": measured[name]["mode"], "backend": measured[name]["backend"],
-               "flop_share": share,
+               "vector_paths": measured[name].get("paths"), "flop_share": share,
                "flop_share_computed": a["flops_parts"]["secvec_delta"] / a["flops_per_token"],
                "target_ratio": None if share is None else 1 + 1.5 * share}
         if nv is None:

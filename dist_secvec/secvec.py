@@ -15,6 +15,9 @@ LoRA's shrinks in one pass over x (`apply_secvec_lora_delta`) whenever that give
 (one plain LoRA adapter, no dropout in training, no autocast, ...; a float32 LoRA on a 16-bit x,
 peft's default, runs the kernel in x's dtype) and calls peft's own forward otherwise, logging
 once per layer why; DIST_SECVEC_FUSE_LORA=0 turns the fused path off.
+Over a plain nn.Linear (full fine-tuning, torch backend) the SecVecLinear computes the layer and
+the vector in one Function instead, y = x (W + s B A)^T + b (`uses_weight_delta` says when;
+DIST_SECVEC_WEIGHT_DELTA=0 turns it off), reading W and b itself (registered with ZeRO-3).
 When the base weights are frozen and unquantized (a LoRA on a 16/32-bit base), stage 2 folds
 s * B @ A into them once instead (`fold_security_vector`), and `unfold_security_vector` restores
 the original weights bit for bit.
@@ -37,7 +40,9 @@ import torch
 from torch import nn
 
 from dist_secvec.errors import SecurityVectorError
-from dist_secvec_kernels.dispatch import apply_secvec_delta, apply_secvec_lora_delta
+from dist_secvec_kernels.dispatch import (apply_secvec_delta, apply_secvec_lora_delta, apply_secvec_weight_delta,
+                                          resolve_backend)
+from dist_secvec_kernels.reference import weight_delta_pays
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +53,23 @@ PEFT_PREFIX = "base_model.model."
 FUSE_LORA_ENV = "DIST_SECVEC_FUSE_LORA"
 
 
+WEIGHT_DELTA_ENV = "DIST_SECVEC_WEIGHT_DELTA"
+INPLACE_ENV = "DIST_SECVEC_INPLACE"
+
+
+def switched_off(env: str) -> bool:
+    """Whether the on-by-default switch `env` is set to 0 / false / no / off (read per call, so a
+    test or a profile can flip it between steps)."""
+    return os.environ.get(env, "").strip().lower() in ("0", "false", "no", "off")
+
+
 def writes_fresh_output(base_layer: nn.Module) -> bool:
     """Whether the delta may be added into the base layer's output in place (saving a copy of it,
     an M x N read and write: measured on CPU, 1024 x 512 -> 1344, it was half the vector's cost).
     True for linear layers (torch's, bitsandbytes' 4- and 8-bit ones subclass it), whose backward
     saves x and W but never the output; the kernels still fall back to a fresh output for views,
     leaves and inference tensors (reference.can_update_in_place). DIST_SECVEC_INPLACE=0 turns it off."""
-    if os.environ.get("DIST_SECVEC_INPLACE", "").strip().lower() in ("0", "false", "no", "off"):
-        return False
-    return isinstance(base_layer, nn.Linear)
+    return not switched_off(INPLACE_ENV) and isinstance(base_layer, nn.Linear)
 
 
 class SecVecLinear(nn.Module):
@@ -84,6 +97,9 @@ class SecVecLinear(nn.Module):
         self.scale = float(scale)
         self.backend = backend
         self.active = True
+        #: forwards per path since attach (run info and profile report them): "weight_delta",
+        #: "delta" (base layer, then the delta), "fused_lora" (the LoRA layer above computed both)
+        self.path_calls = {"weight_delta": 0, "delta": 0, "fused_lora": 0}
 
     # read by peft/transformers code that expects a linear layer here
     @property
@@ -103,15 +119,41 @@ class SecVecLinear(nn.Module):
         return self.base_layer.out_features
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.active and not args and not kwargs and uses_weight_delta(self, x):
+            self.path_calls["weight_delta"] += 1
+            base = self.base_layer
+            return apply_secvec_weight_delta(x, base.weight, base.bias, self.secvec_A, self.secvec_B, self.scale)
         out = self.base_layer(x, *args, **kwargs)
         if not self.active:
             return out
+        self.path_calls["delta"] += 1
         return apply_secvec_delta(x, out, self.secvec_A, self.secvec_B, self.scale, self.backend,
                                   inplace=writes_fresh_output(self.base_layer))
 
     def extra_repr(self) -> str:
         r, k = self.secvec_A.shape
         return f"rank={r}, scale={self.scale:g}, active={self.active}, backend={self.backend}"
+
+
+def uses_weight_delta(layer: SecVecLinear, x: torch.Tensor) -> bool:
+    """Whether `layer` computes x (W + s B A)^T + b in one Function (dispatch.apply_secvec_weight_delta:
+    no pass of the delta over the M x N output or dy, one input gradient) instead of its base layer
+    and then the delta. Yes when: the base is a plain nn.Linear (not a bitsandbytes or other subclass
+    with its own forward); the torch backend (on CUDA the Triton kernel keeps the delta path); x in
+    W's dtype and autocast off; W and b present (gathered, under ZeRO-3); enough rows per call that
+    forming W' costs less than the delta's passes (reference.weight_delta_pays); and
+    DIST_SECVEC_WEIGHT_DELTA not off. Full fine-tuning takes it; a LoRA's frozen base is folded or
+    runs the fused LoRA path instead."""
+    base = layer.base_layer
+    if type(base) is not nn.Linear or switched_off(WEIGHT_DELTA_ENV):
+        return False
+    W, b = base.weight, base.bias
+    if resolve_backend(layer.backend, x.device) != "torch" or x.dtype != W.dtype or _autocast_on(x):
+        return False
+    if not (_zero_available(W) and (b is None or _zero_available(b))):
+        return False
+    N, K = W.shape
+    return weight_delta_pays(x.numel() // K, K, N)
 
 
 @dataclass
@@ -469,7 +511,7 @@ def _target(base, sv: SecurityVector, mod: str, A: torch.Tensor, B: torch.Tensor
 
 def fuse_lora_enabled() -> bool:
     """DIST_SECVEC_FUSE_LORA=0 / false / no / off turns the fused vector+LoRA path off (default on)."""
-    return os.environ.get(FUSE_LORA_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+    return not switched_off(FUSE_LORA_ENV)
 
 
 @functools.lru_cache(maxsize=None)
@@ -587,6 +629,7 @@ def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     for k in ("adapter_names", *_variant_kwarg_keys()):
         kwargs.pop(k, None)
     sv = self.base_layer
+    sv.path_calls["fused_lora"] += 1
     out = sv.base_layer(x, *args, **kwargs)  # the inner base: the vector is added below, not twice
     return apply_secvec_lora_delta(x, out, sv.secvec_A, sv.secvec_B, sv.scale, self.lora_A[n].weight,
                                    self.lora_B[n].weight, self.scaling[n], sv.backend,
@@ -597,26 +640,36 @@ def _is_fused(sub: nn.Module) -> bool:
     return getattr(sub.__dict__.get("forward"), "__func__", None) is _fused_lora_forward
 
 
-def _fused_params(sub: nn.Module) -> list[nn.Parameter]:
-    """What the fused forward reads outside its owners' forwards: the vector's A and B and every
-    adapter's lora A / B weight."""
-    ps = [sub.base_layer.secvec_A, sub.base_layer.secvec_B] if isinstance(sub.base_layer, SecVecLinear) else []
-    for n in getattr(sub, "lora_A", {}):
-        for m in (sub.lora_A[n], sub.lora_B[n] if n in sub.lora_B else None):
-            if isinstance(getattr(m, "weight", None), nn.Parameter):
-                ps.append(m.weight)
+def _external_params(m: nn.Module) -> list[nn.Parameter]:
+    """What a forward of `m` reads outside its owners' forwards: on a LoRA layer with the fused
+    forward, the vector's A and B and every adapter's lora A / B weight; on a SecVecLinear over a
+    plain nn.Linear, that linear's weight and bias (the weight-delta path)."""
+    if isinstance(m, SecVecLinear):
+        base = m.base_layer
+        if type(base) is not nn.Linear:
+            return []
+        return [p for p in (base.weight, base.bias) if isinstance(p, nn.Parameter)]
+    if not _is_fused(m):
+        return []
+    ps = [m.base_layer.secvec_A, m.base_layer.secvec_B] if isinstance(m.base_layer, SecVecLinear) else []
+    for n in getattr(m, "lora_A", {}):
+        for lin in (m.lora_A[n], m.lora_B[n] if n in m.lora_B else None):
+            if isinstance(getattr(lin, "weight", None), nn.Parameter):
+                ps.append(lin.weight)
     return ps
 
 
-def _register_external(sub: nn.Module) -> None:
-    """Tell ZeRO-3 to gather the fused path's parameters when `sub` runs (its pre-forward and
-    pre-backward hooks fetch a module's external parameters). Works before deepspeed.initialize
+def _register_external(m: nn.Module) -> int:
+    """Tell ZeRO-3 to gather `_external_params(m)` when `m` runs (its pre-forward and pre-backward
+    hooks fetch a module's external parameters); returns how many. Works before deepspeed.initialize
     converts them: the registration is keyed by the parameter objects, which ZeRO converts in place;
     without ZeRO-3 it is an unused dict."""
     import deepspeed  # deepspeed.zero is an attribute, not an importable submodule
 
-    for p in _fused_params(sub):
-        deepspeed.zero.register_external_parameter(sub, p)
+    ps = _external_params(m)
+    for p in ps:
+        deepspeed.zero.register_external_parameter(m, p)
+    return len(ps)
 
 
 def _install_fused_forward(sub: nn.Module, name: str = "") -> bool:
@@ -633,27 +686,23 @@ def _install_fused_forward(sub: nn.Module, name: str = "") -> bool:
 
 
 def _remove_fused_forward(sub: nn.Module) -> None:
+    ext = getattr(sub, "_external_params", None)
+    if isinstance(ext, dict):
+        for p in _external_params(sub):
+            ext.pop(id(p), None)
     if _is_fused(sub):
         del sub.__dict__["forward"]
     for k in ("_secvec_name", "_secvec_fallbacks_logged"):
         sub.__dict__.pop(k, None)
-    ext = getattr(sub, "_external_params", None)
-    if isinstance(ext, dict):
-        for p in _fused_params(sub):
-            ext.pop(id(p), None)
 
 
-def register_fused_params_for_zero3(model) -> int:
-    """Register the fused path's parameters with ZeRO-3 on every fused LoRA layer of `model`
-    (idempotent; imports deepspeed). attach_security_vector already does this when deepspeed is
-    imported at that point (as in DeepSpeed runs); call this before deepspeed.initialize when
-    attaching before deepspeed is imported. Returns the number of layers."""
-    n = 0
-    for m in model.modules():
-        if _is_fused(m):
-            _register_external(m)
-            n += 1
-    return n
+def register_zero3_external_params(model) -> int:
+    """Register with ZeRO-3 what the vector's paths read outside their owners' forwards: on every
+    fused LoRA layer and every SecVecLinear over a plain nn.Linear of `model` (idempotent; imports
+    deepspeed). attach_security_vector already does this when deepspeed is imported at that point
+    (as in DeepSpeed runs); call this before deepspeed.initialize when attaching before deepspeed
+    is imported. Returns the number of modules."""
+    return sum(1 for m in model.modules() if _register_external(m))
 
 
 def _float_dtype(model) -> torch.dtype:
@@ -670,9 +719,10 @@ def attach_security_vector(model, sv: SecurityVector, backend: str = "auto",
     LoRA layer gets a fused forward: the inner base, then the vector and the LoRA added by one kernel
     that reads x once (`apply_secvec_lora_delta`, exact LoRA gradients, none for the vector), falling
     back to peft's forward per call when fusing would change what peft computes (`fused_lora_choice`).
-    DIST_SECVEC_FUSE_LORA=0 disables it. Under ZeRO-3 the fused path's parameters are registered as
-    external parameters of the LoRA layer (here if deepspeed is imported, else
-    `register_fused_params_for_zero3`). detach_security_vector restores peft's forward."""
+    DIST_SECVEC_FUSE_LORA=0 disables it. A SecVecLinear over a plain nn.Linear may compute the layer
+    and the vector as one weight delta (`uses_weight_delta`). Under ZeRO-3 what these paths read is
+    registered as external parameters of the LoRA layer / the SecVecLinear (here if deepspeed is
+    imported, else `register_zero3_external_params`). detach_security_vector restores peft's forward."""
     from dist_secvec.model import unwrap_base
 
     base = unwrap_base(model)
@@ -693,6 +743,8 @@ def attach_security_vector(model, sv: SecurityVector, backend: str = "auto",
         layer = SecVecLinear(inner, A.to(target_dtype).clone(), B.to(target_dtype).clone(), sv.scale, backend)
         layer.to(ref.device)
         setattr(holder, attr, layer)
+        if "deepspeed" in sys.modules:  # imported by init_distributed before attach in DeepSpeed runs
+            _register_external(layer)
         if holder is sub:
             _install_fused_forward(sub, mod)
         wrapped.append(layer)
@@ -701,6 +753,16 @@ def attach_security_vector(model, sv: SecurityVector, backend: str = "auto",
 
 def security_vector_layers(model) -> list[SecVecLinear]:
     return [m for m in model.modules() if isinstance(m, SecVecLinear)]
+
+
+def path_calls(layers: list[SecVecLinear]) -> dict[str, int]:
+    """Forwards per path (SecVecLinear.path_calls) summed over `layers`: which code computed the
+    vector (this process's layers only)."""
+    total = dict.fromkeys(layers[0].path_calls, 0) if layers else {}
+    for layer in layers:
+        for k, v in layer.path_calls.items():
+            total[k] += v
+    return total
 
 
 def detach_security_vector(model) -> int:

@@ -3,6 +3,8 @@
     y = base(x) + s * (x A^T) B^T        A: r x K, B: N x r (frozen), s = alpha / r
     dx = dy W + s * (dy B) A             no gradient for A or B
     (dy W flows through base_out's own graph; only A and B are saved for the delta)
+On a trainable dense linear (full fine-tuning, torch backend) the layer and the vector run as one
+Function instead: y = x (W + s B A)^T + b (apply_secvec_weight_delta).
 
 DIST_SECVEC_BACKEND=torch|triton (or the security_vector.backend config key) forces one.
 """
@@ -11,8 +13,8 @@ import os
 
 import torch
 
-from dist_secvec_kernels.reference import (SecVecDeltaTorch, SecVecLoraDeltaTorch, secvec_delta_reference,
-                                           secvec_lora_delta_reference)
+from dist_secvec_kernels.reference import (SecVecDeltaTorch, SecVecLoraDeltaTorch, SecVecWeightDeltaTorch,
+                                           secvec_delta_reference, secvec_lora_delta_reference)
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -66,5 +68,15 @@ def apply_secvec_lora_delta(x: torch.Tensor, base_out: torch.Tensor, A_v: torch.
     return SecVecLoraDeltaTorch.apply(x, base_out, A_v, B_v, s_v, A_l, B_l, s_l, inplace)
 
 
-__all__ = ["apply_secvec_delta", "apply_secvec_lora_delta", "resolve_backend", "secvec_delta_reference",
-           "secvec_lora_delta_reference", "SecVecDeltaTorch", "SecVecLoraDeltaTorch"]
+def apply_secvec_weight_delta(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor,
+                              B: torch.Tensor, scale: float) -> torch.Tensor:
+    """Return x (W + scale * B A)^T + bias: a dense linear layer and its frozen vector in one
+    Function, with exact gradients for x, W and bias and none for A and B, saving only x and W
+    (reference.SecVecWeightDeltaTorch; the full fine-tuning path on the torch backend). x and W in
+    one dtype; A and B are cast to it."""
+    return SecVecWeightDeltaTorch.apply(x, W, bias, A, B, scale)
+
+
+__all__ = ["apply_secvec_delta", "apply_secvec_lora_delta", "apply_secvec_weight_delta", "resolve_backend",
+           "secvec_delta_reference", "secvec_lora_delta_reference", "SecVecDeltaTorch", "SecVecLoraDeltaTorch",
+           "SecVecWeightDeltaTorch"]

@@ -137,6 +137,9 @@ def test_zero3_full_finetune_loss_falls_and_export_reloads(full_ft, tiny_world):
     out, probe = full_ft
     losses = probe["losses"]
     assert len(losses) == STEPS and losses[-1] < losses[0] - 0.05, losses
+    # full fine-tuning on CPU: every vector forward ran as one weight delta, under ZeRO-3 too
+    paths = probe["info"]["security_vector_paths"]
+    assert paths["weight_delta"] > 0 and paths["delta"] == 0 and paths["fused_lora"] == 0, paths
     final = out / "run" / "final"
     assert json.loads((final / "dist_secvec_run.json").read_text())["security_vector"]
     from safetensors import safe_open
@@ -149,11 +152,14 @@ def test_zero3_full_finetune_loss_falls_and_export_reloads(full_ft, tiny_world):
 
 
 @pytest.mark.slow
-def test_one_rank_and_plain_loop_follow_the_two_rank_losses(full_ft, tiny_world, random_vector, tmp_path):
+def test_one_rank_and_plain_loop_follow_the_two_rank_losses(full_ft, tiny_world, random_vector, tmp_path,
+                                                            monkeypatch):
     """Same global batches (2 x 2 vs 1 x 4 examples per micro-batch): the same losses. The 1-rank
     run also recomputes activations (reentrant checkpointing, the variant for frozen weights
     under ZeRO-3) and offloads optimizer states and parameters to CPU (ZeRO-Offload with the run's
-    torch AdamW), which must not change them either."""
+    torch AdamW), which must not change them either. The plain loop adds the vector after each
+    base layer (DIST_SECVEC_WEIGHT_DELTA=0) where the DeepSpeed runs form W + s B A from ZeRO-3's
+    gathered weights: the same losses too."""
     _, probe2 = full_ft
     cfg = base_cfg(tiny_world, random_vector, tmp_path, optim={"micro_batch_size": 4})
     probe1 = launch(1, cfg, tmp_path / "one", "model.gradient_checkpointing=true",
@@ -166,8 +172,10 @@ def test_one_rank_and_plain_loop_follow_the_two_rank_losses(full_ft, tiny_world,
 
     plain = dict(cfg, deepspeed={}, output_dir=str(tmp_path / "plain"))  # no checkpointing here
     (tmp_path / "plain.yaml").write_text(yaml.safe_dump(plain))
+    monkeypatch.setenv("DIST_SECVEC_WEIGHT_DELTA", "0")
     res = run_finetune(load_config(str(tmp_path / "plain.yaml")))
     assert res.info["zero_stage"] is None
+    assert res.info["security_vector_paths"]["weight_delta"] == 0 and probe1["info"]["security_vector_paths"]["weight_delta"] > 0
     assert res.losses == pytest.approx(probe2["losses"], rel=2e-5)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,16 +92,22 @@ def test_secvec_byte_measures_can_fail(tiny_world, random_vector, tmp_path):
     assert optimizer_state_bytes(job.optimizer, {id(A)}) == 2 * A.numel() * 4
 
 
-def test_cli_profile_on_tiny_world(tiny_world, random_vector, tmp_path, monkeypatch):
-    from dist_secvec.cli import main
-
-    out = tmp_path / "prof"
+def _job_file(tmp_path, tiny_world, random_vector) -> Path:
+    """The tiny world's stage-2 job (full fine-tuning, micro-batch 4) as a YAML file for the CLI."""
     cfg_file = tmp_path / "job.yaml"
     cfg_file.write_text(yaml.safe_dump({
         "model": {"path": str(tiny_world.model_dir)},
         "data": {"train": [tiny_world.data["finetune_mixed"]], "max_length": 64},
         "security_vector": {"path": str(random_vector)}, "optim": {"micro_batch_size": 4},
         "logging": {"progress": False}}))
+    return cfg_file
+
+
+def test_cli_profile_on_tiny_world(tiny_world, random_vector, tmp_path, monkeypatch):
+    from dist_secvec.cli import main
+
+    out = tmp_path / "prof"
+    cfg_file = _job_file(tmp_path, tiny_world, random_vector)
     monkeypatch.setenv("DIST_SECVEC_PROFILE_MEMORY", "off")  # test_cli_profile_memory_per_variant runs the children
     assert main(["profile", "--config", str(cfg_file), f"output_dir={out}", "--steps", "3", "--warmup", "1"]) == 0
     r = json.loads((out / "profile.json").read_text())
@@ -130,6 +137,11 @@ def test_cli_profile_on_tiny_world(tiny_world, random_vector, tmp_path, monkeypa
         assert rec["step_time_p25"] <= rec["step_time_s"] <= rec["step_time_p75"]
     assert r["overhead"]["no_vector"]["ratio"] == 1.0 and r["overhead"]["no_vector"]["within_target"] is None
     assert r["overhead"]["no_vector"]["flop_share_computed"] == 0
+    # which code computed the vector: full fine-tuning on CPU, the weight delta on every call
+    assert r["overhead"]["no_vector"]["vector_paths"] == {}
+    for v in ("configured", "torch"):
+        paths = r["overhead"][v]["vector_paths"]
+        assert paths["weight_delta"] > 0 and paths["delta"] == paths["fused_lora"] == 0, (v, paths)
     if not torch.cuda.is_available():
         assert r["overhead"]["triton"]["ratio"] is None and "CUDA" in r["overhead"]["triton"]["skipped"]
     assert r["variant_memory"] is None and "off" in r["variant_memory_method"]
@@ -144,12 +156,7 @@ def test_cli_profile_memory_per_variant(tiny_world, random_vector, tmp_path, mon
     from dist_secvec.cli import main
 
     out = tmp_path / "prof"
-    cfg_file = tmp_path / "job.yaml"
-    cfg_file.write_text(yaml.safe_dump({
-        "model": {"path": str(tiny_world.model_dir)},
-        "data": {"train": [tiny_world.data["finetune_mixed"]], "max_length": 64},
-        "security_vector": {"path": str(random_vector)}, "optim": {"micro_batch_size": 4},
-        "logging": {"progress": False}}))
+    cfg_file = _job_file(tmp_path, tiny_world, random_vector)
     monkeypatch.setenv("DIST_SECVEC_PROFILE_VARIANTS", "no_vector")
     monkeypatch.setenv("DIST_SECVEC_PROFILE_MEMORY", "process")
     monkeypatch.setenv("DIST_SECVEC_PROFILE_MEMORY_STEPS", "1")

@@ -609,6 +609,7 @@ def test_delta_added_into_the_base_output_in_place(lora, monkeypatch):
     with the same output and gradients as a fresh output (DIST_SECVEC_INPLACE=0)."""
     from peft import LoraConfig, get_peft_model
 
+    monkeypatch.setenv("DIST_SECVEC_WEIGHT_DELTA", "0")  # the trainable plain layer's other path
     from dist_secvec.secvec import SecurityVector
 
     class Net(torch.nn.Module):

@@ -13,7 +13,7 @@ import torch
 import dist_secvec.secvec as secvec_mod
 from dist_secvec.model import lora_config
 from dist_secvec.secvec import (FUSE_LORA_ENV, SecVecLinear, attach_security_vector, detach_security_vector,
-                                load_security_vector, register_fused_params_for_zero3, security_vector_off)
+                                load_security_vector, register_zero3_external_params, security_vector_off)
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]  # the random vector's targets (tests/conftest.py)
 
@@ -192,7 +192,7 @@ def test_detach_restores_peft_forward(tiny_world, random_vector, batch):
         assert "forward" not in m.__dict__ and not isinstance(m.base_layer, SecVecLinear)
         assert not getattr(m, "_external_params", {})
     assert torch.equal(logits(model, batch), logits(never, batch))
-    assert register_fused_params_for_zero3(model) == 0
+    assert register_zero3_external_params(model) == 0
 
 
 def test_zero3_external_params_registered(fused_model):
@@ -200,11 +200,13 @@ def test_zero3_external_params_registered(fused_model):
     ZeRO-3 must gather them for the LoRA layer (registered at attach when deepspeed is imported)."""
     pytest.importorskip("deepspeed")
     model, layers = fused_model
-    assert register_fused_params_for_zero3(model) == 6
+    assert register_zero3_external_params(model) == 12  # 6 LoRA layers, 6 SecVecLinear under them
     for m in lora_layers(model):
         want = {id(p) for p in (m.base_layer.secvec_A, m.base_layer.secvec_B, m.lora_A["default"].weight,
                                 m.lora_B["default"].weight)}
         assert set(m._external_params) == want
+        # the SecVecLinear's weight-delta path reads its plain linear's weight
+        assert set(m.base_layer._external_params) == {id(m.base_layer.base_layer.weight)}
     detach_security_vector(model)
     assert all(not m._external_params for m in lora_layers(model))
 
