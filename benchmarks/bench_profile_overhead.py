@@ -2,6 +2,7 @@
 
     python benchmarks/bench_profile_overhead.py --steps 40 --out bench_out/overhead          # LoRA
     python benchmarks/bench_profile_overhead.py --steps 40 --full --out bench_out/overhead   # + full FT
+    python benchmarks/bench_profile_overhead.py --steps 150 --jobs full --out bench_out/full  # full FT only
 
 The reference setup (issue #7): a 512-hidden, 4-layer Llama (8 heads of 64, intermediate 1344,
 random weights, a word-level vocabulary of `--words` words; nothing is downloaded), a rank-16 LoRA
@@ -106,7 +107,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-memory", dest="memory", action="store_false", help="skip the per-variant memory processes")
     ap.add_argument("--memory-steps", type=int, default=2)
     ap.add_argument("--memory-repeats", type=int, default=3, help="fresh processes per variant (median kept)")
-    ap.add_argument("--full", action="store_true", help="also full fine-tuning (adapter none)")
+    ap.add_argument("--full", action="store_true", help="also full fine-tuning (adapter none): --jobs lora full")
+    ap.add_argument("--jobs", nargs="+", choices=["lora", "full"], default=["lora"],
+                    help="which jobs: lora (a LoRA on every projection) and/or full (full fine-tuning)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("bench_out/overhead"))
     args = ap.parse_args(argv)
@@ -115,9 +118,10 @@ def main(argv=None) -> int:
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     model_dir, data, vec = prepare(work, args)
-    jobs = {"lora": {"type": "lora", "rank": args.lora_rank, "alpha": 2.0 * args.lora_rank, "target_modules": ALL}}
-    if args.full:
-        jobs["full"] = {"type": "none"}
+    adapters = {"lora": {"type": "lora", "rank": args.lora_rank, "alpha": 2.0 * args.lora_rank, "target_modules": ALL},
+                "full": {"type": "none"}}
+    names = list(dict.fromkeys(args.jobs + (["full"] if args.full else [])))
+    jobs = {n: adapters[n] for n in names}
     rows = {}
     for name, adapter in jobs.items():
         cfg = job_yaml(work, name, model_dir, data, vec, adapter, args)

@@ -55,12 +55,7 @@ def launch(kernel: str, dtype: torch.dtype, M: int, K: int, N: int, ranks: tuple
            has_base: bool = True, precision: str = "highest") -> Launch:
     """The constexprs and warps `lowrank_update` / `two_lowrank_update` pass on a CUDA tensor of
     this shape and dtype (interpreted=False), with torch's float32 matmul precision `precision`."""
-    old = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        dot_fp32, prec = host.dot_config(dtype, interpreted=False)
-    finally:
-        torch.set_float32_matmul_precision(old)
+    dot_fp32, prec = host.dot_config(dtype, interpreted=False, matmul_precision=precision)
     pads = tuple(host.pad_rank(r) for r in ranks)
     block_m, block_k, block_n, warps = host.blocks(M, K, N, pads, interpreted=False, dot_fp32=dot_fp32)
     names = ("R_PAD",) if kernel == "secvec_delta" else ("RV_PAD", "RL_PAD")

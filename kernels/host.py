@@ -72,13 +72,15 @@ def grid(inp: torch.Tensor, M: int, N: int, block_m: int, block_n: int, split_n:
     return m_blocks, min(split_n, n_blocks)
 
 
-def dot_config(dtype: torch.dtype, interpreted: bool) -> tuple[bool, str | None]:
+def dot_config(dtype: torch.dtype, interpreted: bool, matmul_precision: str | None = None) -> tuple[bool, str | None]:
     """(DOT_FP32, PRECISION): fp32 inputs, and bf16 in the interpreter (whose bf16 tl.dot is wrong),
-    dot in fp32, IEEE unless torch allows TF32 (torch.set_float32_matmul_precision)."""
+    dot in fp32, IEEE unless the float32 matmul precision allows TF32 (`matmul_precision`, default
+    torch's current torch.get_float32_matmul_precision())."""
     dot_fp32 = dtype == torch.float32 or (dtype == torch.bfloat16 and interpreted)
     if not dot_fp32:
         return False, None
-    return True, "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    matmul_precision = matmul_precision or torch.get_float32_matmul_precision()
+    return True, "ieee" if matmul_precision == "highest" else "tf32"
 
 
 def output_buffers(x: torch.Tensor, base_out: torch.Tensor, inplace: bool):

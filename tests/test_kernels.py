@@ -188,6 +188,24 @@ def test_backend_resolution(monkeypatch):
         resolve_backend("auto", torch.device("cpu"))
 
 
+@needs_triton
+def test_dot_precision_follows_the_given_or_torchs_matmul_precision():
+    """fp32 dots are IEEE at "highest", TF32 otherwise; the precision comes from the argument
+    (kernels/aot.py compiles for one without touching torch's global setting) or from torch."""
+    from dist_secvec_kernels import host
+
+    assert host.dot_config(torch.float32, False, "highest") == (True, "ieee")
+    assert host.dot_config(torch.float32, False, "high") == (True, "tf32")
+    assert host.dot_config(torch.bfloat16, False, "high") == (False, None)  # 16-bit dots: native
+    assert host.dot_config(torch.bfloat16, True, "highest") == (True, "ieee")  # the interpreter's bf16 dot is wrong
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        assert host.dot_config(torch.float32, False) == (True, "tf32")
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
 @pytest.mark.skipif(DEVICE == "cuda", reason="checks the CPU fallback without the interpreter")
 def test_cpu_never_imports_triton_and_refuses_it_without_interpreter():
     code = """
