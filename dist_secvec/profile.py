@@ -705,22 +705,45 @@ def measure_jobs(cfg: Config, names: list[str], steps: int, warmup: int, tok, ex
             done(name, runner)
             del runner
         return out
-    runners = {name: build(name) for name in names}
-    n_rounds = math.ceil(steps / per_round)
-    for r in range(n_rounds):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            runner = runners[name]
-            n = min(per_round, steps - len(runner.records))
-            with _variant_backend(name):
-                if name == "configured" and trace_path is not None and r == 0:
-                    traced(runner, n)  # the trace: the configured job's steps of the first round
-                    continue
-                for _ in range(n):
-                    runner.step()
+    runners: dict[str, StepRunner] = {}
+    with _out_of_memory_hint(names, runners):
+        for name in names:
+            runners[name] = build(name)
+        n_rounds = math.ceil(steps / per_round)
+        for r in range(n_rounds):
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
+                runner = runners[name]
+                n = min(per_round, steps - len(runner.records))
+                with _variant_backend(name):
+                    if name == "configured" and trace_path is not None and r == 0:
+                        traced(runner, n)  # the trace: the configured job's steps of the first round
+                        continue
+                    for _ in range(n):
+                        runner.step()
     for name in names:
         done(name, runners[name])
     return out
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(e, RuntimeError) and ("out of memory" in str(e) or "can't allocate memory" in str(e)))
+
+
+@contextlib.contextmanager
+def _out_of_memory_hint(names: list[str], built: dict):
+    """Interleaving holds every variant's job (model, optimizer, activations) at once: a job that
+    only just fits alone runs out of memory here. Say so in one line with the way out."""
+    try:
+        yield
+    except Exception as e:
+        if not _is_out_of_memory(e):
+            raise
+        raise UserError(f"profile: out of memory with {len(built)} of the variants {', '.join(names)} built at once "
+                        "(they are interleaved step by step, so all of them are held together): set "
+                        "DIST_SECVEC_PROFILE_INTERLEAVE=0 to run them one after the other, or fewer with "
+                        "DIST_SECVEC_PROFILE_VARIANTS=no_vector") from e
 
 
 def memory_in_processes(cfg: Config, names: list[str], steps: int, warmup: int, out: Path,

@@ -335,3 +335,27 @@ def test_profile_two_ranks_zero3_through_the_launcher(tiny_world, random_vector,
         assert isinstance(rec["within_2pct"], bool)
     for name in ("profile.md", "profile_step_time.png", "profile_memory.png", "profile_overhead.png"):
         assert (out / name).stat().st_size > 0
+
+
+def test_out_of_memory_while_interleaving_says_how_to_avoid_it(tiny_world, random_vector, tmp_path, monkeypatch,
+                                                                capsys):
+    """The interleaved variants are all held at once; running out of memory there is one line that
+    names DIST_SECVEC_PROFILE_INTERLEAVE=0, exit 2."""
+    import dist_secvec.profile as prof
+    from dist_secvec.cli import main
+
+    real, calls = prof.build_job, []
+
+    def build_job(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # the second variant does not fit next to the first
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*a, **k)
+    monkeypatch.setattr(prof, "build_job", build_job)
+    monkeypatch.setenv("DIST_SECVEC_PROFILE_MEMORY", "off")
+    cfg_file = _job_file(tmp_path, tiny_world, random_vector)
+    out = tmp_path / "prof"
+    assert main(["profile", "--config", str(cfg_file), f"output_dir={out}", "--steps", "2", "--warmup", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "DIST_SECVEC_PROFILE_INTERLEAVE=0" in err[-1] and "1 of the variants" in err[-1], err[-3:]
+    assert not (out / "profile.json").exists()
