@@ -335,6 +335,8 @@ import torch
 import deepspeed  # imported before attach, as init_distributed does in DeepSpeed runs
 
 deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+from dist_secvec.distributed import unlink_shm_buffer
+unlink_shm_buffer()  # DeepSpeed's CPU all-reduce buffer in /dev/shm would outlive the process
 sys.path.insert(0, sys.argv[1])
 import test_secvec_fused_lora as t
 from dist_secvec.secvec import attach_security_vector, load_security_vector, security_vector_layers
