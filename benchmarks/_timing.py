@@ -23,6 +23,8 @@ LAYERS = {
     "13b": [("attn q/k/v/o", 5120, 5120), ("mlp gate/up", 5120, 13824), ("mlp down", 13824, 5120)],
     "70b": [("attn q/o", 8192, 8192), ("attn k/v", 8192, 1024), ("mlp gate/up", 8192, 28672),
             ("mlp down", 28672, 8192)],
+    # the profile issue's CPU reference model (bench_profile_overhead.py): 512 hidden, intermediate 1344
+    "ref512": [("attn q/k/v/o", 512, 512), ("mlp gate/up", 512, 1344), ("mlp down", 1344, 512)],
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of the Triton kernels (issue #4) and the vector's cost (#7), as one prepared run
-# for a lent CUDA machine (about 8 minutes on one H200; each step has its own time limit and a
+# for a lent CUDA machine (about 9 minutes on one H200; each step has its own time limit and a
 # failing step does not stop the others). Run from the repository root:
 #
 #   bash benchmarks/gpu_checks.sh OUT_DIR
@@ -47,6 +47,9 @@ step bench_secvec_delta 150 "$PY" benchmarks/bench_secvec_delta.py --models 7b 1
 # 3. the QLoRA case: vector + LoRA in one kernel vs separately vs a second peft adapter
 step bench_secvec_lora_delta 120 "$PY" benchmarks/bench_secvec_lora_delta.py --models 7b --tokens 4096 16384 \
     --dtype bf16 --backend triton --repeats 20 --warmup 5 --out "$OUT/secvec_lora_delta"
+# 3b. full fine-tuning (W trainable): the Triton delta vs the torch weight delta x (W + s B A)^T, 7B, bf16
+step bench_secvec_delta_full 90 "$PY" benchmarks/bench_secvec_delta.py --trainable-base --models 7b \
+    --tokens 4096 16384 --dtype bf16 --backend triton --repeats 20 --warmup 5 --out "$OUT/secvec_delta_full"
 # 4. folded vs attached vs no vector, whole training steps of a 2-layer 4096-hidden Llama
 step bench_fold 90 "$PY" benchmarks/bench_fold.py --hidden 4096 --layers 2 --tokens 4096 --steps 10 --warmup 3 \
     --out "$OUT/fold"
