@@ -238,7 +238,7 @@ def weight_delta_pays(rows: int, K: int, N: int) -> bool:
     return rows * (K + N) >= N * K
 
 
-#: one reusable N x K buffer per (shape, dtype, thread) for W' on CPU (merged_weight)
+#: one reusable N x K buffer per (shape, dtype, thread, inference mode) for W' on CPU (merged_weight)
 _WORKSPACES: dict = {}
 
 
@@ -254,7 +254,9 @@ def merged_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: floa
     A, B = A.to(W.dtype), B.to(W.dtype)
     if W.device.type != "cpu":
         return torch.addmm(W, B, A, alpha=scale)
-    key = (tuple(W.shape), W.dtype, threading.get_ident())
+    # an inference-mode buffer cannot be written outside inference mode (nor a normal one inside
+    # it without being an inference tensor): one per mode
+    key = (tuple(W.shape), W.dtype, threading.get_ident(), torch.is_inference_mode_enabled())
     buf = _WORKSPACES.get(key)
     if buf is None:
         buf = _WORKSPACES[key] = torch.empty_like(W, memory_format=torch.contiguous_format)

@@ -94,6 +94,27 @@ def test_saves_only_what_a_plain_linear_saves():
     assert fused == plain + (A.numel() + B.numel()) * 4, (fused, plain)
 
 
+def test_workspace_serves_layers_of_one_shape_and_inference_mode():
+    """W' goes into one CPU buffer per shape: two layers of that shape in a row each get their own
+    W' (the buffer is dead once the matmul returns), also across inference mode and back."""
+    x, W1, b, A, B = _layer_tensors((20,), 16, 16, 3, dtype=torch.float32, seed=1)
+    _, W2, _, A2, B2 = _layer_tensors((20,), 16, 16, 3, dtype=torch.float32, seed=2)
+    A, B, A2, B2 = A.detach(), B.detach(), A2.detach(), B2.detach()
+    with torch.inference_mode():
+        y_inf = apply_secvec_weight_delta(x.detach(), W1.detach(), b.detach(), A, B, 1.5)
+    h = apply_secvec_weight_delta(x, W1, b, A, B, 1.5)
+    y = apply_secvec_weight_delta(h, W2, None, A2, B2, 0.5)
+    y.square().sum().backward()
+    want_h = _plain(x.detach(), W1.detach(), b.detach(), A, B, 1.5)
+    torch.testing.assert_close(h.detach(), want_h)
+    torch.testing.assert_close(y_inf, want_h)
+    torch.testing.assert_close(y.detach(), _plain(want_h, W2.detach(), None, A2, B2, 0.5))
+    leaves = [t.detach().clone().requires_grad_() for t in (x, W1, b, W2)]
+    _plain(_plain(leaves[0], leaves[1], leaves[2], A, B, 1.5), leaves[3], None, A2, B2, 0.5).square().sum().backward()
+    for got, leaf in zip((x.grad, W1.grad, b.grad, W2.grad), leaves):
+        torch.testing.assert_close(got, leaf.grad, rtol=1e-5, atol=1e-5 * float(leaf.grad.abs().max()))
+
+
 def test_shape_mismatch_is_one_line():
     x, W, b, A, B = _layer_tensors((5,), 8, 6, 2)
     with pytest.raises(ValueError, match=r"layer weight \(6, 7\) does not take x \(5, 8\)"):
