@@ -42,7 +42,7 @@ from torch import nn
 from dist_secvec.errors import SecurityVectorError
 from dist_secvec_kernels.dispatch import (apply_secvec_delta, apply_secvec_lora_delta, apply_secvec_weight_delta,
                                           resolve_backend)
-from dist_secvec_kernels.reference import weight_delta_pays
+from dist_secvec_kernels.reference import release_workspaces, weight_delta_pays
 
 log = logging.getLogger(__name__)
 
@@ -776,6 +776,7 @@ def detach_security_vector(model) -> int:
                     _remove_fused_forward(parent)
                 setattr(parent, name, child.base_layer)
                 n += 1
+    release_workspaces()  # the weight delta's W' buffers
     return n
 
 

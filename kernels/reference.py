@@ -263,6 +263,13 @@ def merged_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: floa
     return torch.addmm(W, B, A, alpha=scale, out=buf)
 
 
+def release_workspaces() -> int:
+    """Drop merged_weight's CPU buffers (detach_security_vector calls it); returns how many."""
+    n = len(_WORKSPACES)
+    _WORKSPACES.clear()
+    return n
+
+
 def check_weight_shapes(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> None:
     """check_shapes for a layer given by its weight W (N x K) instead of its output."""
     if W.dim() != 2 or W.shape[1] != x.shape[-1]:

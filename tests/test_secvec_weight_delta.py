@@ -10,8 +10,9 @@ base-then-delta path gives (DIST_SECVEC_WEIGHT_DELTA=0).
 import pytest
 import torch
 
-from dist_secvec.secvec import (WEIGHT_DELTA_ENV, SecurityVector, attach_security_vector,
+from dist_secvec.secvec import (WEIGHT_DELTA_ENV, SecurityVector, attach_security_vector, detach_security_vector,
                                 path_calls, security_vector_off, uses_weight_delta)
+from dist_secvec_kernels import reference
 from dist_secvec_kernels.dispatch import apply_secvec_weight_delta
 from dist_secvec_kernels.reference import weight_delta_pays
 
@@ -177,6 +178,8 @@ def test_layer_takes_the_weight_delta_and_matches_the_delta_path(bias, monkeypat
     with security_vector_off(net):  # off: the plain layer, no path counted
         torch.testing.assert_close(net(x0), torch.nn.functional.linear(x0, layer.weight, layer.bias))
     assert path_calls([layer, layer]) == {"weight_delta": 2, "delta": 2, "fused_lora": 0}
+    assert reference._WORKSPACES  # the W' buffer of this shape, kept between calls ...
+    assert detach_security_vector(net) == 1 and not reference._WORKSPACES  # ... until the vector goes
 
 
 def test_layer_keeps_the_delta_path_where_the_weight_delta_does_not_fit():
