@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 
             traceback.print_exc()
         print(f"{who}: error: {one_line(str(e))}", file=sys.stderr)
-        return e.exit_code
+        return _failed(e.exit_code)
     except KeyboardInterrupt:
         print(f"{who}: interrupted", file=sys.stderr)
         return 130
@@ -91,7 +91,24 @@ def main(argv: list[str] | None = None) -> int:
         first = (str(e).strip().splitlines() or [""])[0][:300]
         print(f"{who}: internal error: {type(e).__name__}: {first} "
               "(rerun with --debug for the traceback)", file=sys.stderr)
-        return 1
+        return _failed(1)
+
+
+def _failed(code: int) -> int:
+    """The exit code of a failed command; in a multi-rank job the process leaves at once with it.
+    After a peer died or hung, the process group still has operations pending on the broken
+    connection, and tearing the interpreter down then can abort in gloo's threads ("terminate
+    called without an active exception", exit -6 instead of the error's code: seen in a test).
+    Everything this process wrote is already complete (atomic writes), so nothing is lost."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def one_line(text: str) -> str:
