@@ -135,6 +135,12 @@ class SecVecLinear(nn.Module):
         return f"rank={r}, scale={self.scale:g}, active={self.active}, backend={self.backend}"
 
 
+def _plain_linear(module: nn.Module) -> bool:
+    """A torch nn.Linear itself, not a subclass with its own forward (bitsandbytes' 4/8-bit layers):
+    the weight delta reads its weight and bias directly (and registers them with ZeRO-3)."""
+    return type(module) is nn.Linear
+
+
 def uses_weight_delta(layer: SecVecLinear, x: torch.Tensor) -> bool:
     """Whether `layer` computes x (W + s B A)^T + b in one Function (dispatch.apply_secvec_weight_delta:
     no pass of the delta over the M x N output or dy, one input gradient) instead of its base layer
@@ -145,7 +151,7 @@ def uses_weight_delta(layer: SecVecLinear, x: torch.Tensor) -> bool:
     DIST_SECVEC_WEIGHT_DELTA not off. Full fine-tuning takes it; a LoRA's frozen base is folded or
     runs the fused LoRA path instead."""
     base = layer.base_layer
-    if type(base) is not nn.Linear or switched_off(WEIGHT_DELTA_ENV):
+    if not _plain_linear(base) or switched_off(WEIGHT_DELTA_ENV):
         return False
     W, b = base.weight, base.bias
     if resolve_backend(layer.backend, x.device) != "torch" or x.dtype != W.dtype or _autocast_on(x):
@@ -646,9 +652,7 @@ def _external_params(m: nn.Module) -> list[nn.Parameter]:
     plain nn.Linear, that linear's weight and bias (the weight-delta path)."""
     if isinstance(m, SecVecLinear):
         base = m.base_layer
-        if type(base) is not nn.Linear:
-            return []
-        return [p for p in (base.weight, base.bias) if isinstance(p, nn.Parameter)]
+        return [p for p in (base.weight, base.bias) if isinstance(p, nn.Parameter)] if _plain_linear(base) else []
     if not _is_fused(m):
         return []
     ps = [m.base_layer.secvec_A, m.base_layer.secvec_B] if isinstance(m.base_layer, SecVecLinear) else []

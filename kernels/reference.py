@@ -263,11 +263,9 @@ def merged_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: floa
     return torch.addmm(W, B, A, alpha=scale, out=buf)
 
 
-def release_workspaces() -> int:
-    """Drop merged_weight's CPU buffers (detach_security_vector calls it); returns how many."""
-    n = len(_WORKSPACES)
+def release_workspaces() -> None:
+    """Drop merged_weight's CPU buffers (detach_security_vector calls it)."""
     _WORKSPACES.clear()
-    return n
 
 
 def check_weight_shapes(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> None:
