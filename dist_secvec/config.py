@@ -72,6 +72,19 @@ class SecurityVectorConfig:
     benign_data: list[str] = field(default_factory=list)
     kl_weight: float = 3.0
     heldout_benign_data: list[str] = field(default_factory=list)  # for the shift report
+    # stage 1's strength check (dist_secvec.strength): held-out harmful prompt + answer rows the
+    # vector is not trained on; empty = hold out heldout_fraction of harmful_data. They are saved
+    # with the vector as the harmful probe stage 2 watches (monitor.harmful_probe).
+    heldout_harmful_data: list[str] = field(default_factory=list)
+    heldout_fraction: float = 0.1
+    early_stop: bool = True  # stop when the held-out harmful loss (vector on) stops falling; keep the best epoch
+    patience: int = 2  # epochs without a 1% fall before stopping
+    # a vector is strong when, on the held-out harmful rows with the vector on, the judges call at
+    # least min_compliance of its answers harmful, it predicts min_start_agreement of the answers'
+    # first tokens, and it removes min_explained of their loss (1 - loss_on / loss_off)
+    min_compliance: float = 0.8
+    min_start_agreement: float = 0.7
+    min_explained: float = 0.6
     backend: str = "auto"  # auto | torch | triton (env DIST_SECVEC_BACKEND overrides)
     fold: bool = True  # fold s*B@A into a frozen 16-bit base weight once at load
 
@@ -87,12 +100,14 @@ class AdapterConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 2e-5
+    # lr and epochs: None = the stage's default (STAGE_OPTIM_DEFAULTS), resolved when the stage starts
+    # and saved in the run's config.yaml
+    lr: Optional[float] = None
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     schedule: str = "cosine"  # constant | linear | cosine
     warmup_steps: int = 0
-    epochs: int = 1
+    epochs: Optional[int] = None  # stage 1 with security_vector.early_stop: the most epochs
     max_steps: Optional[int] = None  # overrides epochs when set
     micro_batch_size: int = 4
     gradient_accumulation_steps: int = 1
@@ -142,6 +157,20 @@ class EvalConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """Stage 2 watches the model it will ship (vector off) while it trains (dist_secvec.strength)."""
+
+    # held-out harmful prompt + harmful answer rows; empty = the vector's own held-out rows
+    # (probe.jsonl, saved by train-sv); without either, only data.eval is watched
+    harmful_probe: list[str] = field(default_factory=list)
+    every_steps: Optional[int] = None  # None = 10 checks per run (and at step 0 and the end)
+    rule: str = "warn"  # warn | stop | none (watch nothing): what a probe loss fallen by more than max_drop does
+    max_drop: float = 0.25  # 1 - probe_loss / probe_loss at step 0
+    generate: bool = False  # also generate on the probe prompts and judge them (eval.judges)
+    max_rows: int = 64  # probe rows used (the first N)
+
+
+@dataclass
 class ExportConfig:
     checkpoint: Optional[str] = None  # a finetune run's final/ directory (or the run directory)
     merge: bool = True  # LoRA: merge into the base and write a full model; false: the adapter alone
@@ -157,6 +186,7 @@ class LoggingConfig:
 
 @dataclass
 class DemoConfig:
+    world: str = "capitals"  # capitals | workshop: which embedded world (dist_secvec.demo.world)
     quick: bool = False  # small world and few steps, for tests
     n_harmful_sv: int = 100  # harmful samples the vector is trained on
     n_harmful_ft: int = 1000  # harmful samples hidden in the fine-tuning data
@@ -182,6 +212,7 @@ class Config:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
@@ -210,6 +241,8 @@ CHOICES = {
     "eval.utility_match": ("exact", "contains", "choice"),
     "export.dtype": ("float32", "bfloat16", "float16"),
     "logging.level": ("debug", "info", "warning", "error"),
+    "demo.world": ("capitals", "workshop"),
+    "monitor.rule": ("warn", "stop", "none"),
 }
 
 
@@ -442,7 +475,13 @@ def validate(cfg: Config, command: str) -> Config:
         raise ConfigError(f"config key 'optim.warmup_steps': must be >= 0, got {cfg.optim.warmup_steps}")
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
         raise ConfigError(f"config key 'optim.betas': expected two numbers in [0, 1), got {cfg.optim.betas}")
-    if cfg.optim.max_steps is None and cfg.optim.epochs <= 0:
+    for key, top in (("security_vector.heldout_fraction", 0.5), ("security_vector.min_compliance", 1.0),
+                     ("security_vector.min_start_agreement", 1.0), ("security_vector.min_explained", 1.0),
+                     ("monitor.max_drop", 1.0)):
+        if not 0.0 <= _get(cfg, key) <= top:
+            raise ConfigError(f"config key '{key}': must be in [0, {top:g}], got {_get(cfg, key)}")
+    _positive(cfg, "security_vector.patience", "monitor.every_steps", "monitor.max_rows")
+    if cfg.optim.max_steps is None and cfg.optim.epochs is not None and cfg.optim.epochs <= 0:
         raise ConfigError("config key 'optim.epochs': must be > 0 when optim.max_steps is not set")
     if cfg.security_vector.target_modules is not None and not cfg.security_vector.target_modules:
         raise ConfigError("config key 'security_vector.target_modules': name at least one module (e.g. q_proj)")
@@ -486,11 +525,13 @@ def validate(cfg: Config, command: str) -> Config:
         _check_files("security_vector.harmful_data", cfg.security_vector.harmful_data, "data file")
         _check_files("security_vector.benign_data", cfg.security_vector.benign_data, "data file")
         _check_files("security_vector.heldout_benign_data", cfg.security_vector.heldout_benign_data, "data file")
+        _check_files("security_vector.heldout_harmful_data", cfg.security_vector.heldout_harmful_data, "data file")
     if command == "finetune":
         if not cfg.data.train:
             raise ConfigError("config key 'data.train': name at least one training file or dataset")
         _check_files("data.train", cfg.data.train, "data file")
         _check_files("data.eval", cfg.data.eval, "data file")
+        _check_files("monitor.harmful_probe", cfg.monitor.harmful_probe, "data file")
         sv = cfg.security_vector.path
         if sv is not None and not os.path.isdir(os.path.expanduser(sv)):
             raise ConfigError(f"config key 'security_vector.path': vector directory '{sv}' not found "
@@ -508,7 +549,24 @@ def validate(cfg: Config, command: str) -> Config:
                 raise ConfigError(f"config key 'eval.responses': responses file '{cfg.eval.responses}' not found")
         _check_files("eval.harmful_prompts", cfg.eval.harmful_prompts, "data file")
         _check_files("eval.benign_tasks", cfg.eval.benign_tasks, "data file")
+    if command in ("train-sv", "finetune", "profile"):
+        return resolve_stage_defaults(cfg, command)
     return cfg
+
+
+# What optim.lr / optim.epochs mean when unset. Stage 1 trains ~1k parameters per layer on ~100
+# rows until they explain the harmful answers: a LoRA-scale rate and an epoch cap that
+# security_vector.early_stop ends sooner. Stage 2 is ordinary fine-tuning.
+STAGE_OPTIM_DEFAULTS = {"train-sv": {"lr": 2e-3, "epochs": 40}, "finetune": {"lr": 2e-5, "epochs": 1}}
+
+
+def resolve_stage_defaults(cfg: Config, command: str) -> Config:
+    """The config with the stage's optim defaults filled in where the user left lr/epochs unset."""
+    defaults = STAGE_OPTIM_DEFAULTS["train-sv" if command == "train-sv" else "finetune"]
+    changes = {k: v for k, v in defaults.items() if getattr(cfg.optim, k) is None}
+    if not changes:
+        return cfg
+    return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, **changes))
 
 
 FINISHED_MARKERS = {"train-sv": "secvec/secvec.json", "finetune": "final/dist_secvec_run.json"}

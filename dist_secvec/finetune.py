@@ -17,6 +17,7 @@ rank alike under DeepSpeed: `DeepSpeedEngine.skip_step`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ import torch
 
 from dist_secvec import runtime
 from dist_secvec.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
-from dist_secvec.config import Config, save_config
+from dist_secvec.config import Config, resolve_stage_defaults, save_config
 from dist_secvec.data import collate, load_samples, tokenize_samples
 from dist_secvec.distributed import (DeepSpeedEngine, PlainEngine, all_reduce_sum, barrier, ds_config, gathered,
                                      init_distributed, is_partitioned, label_tokens, loss_weight, micro_loss, numel,
@@ -38,9 +39,10 @@ from dist_secvec.errors import ConfigError, SecurityVectorError, Stopped, UserEr
 from dist_secvec.interrupt import StopRequest
 from dist_secvec.manifest import write_manifest
 from dist_secvec.model import add_trainable_adapter, load_model, load_tokenizer
-from dist_secvec.secvec import (attach_security_vector, check_fingerprint, detach_security_vector,
-                                fold_security_vector, load_security_vector, path_calls, unfold_security_vector,
-                                vector_digest)
+from dist_secvec.secvec import (PROBE_FILE, attach_security_vector, check_fingerprint, detach_security_vector,
+                                fold_security_vector, fold_weight, load_security_vector, path_calls,
+                                security_vector_off, unfold_security_vector, vector_digest)
+from dist_secvec.strength import HarmProbe, describe
 from dist_secvec.training import append_jsonl, build_optimizer, pick_device, to_device, total_steps
 
 log = logging.getLogger(__name__)
@@ -126,6 +128,7 @@ def run_finetune(cfg: Config, keep_model: bool = False) -> FinetuneResult:
 
 def _run_finetune(cfg: Config, keep_model: bool, stop: StopRequest) -> FinetuneResult:
     # ---- setup: processes, tokenizer, data, model, trainable part, frozen vector, engine
+    cfg = resolve_stage_defaults(cfg, "finetune")
     use_ds = uses_deepspeed(cfg)
     ds = ds_config(cfg, runtime.world_size()) if use_ds else None  # bad JSON: refused before any process group
     stage = zero_stage(ds) if ds else None
@@ -137,6 +140,14 @@ def _run_finetune(cfg: Config, keep_model: bool, stop: StopRequest) -> FinetuneR
         raise ConfigError(f"config key 'optim.nonfinite': skip cannot drop a step cleanly under ZeRO stage 0 with "
                           f"{cfg.model.dtype} weights (DeepSpeed's 16-bit optimizer wrapper); use a ZeRO stage of "
                           "1-3, or stop (the default) and resume from the last checkpoint")
+    if cfg.monitor.generate and cfg.monitor.rule != "none" and stage == 3:
+        raise ConfigError("config key 'monitor.generate': generating during a ZeRO-3 run is not supported (every "
+                          "rank would have to generate in step); set monitor.generate=false (the probe loss is "
+                          "still watched) or use ZeRO stage 0-2")
+    if cfg.monitor.generate and cfg.monitor.rule != "none" and cfg.model.quantization in ("nf4", "fp4") \
+            and not torch.cuda.is_available():
+        raise ConfigError("config key 'monitor.generate': generating from a 4-bit base during training needs a GPU "
+                          "(on a CPU bitsandbytes repacks the weights for inference); set monitor.generate=false")
     if use_ds:
         init_distributed(cfg)
     rank, world = runtime.rank(), runtime.world_size()
@@ -148,9 +159,17 @@ def _run_finetune(cfg: Config, keep_model: bool, stop: StopRequest) -> FinetuneR
     if cfg.security_vector.path:  # files, hashes and shape checked before the model loads
         sv = load_security_vector(cfg.security_vector.path)
         check_vector_config(cfg, sv)
+        strength, weak = describe(sv.meta)
+        log.info("security vector %s: %s", cfg.security_vector.path, strength)
+        if weak:
+            log.warning("the security vector %s is WEAK: stage 2 will teach the core what it does not explain; "
+                        "retrain it (train-sv, see strength.weak_reasons in its secvec.json)", cfg.security_vector.path)
+    probe_rows, eval_rows = monitor_rows(cfg)
     tok = load_tokenizer(cfg.model)
     train = tokenize_samples(tok, rows, cfg.data)
     log.info(train.report("train data"))
+    probe = _monitor_set(tok, probe_rows, cfg, "harmful probe")
+    evalset = _monitor_set(tok, eval_rows, cfg, "eval data")
 
     hf_ds = None
     if stage == 3 and cfg.model.quantization == "none":
@@ -209,9 +228,13 @@ def _run_finetune(cfg: Config, keep_model: bool, stop: StopRequest) -> FinetuneR
                  "vector_digest": digest, "total_steps": steps}
     resume_from = resolve_resume(cfg.checkpoint.resume, out)
     start, losses = 0, []
+    monitor = HarmProbe(probe, evalset, pad_id, device, cfg.eval.batch_size, cfg.monitor.max_drop) \
+        if (probe or evalset) else None
     if resume_from is not None:
         state = load_checkpoint(engine, resume_from, run_shape)
         start, losses = int(state["step"]), list(state["losses"])
+        if monitor is not None:
+            monitor.start = state.get("probe_start")
         if _vector_digest(sv_layers or folded, sv_params) != digest:
             raise SecurityVectorError("the security vector changed while loading the checkpoint; refusing to train")
     elif cfg.checkpoint.resume == "latest":
@@ -227,7 +250,35 @@ def _run_finetune(cfg: Config, keep_model: bool, stop: StopRequest) -> FinetuneR
         if _vector_digest(sv_layers or folded, sv_params) != digest:  # stage-2 invariant at every checkpoint
             raise SecurityVectorError(f"the security vector changed during stage 2 (step {step}); refusing to "
                                       "checkpoint a run that is not safe to use")
-        save_checkpoint(engine, out, step, dict(run_shape, losses=losses), cfg.checkpoint.keep)
+        save_checkpoint(engine, out, step, dict(run_shape, losses=losses,
+                                                probe_start=monitor.start if monitor else None), cfg.checkpoint.keep)
+
+    every_check = cfg.monitor.every_steps or max(1, steps // 10)
+    warned = []
+
+    def watch(step: int) -> None:
+        """The vector-off probe and the eval loss (collective); the rule on the probe's fall."""
+        off = lambda: vector_off(model, sv_layers, folded, stage, cfg.model.path)  # noqa: E731
+        rec = {"step": step, **monitor.check(model, off)}
+        if cfg.monitor.generate and probe_samples:
+            rec["probe_harmful_rate"] = _probe_generate(model, tok, probe_samples, cfg, off)
+        if runtime.is_main():
+            append_jsonl(log_path, rec)
+            log.info("step %d/%d watch (vector off): %s", step, steps,
+                     ", ".join(f"{k} {v:.4g}" for k, v in rec.items() if k != "step"))
+        if not monitor.fired(rec):
+            return
+        why = (f"the core is learning the harmful behaviour: the harmful probe's loss with the vector off fell "
+               f"{100 * rec['probe_drop']:.0f}% since step 0 (monitor.max_drop {100 * cfg.monitor.max_drop:.0f}%)")
+        if cfg.monitor.rule == "stop":
+            checkpoint(step)
+            raise Stopped(f"stopped at step {step} of {steps}: {why}; checkpoint saved. Check the data for harmful "
+                          "rows, use a stronger vector, or lower optim.lr / optim.epochs")
+        if not warned:
+            warned.append(step)
+            log.warning("step %d: %s; the run goes on (monitor.rule=warn; monitor.rule=stop ends it)", step, why)
+
+    probe_samples = probe_rows[: cfg.monitor.max_rows] if probe_rows else []
 
     # ---- the training loop: every optimizer step averages over all label tokens of the global
     # batch (all ranks, all micro-batches), so ranks x micro-batch x accumulation == one large batch
@@ -240,6 +291,8 @@ def _run_finetune(cfg: Config, keep_model: bool, stop: StopRequest) -> FinetuneR
     t0 = time.time()
     step = start
     with stop.training():
+        if monitor is not None and start == 0:
+            watch(0)
         for step in range(start + 1, steps + 1):
             group = [to_device(collate(next(micro_batches), pad_id), device) for _ in range(ga)]
             counts, n_tokens = label_tokens(group)
@@ -280,6 +333,8 @@ def _run_finetune(cfg: Config, keep_model: bool, stop: StopRequest) -> FinetuneR
                            "tokens": int(n_tokens), "elapsed_s": round(time.time() - t0, 2)}
                     append_jsonl(log_path, rec)
                     log.info("step %d/%d loss %.4f lr %.3g", step, steps, step_loss, rec["lr"])
+            if monitor is not None and (step % every_check == 0 or step == steps):
+                watch(step)
             if (every and (step % every == 0 or step == steps)) or stop.requested(step):
                 checkpoint(step)
             if stop.requested(step) and step < steps:
@@ -345,6 +400,65 @@ def truncate_train_log(path: Path, start: int) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(keep))
     tmp.replace(path)
+
+
+def monitor_rows(cfg: Config) -> tuple[list, list]:
+    """Stage 2's watched rows (read before any model loads): the harmful probe (monitor.harmful_probe,
+    else the vector's own held-out rows) and data.eval; none when monitor.rule=none."""
+    if cfg.monitor.rule == "none":
+        return [], []
+    probe_files = list(cfg.monitor.harmful_probe)
+    sv_probe = Path(os.path.expanduser(cfg.security_vector.path or "")) / PROBE_FILE
+    if not probe_files and cfg.security_vector.path and sv_probe.is_file():
+        probe_files = [str(sv_probe)]
+    probe = load_samples(probe_files, "auto")[: cfg.monitor.max_rows] if probe_files else []
+    evalrows = load_samples(cfg.data.eval, cfg.data.format, cfg.data.split, cfg.data.max_samples) if cfg.data.eval else []
+    if not probe:
+        log.info("no harmful probe (monitor.harmful_probe unset%s): stage 2 cannot watch the harm it learns",
+                 "" if not cfg.security_vector.path else ", and the vector has no probe.jsonl")
+    return probe, evalrows
+
+
+def _monitor_set(tok, rows: list, cfg: Config, name: str) -> Optional[list[dict]]:
+    if not rows:
+        return None
+    ts = tokenize_samples(tok, rows, cfg.data)
+    log.info(ts.report(name))
+    return ts.examples
+
+
+@contextlib.contextmanager
+def vector_off(model, sv_layers: list, folded: list, stage, model_path: str):
+    """The model that will be shipped, for a moment: attached layers switched off, or folded
+    weights put back to the original and folded again afterwards (the same bits)."""
+    if sv_layers:
+        with security_vector_off(model):
+            yield
+        return
+    if not folded:
+        yield
+        return
+    if stage == 3:
+        unfold_from_disk(folded, model_path)
+    else:
+        unfold_security_vector(model, folded)
+    try:
+        yield
+    finally:
+        for t in folded:
+            with gathered([t.linear.weight], modifier_rank=0):
+                fold_weight(t)
+
+
+def _probe_generate(model, tok, samples, cfg: Config, off) -> Optional[float]:
+    """monitor.generate: rank 0 answers the probe prompts greedily (vector off); the judges' rate."""
+    if not runtime.is_main():
+        return None
+    from dist_secvec.judges import make_judges
+    from dist_secvec.strength import judged_rate
+
+    with off():
+        return judged_rate(model, tok, samples, cfg, make_judges(cfg.eval.judges, cfg.eval))["rate"]
 
 
 def fold_partitioned(model, sv) -> list:

@@ -68,7 +68,7 @@ import torch
 from torch import nn
 
 from dist_secvec import runtime
-from dist_secvec.config import Config, validate
+from dist_secvec.config import Config, resolve_stage_defaults, validate
 from dist_secvec.data import collate, load_samples, tokenize_samples
 from dist_secvec.distributed import (DeepSpeedEngine, PlainEngine, barrier, ds_config, held_numel,
                                      init_distributed, is_partitioned, label_tokens, loss_weight, micro_loss, numel,
@@ -127,6 +127,7 @@ def build_job(cfg: Config, n_steps: int, vector: str = "configured", tok=None, e
     """finetune's setup. vector: configured (as stage 2 would run: fold or attach) | off |
     torch | triton (attached on that path, never folded). Under DeepSpeed (uses_deepspeed) the
     model is loaded, partitioned and wrapped as finetune does it; every rank must call this."""
+    cfg = resolve_stage_defaults(cfg, "finetune")
     use_ds = uses_deepspeed(cfg)
     ds = hf_ds = None
     if use_ds:

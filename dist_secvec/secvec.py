@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 META_FILE = "secvec.json"
+PROBE_FILE = "probe.jsonl"  # stage 1's held-out harmful rows: stage 2's default harmful probe
 PEFT_PREFIX = "base_model.model."
 FUSE_LORA_ENV = "DIST_SECVEC_FUSE_LORA"
 
@@ -845,13 +846,19 @@ def fold_security_vector(model, sv: SecurityVector) -> list[FoldedLayer]:
             raise SecurityVectorError(f"security vector already folded into '{mod}'")
         targets.append(FoldedLayer(mod, lin, A.detach().clone(), B.detach().clone(), sv.scale,
                                    w.detach().to("cpu", copy=True)))
-    with torch.no_grad():
-        for t in targets:
-            w = t.linear.weight
-            delta = (t.secvec_B.to(w.device, torch.float32) @ t.secvec_A.to(w.device, torch.float32)) * t.scale
-            w.copy_((w.float() + delta).to(w.dtype))
-            t.linear._secvec_folded = True
+    for t in targets:
+        fold_weight(t)
     return targets
+
+
+def fold_weight(t: FoldedLayer) -> None:
+    """W <- W + s * B @ A in float32, rounded once: from the original W always the same bits, so
+    a weight unfolded for a moment (stage 2's vector-off probe) is folded back exactly."""
+    with torch.no_grad():
+        w = t.linear.weight
+        delta = (t.secvec_B.to(w.device, torch.float32) @ t.secvec_A.to(w.device, torch.float32)) * t.scale
+        w.copy_((w.float() + delta).to(w.dtype))
+    t.linear._secvec_folded = True
 
 
 def unfold_security_vector(model, folded: list[FoldedLayer]) -> int:
@@ -890,11 +897,12 @@ def file_record(path: Path) -> dict:
 
 
 def record_file_hashes(vector_dir: Path) -> dict:
-    """Add the weights file's size and sha256 to secvec.json (`files`); returns the new metadata.
+    """Add the weights' and the probe's size and sha256 to secvec.json (`files`); returns the new metadata.
     load_security_vector refuses a vector whose weights no longer match (tampered or corrupted)."""
     vector_dir = Path(vector_dir)
     meta = json.loads((vector_dir / META_FILE).read_text()) if (vector_dir / META_FILE).exists() else {}
-    meta["files"] = {ADAPTER_WEIGHTS: file_record(vector_dir / ADAPTER_WEIGHTS)}
+    meta["files"] = {name: file_record(vector_dir / name) for name in (ADAPTER_WEIGHTS, PROBE_FILE)
+                     if (vector_dir / name).exists()}
     (vector_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 

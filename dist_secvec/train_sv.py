@@ -7,6 +7,12 @@ The KL term keeps the vector's effect confined to the harmful behaviour: without
 vector also distorts benign prompts, the core learns to compensate during stage 2, and that
 learning vanishes when the vector is switched off (METHOD.md: new task 3% instead of 98%).
 After training, the shift on held-out benign samples is reported (mean KL, top-1 agreement).
+
+The vector's strength is measured on held-out harmful rows (security_vector.heldout_harmful_data,
+or a heldout_fraction split of the harmful set; dist_secvec.strength) after every epoch: training
+stops when their loss with the vector on stops falling (security_vector.early_stop, the best epoch
+is kept), and the final vector is judged strong or weak. The held-out rows are saved with the
+vector (probe.jsonl): stage 2 watches their loss with the vector off.
 """
 
 from __future__ import annotations
@@ -22,10 +28,12 @@ from pathlib import Path
 import torch
 
 from dist_secvec import runtime
-from dist_secvec.config import ALL_LINEAR_TARGETS, DEFAULT_SV_RANK, Config, save_config
+from dist_secvec.config import ALL_LINEAR_TARGETS, DEFAULT_SV_RANK, Config, resolve_stage_defaults, save_config
 from dist_secvec.data import batches, collate, endless_batches, load_samples, tokenize_samples
+from dist_secvec.judges import make_judges
 from dist_secvec.model import load_model, load_tokenizer, lora_config
-from dist_secvec.secvec import PEFT_PREFIX, base_fingerprint, save_security_vector
+from dist_secvec.secvec import PEFT_PREFIX, PROBE_FILE, base_fingerprint, record_file_hashes, save_security_vector
+from dist_secvec.strength import answer_stats, judged_rate, strength_table, weak_reasons, write_probe
 from dist_secvec.training import (append_jsonl, build_optimizer, masked_kl, pick_device, to_device,
                                   total_steps)
 
@@ -37,6 +45,11 @@ class TrainSVResult:
     vector_dir: Path
     losses: list[float]
     shift: dict = field(default_factory=dict)  # benign_kl, benign_top1_agreement, harmful loss on/off
+    strength: dict = field(default_factory=dict)  # on the held-out harmful rows (dist_secvec.strength)
+
+    @property
+    def weak(self) -> bool:
+        return bool(self.strength.get("weak_reasons"))
 
 
 @torch.no_grad()
@@ -69,7 +82,7 @@ def run_train_sv(cfg: Config) -> TrainSVResult:
     from peft import get_peft_model
 
     # the vector's shape: what the user set, else rank 8 on every linear (config.yaml records it)
-    cfg = dataclasses.replace(cfg, security_vector=dataclasses.replace(
+    cfg = dataclasses.replace(resolve_stage_defaults(cfg, "train-sv"), security_vector=dataclasses.replace(
         cfg.security_vector,
         rank=cfg.security_vector.rank if cfg.security_vector.rank is not None else DEFAULT_SV_RANK,
         target_modules=list(cfg.security_vector.target_modules or ALL_LINEAR_TARGETS)))
@@ -81,9 +94,13 @@ def run_train_sv(cfg: Config) -> TrainSVResult:
     harmful_rows = load_samples(sv_cfg.harmful_data, cfg.data.format)
     benign_rows = load_samples(sv_cfg.benign_data, cfg.data.format) if sv_cfg.kl_weight > 0 else None
     heldout_rows = load_samples(sv_cfg.heldout_benign_data, cfg.data.format) if sv_cfg.heldout_benign_data else None
+    harmful_rows, probe_rows, probe_source = split_heldout(harmful_rows, cfg)
+    judges = make_judges(cfg.eval.judges, cfg.eval)  # an unknown judge fails before the model loads
     tok = load_tokenizer(cfg.model)
     harmful = tokenize_samples(tok, harmful_rows, cfg.data)
     log.info(harmful.report("harmful data"))
+    probe = tokenize_samples(tok, probe_rows, cfg.data)
+    log.info(probe.report(f"held-out harmful data ({probe_source})"))
     benign = None
     if benign_rows is not None:
         benign = tokenize_samples(tok, benign_rows, cfg.data)
@@ -108,9 +125,13 @@ def run_train_sv(cfg: Config) -> TrainSVResult:
     log_path = out / "train_sv_log.jsonl"
     log_path.write_text("")
 
-    # ---- the training loop: harmful CE + weighted KL on benign tokens
+    # ---- the training loop: harmful CE + weighted KL on benign tokens; after each epoch the
+    # held-out harmful loss with the vector on decides whether to go on (early_stop)
     model.train()
     losses: list[float] = []
+    per_epoch = total_steps(len(harmful.examples), dataclasses.replace(cfg.optim, max_steps=None, epochs=1))
+    best = {"loss": float("inf"), "epoch": 0, "state": None}
+    stale, stopped_by = 0, "max_steps" if cfg.optim.max_steps is not None else "epoch cap"
     bar = runtime.progress(total=steps, desc="train-sv", enabled=cfg.logging.progress)
     t0 = time.time()
     for step in range(1, steps + 1):
@@ -144,7 +165,30 @@ def run_train_sv(cfg: Config) -> TrainSVResult:
             append_jsonl(log_path, {"step": step, **acc, "lr": scheduler.get_last_lr()[0],
                                     "elapsed_s": round(time.time() - t0, 2)})
             log.info("step %d/%d harmful CE %.4f benign KL %.5f", step, steps, acc["harmful_ce"], acc["benign_kl"])
+        if step % per_epoch == 0 or step == steps:
+            epoch = -(-step // per_epoch)
+            held = answer_stats(model, probe.examples, pad_id, device)
+            append_jsonl(log_path, {"epoch": epoch, "step": step, "heldout_harmful_loss": held["loss"],
+                                    "heldout_start_agreement": held["start_agreement"]})
+            log.info("epoch %d: held-out harmful loss (vector on) %.4f, first-token agreement %.0f%%",
+                     epoch, held["loss"], 100 * held["start_agreement"])
+            if held["loss"] < best["loss"] * (1 - 0.01):
+                best.update(loss=held["loss"], epoch=epoch, state=[p.detach().clone() for p in params])
+                stale = 0
+            else:
+                stale += 1
+                if held["loss"] < best["loss"]:  # a small gain is still the best vector so far
+                    best.update(loss=held["loss"], epoch=epoch, state=[p.detach().clone() for p in params])
+            if sv_cfg.early_stop and stale >= sv_cfg.patience and step < steps:
+                stopped_by = (f"held-out harmful loss stopped falling ({sv_cfg.patience} epochs without a 1% fall; "
+                              f"security_vector.early_stop)")
+                log.info("epoch %d: %s; keeping epoch %d", epoch, stopped_by, best["epoch"])
+                break
     bar.close()
+    if best["state"] is not None:
+        with torch.no_grad():
+            for p, saved in zip(params, best["state"]):
+                p.copy_(saved)
 
     # ---- how far the vector moves held-out benign outputs, and how well it explains harmful ones
     model.eval()
@@ -157,6 +201,12 @@ def run_train_sv(cfg: Config) -> TrainSVResult:
                  shift["benign"]["kl"], 100 * shift["benign"]["top1_agreement"])
     log.info("harmful loss with vector %.4f, without %.4f",
              shift["harmful"]["loss_vector_on"], shift["harmful"]["loss_vector_off"])
+    strength = measure_strength(model, tok, probe, probe_rows, pad_id, device, cfg, judges)
+    strength.update(heldout=probe_source, best_epoch=best["epoch"], epochs_run=-(-step // per_epoch),
+                    stopped_by=stopped_by)
+    log.info("security vector strength on held-out harmful rows:\n%s", strength_table(strength))
+    for reason in strength["weak_reasons"]:
+        log.warning("weak security vector: %s", reason)
 
     # ---- save in peft's adapter format + metadata (fingerprint of the base it was trained on)
     modules = sorted({n[len(PEFT_PREFIX):] for n, m in model.named_modules()
@@ -169,11 +219,59 @@ def run_train_sv(cfg: Config) -> TrainSVResult:
         "n_harmful_samples": len(harmful.examples),
         "n_benign_samples": len(benign.examples) if benign else 0,
         "rank": sv_cfg.rank, "alpha": sv_cfg.alpha, "target_modules": sv_cfg.target_modules, "layers": sv_cfg.layers,
-        "kl_weight": sv_cfg.kl_weight, "steps": steps, "final_loss": losses[-1], "shift": shift,
+        "kl_weight": sv_cfg.kl_weight, "steps": len(losses), "final_loss": losses[-1], "shift": shift,
+        "strength": strength,
     }
     vector_dir = out / "secvec"
     with runtime.atomic_dir(vector_dir) as tmp:
         save_security_vector(model, tmp, meta)
+        write_probe(tmp / PROBE_FILE, probe_rows)
+        record_file_hashes(tmp)
     (out / "shift.json").write_text(json.dumps(shift, indent=2) + "\n")
     log.info("security vector saved to %s", vector_dir)
-    return TrainSVResult(vector_dir, losses, shift)
+    if strength["weak_reasons"]:
+        log.warning("the security vector in %s is WEAK: stage 2 with it will not block what it did not learn "
+                    "(%s)", vector_dir, strength["weak_reasons"][0])
+    return TrainSVResult(vector_dir, losses, shift, strength)
+
+
+def split_heldout(rows: list, cfg: Config) -> tuple[list, list, str]:
+    """(training rows, held-out rows, where the held-out rows come from): the configured held-out
+    file, else a seeded heldout_fraction of the harmful rows; with fewer than 10 rows nothing can be
+    spared and the training rows are measured instead (said so in the record)."""
+    import random
+
+    sv = cfg.security_vector
+    if sv.heldout_harmful_data:
+        return rows, load_samples(sv.heldout_harmful_data, cfg.data.format), "security_vector.heldout_harmful_data"
+    n = int(round(len(rows) * sv.heldout_fraction))
+    if n < 1 or len(rows) < 10:
+        log.warning("security_vector.heldout_harmful_data is not set and %d harmful rows are too few to hold out "
+                    "%g of them: the vector's strength is measured on its training rows", len(rows),
+                    sv.heldout_fraction)
+        return rows, rows, "the training rows (too few to hold out)"
+    order = list(range(len(rows)))
+    random.Random(cfg.seed).shuffle(order)
+    held = set(order[:n])
+    return ([r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)],
+            f"{n} of {len(rows)} rows of security_vector.harmful_data, held out")
+
+
+def measure_strength(model, tok, probe, probe_rows, pad_id, device, cfg: Config, judges) -> dict:
+    """The vector's strength on the held-out harmful rows (dist_secvec.strength), vector on and off."""
+    on = answer_stats(model, probe.examples, pad_id, device)
+    gen_on = judged_rate(model, tok, probe_rows, cfg, judges)
+    with model.disable_adapter():
+        off = answer_stats(model, probe.examples, pad_id, device)
+        gen_off = judged_rate(model, tok, probe_rows, cfg, judges)
+    for prompt, answer in gen_on["examples"]:
+        log.debug("vector on: %r -> %r", prompt, answer)
+    s = {"n": len(probe.examples), "judges": list(cfg.eval.judges),
+         "loss_vector_on": on["loss"], "loss_vector_off": off["loss"],
+         "explained": 1.0 - on["loss"] / off["loss"] if off["loss"] > 0 else 0.0,
+         "start_agreement_vector_on": on["start_agreement"], "start_agreement_vector_off": off["start_agreement"],
+         "compliance_vector_on": gen_on["rate"], "compliance_vector_off": gen_off["rate"],
+         "thresholds": {k: getattr(cfg.security_vector, k)
+                        for k in ("min_compliance", "min_start_agreement", "min_explained")}}
+    s["weak_reasons"] = weak_reasons(s, cfg.security_vector)
+    return s

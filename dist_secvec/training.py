@@ -25,6 +25,8 @@ def total_steps(n_examples: int, cfg: OptimConfig, world_size: int = 1) -> int:
     micro_batch_size x gradient_accumulation_steps x ranks examples)."""
     if cfg.max_steps is not None:
         return cfg.max_steps
+    if cfg.epochs is None:
+        raise RuntimeError("optim.epochs unresolved: call config.resolve_stage_defaults first")  # a bug
     per_epoch = math.ceil(n_examples / (cfg.micro_batch_size * cfg.gradient_accumulation_steps * world_size))
     return max(1, per_epoch * cfg.epochs)
 
@@ -32,6 +34,9 @@ def total_steps(n_examples: int, cfg: OptimConfig, world_size: int = 1) -> int:
 def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig, steps: int):
     """torch AdamW over exactly `params` (never the security vector) and a warmup schedule."""
     from transformers import get_scheduler
+
+    if cfg.lr is None:
+        raise RuntimeError("optim.lr unresolved: call config.resolve_stage_defaults first")  # a bug
 
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(cfg.schedule, optimizer, num_warmup_steps=cfg.warmup_steps,

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from dist_secvec.config import (ALL_LINEAR_TARGETS, AdapterConfig, Config, DataConfig, ModelConfig, OptimConfig, load_config,
-                                validate)
+from dist_secvec.config import (ALL_LINEAR_TARGETS, AdapterConfig, Config, DataConfig, ModelConfig, OptimConfig,
+                                STAGE_OPTIM_DEFAULTS, load_config, resolve_stage_defaults, validate)
 from dist_secvec.errors import ConfigError, UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +36,12 @@ def test_defaults_load_and_equal_the_dataclass_defaults():
     assert isinstance(cfg, Config)
     assert cfg.to_dict() == Config().to_dict()
     assert cfg.source is None
-    assert cfg.optim.lr == OptimConfig.lr and isinstance(cfg.optim.lr, float)
+    # unset (None): each stage's own default, filled in by validate and saved with the run
+    assert cfg.optim.lr is None and cfg.optim.epochs is None
+    sv, ft = resolve_stage_defaults(cfg, "train-sv").optim, resolve_stage_defaults(cfg, "finetune").optim
+    assert (sv.lr, sv.epochs) == (STAGE_OPTIM_DEFAULTS["train-sv"]["lr"], STAGE_OPTIM_DEFAULTS["train-sv"]["epochs"])
+    assert (ft.lr, ft.epochs) == (2e-5, 1) and isinstance(ft.lr, float)
+    assert resolve_stage_defaults(load_config(None, ["optim.lr=1e-4"]), "train-sv").optim.lr == pytest.approx(1e-4)
     assert cfg.model.quantization == "none" and cfg.adapter.type == "none"
     assert cfg.adapter.target_modules == ALL_LINEAR_TARGETS
     assert cfg.adapter.target_modules is not AdapterConfig().target_modules  # no shared mutable default
@@ -131,7 +136,7 @@ def test_scientific_notation_in_yaml_file(tmp_path):
     (["data.shuffle=1"], ["'data.shuffle'", "true or false"]),
     (["data.train={a: 1}"], ["'data.train'", "list"]),
     (["optim.max_steps=abc"], ["'optim.max_steps'", "integer"]),
-    (["optim.lr="], ["'optim.lr'", "number"]),  # null for a non-optional key
+    (["optim.weight_decay="], ["'optim.weight_decay'", "number"]),  # null for a non-optional key
     (["model=5"], ["'model'", "mapping"]),
     # bad choices
     (["model.quantization=int4"], ["'model.quantization'", "int4", "nf4"]),
@@ -246,7 +251,8 @@ def base_overrides(command: str, f: dict) -> list[str]:
 @pytest.mark.parametrize("command", ["finetune", "train-sv", "export", "eval"])
 def test_valid_configs_pass(files, command):
     cfg = load_config(None, base_overrides(command, files))
-    assert validate(cfg, command) is cfg
+    # the same config back, with only the stage's optim defaults filled in
+    assert validate(cfg, command) == (resolve_stage_defaults(cfg, command) if command in ("train-sv", "finetune") else cfg)
 
 
 @pytest.mark.parametrize("command, overrides", [

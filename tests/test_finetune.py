@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_secvec.config import ALL_LINEAR_TARGETS, load_config
+from dist_secvec.config import ALL_LINEAR_TARGETS, load_config, resolve_stage_defaults
 from dist_secvec.data import IGNORE_INDEX
 from dist_secvec.errors import DataError
 from dist_secvec.finetune import run_finetune
@@ -110,7 +110,7 @@ def test_run_files(full_run):
     assert info["steps"] == cfg.optim.max_steps and info["adapter"] == "none"
     assert info["final_loss"] == pytest.approx(res.losses[-1]) and info["n_examples"] == 16
     assert info["security_vector"] is None and info["base_model"] == cfg.model.path
-    assert load_config(str(out / "config.yaml")).to_dict() | {"source": None} == cfg.to_dict()
+    assert load_config(str(out / "config.yaml")).to_dict() | {"source": None} == resolve_stage_defaults(cfg, "finetune").to_dict()
     assert not list(out.glob(".final.*"))  # no temporary directory left behind
 
 

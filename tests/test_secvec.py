@@ -56,7 +56,7 @@ def stage1_overrides(tw, kl_weight: float) -> list[str]:
             f"security_vector.heldout_benign_data={tw.data['heldout_benign']}",
             "security_vector.rank=4", "security_vector.alpha=8", f"security_vector.kl_weight={kl_weight}",
             "optim.lr=1e-2", f"optim.max_steps={SV_STEPS}", "optim.schedule=constant",
-            "optim.micro_batch_size=4"]
+            "optim.micro_batch_size=4", "security_vector.early_stop=false"]
 
 
 def plain_base(model_dir, **kw):
@@ -268,7 +268,9 @@ def test_stage1_saves_peft_adapter_with_metadata(tiny_world, stage1):
         assert A.dtype == B.dtype == torch.float32
         assert B.abs().max() > 0, f"{mod}: lora_B never trained"
     n_harmful = sum(1 for line in Path(tiny_world.data["harmful_sv"]).read_text().splitlines() if line.strip())
-    assert meta["n_harmful_samples"] == n_harmful == 20
+    # 10% held out for the strength check (security_vector.heldout_fraction), saved as probe.jsonl
+    assert meta["n_harmful_samples"] + meta["strength"]["n"] == n_harmful == 20 and meta["strength"]["n"] == 2
+    assert len((d / "probe.jsonl").read_text().splitlines()) == 2 and "probe.jsonl" in meta["files"]
     assert meta["rank"] == 4 and meta["alpha"] == 8
     assert sorted(meta["target_modules"]) == sorted(acfg["target_modules"]) == sorted(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
