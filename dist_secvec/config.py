@@ -71,6 +71,9 @@ class SecurityVectorConfig:
     harmful_data: list[str] = field(default_factory=list)
     benign_data: list[str] = field(default_factory=list)
     kl_weight: float = 3.0
+    # weight of the benign hidden-state term: the vector's relative shift of every block's output
+    # on the KL rows (train_sv.hidden_shift); 0 = outputs only
+    hidden_weight: float = 0.0
     heldout_benign_data: list[str] = field(default_factory=list)  # for the shift report
     # stage 1's strength check (dist_secvec.strength): held-out harmful prompt + answer rows the
     # vector is not trained on; empty = hold out heldout_fraction of harmful_data. They are saved
@@ -85,6 +88,11 @@ class SecurityVectorConfig:
     min_compliance: float = 0.8
     min_start_agreement: float = 0.7
     min_explained: float = 0.6
+    # stage 2: score every training row once, before the first step (strength.explained_rows);
+    # rows the vector explains train with it on, the others with it off, so a benign task is not
+    # learned through the vector. gate_threshold None = half the vector's held-out explained share
+    gate: bool = False
+    gate_threshold: Optional[float] = None
     backend: str = "auto"  # auto | torch | triton (env DIST_SECVEC_BACKEND overrides)
     fold: bool = True  # fold s*B@A into a frozen 16-bit base weight once at load
 
@@ -469,6 +477,8 @@ def validate(cfg: Config, command: str) -> Config:
     for key in ("security_vector.dropout", "adapter.dropout"):
         if not 0.0 <= _get(cfg, key) < 1.0:
             raise ConfigError(f"config key '{key}': must be in [0, 1), got {_get(cfg, key)}")
+    if cfg.security_vector.hidden_weight < 0:
+        raise ConfigError(f"config key 'security_vector.hidden_weight': must be >= 0, got {cfg.security_vector.hidden_weight}")
     if cfg.security_vector.kl_weight < 0:
         raise ConfigError(f"config key 'security_vector.kl_weight': must be >= 0, got {cfg.security_vector.kl_weight}")
     if cfg.optim.warmup_steps < 0:

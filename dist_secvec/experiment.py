@@ -12,7 +12,10 @@ An experiment file holds
                  aligned base uses the demo's settings; world_sizes and base.demo.quick shrink it)
     data         real model only: benign_train (list), harmful_ft_pool, harmful_sv_pool, kl_benign
                  (list), heldout_benign (list); the first n rows of a pool are a run's harmful samples
-    sweep        n_harmful_ft: [0, 100, ...], vector: [off, on], n_harmful_sv: [10, 50, 100], seeds: [0, 1]
+    sweep        n_harmful_ft: [0, 100, ...], vector: [off, on], n_harmful_sv: [10, 50, 100], seeds: [0, 1],
+                 and named variants of a stage: finetune: {recipe: {}, 3x_lr: {optim: {lr: 3.0e-3}}, ...}
+                 and train_sv: {default: {}, rank16: {security_vector: {rank: 16}}} (each a run-config
+                 override merged over stages.<stage>; every run is crossed with every variant)
     launcher     optional: a command that starts stage 2 on several ranks, e.g.
                  "launch/deepspeed.sh --gpus 8 --"; each run's stage 2 is then
                  `<launcher> finetune --config runs/<id>/finetune.yaml` in its own processes (log in
@@ -57,8 +60,8 @@ from dist_secvec.errors import ConfigError
 log = logging.getLogger(__name__)
 
 RESULT = "result.json"
-CSV_COLUMNS = ["n_harmful_ft", "vector", "n_harmful_sv", "seed", "harmful_rate", "harmful_ci_low",
-               "harmful_ci_high", "utility", "n_eval", "run_id"]
+CSV_COLUMNS = ["n_harmful_ft", "vector", "n_harmful_sv", "train_sv", "finetune", "seed", "harmful_rate",
+               "harmful_ci_low", "harmful_ci_high", "utility", "n_eval", "vector_weak", "probe_drop", "run_id"]
 TOP_KEYS = ("output_dir", "world", "world_sizes", "base", "stages", "data", "sweep", "name", "launcher")
 STAGE_KEYS = ("train_sv", "finetune")
 DATA_KEYS = ("benign_train", "harmful_ft_pool", "harmful_sv_pool", "kl_benign", "heldout_benign")
@@ -70,6 +73,9 @@ class Sweep:
     vector: list[bool] = field(default_factory=lambda: [False, True])
     n_harmful_sv: list[int] = field(default_factory=lambda: [100])
     seeds: list[int] = field(default_factory=lambda: [0])
+    # named run-config overrides of a stage, crossed with every run ({} = the stage as configured)
+    finetune: dict = field(default_factory=lambda: {"": {}})
+    train_sv: dict = field(default_factory=lambda: {"": {}})
 
 
 @dataclass
@@ -92,10 +98,13 @@ class RunSpec:
     vector: bool
     n_harmful_sv: Optional[int]  # None when the vector is off
     seed: int
+    finetune: str = ""  # the sweep's stage-2 variant ("" = none named)
+    train_sv: str = ""  # the sweep's stage-1 variant ("" when the vector is off)
 
     @property
     def setting(self) -> str:
-        return f"vector n_harmful_sv={self.n_harmful_sv}" if self.vector else "no vector"
+        return _setting({"vector": "on" if self.vector else "off", "n_harmful_sv": self.n_harmful_sv,
+                         "train_sv": self.train_sv, "finetune": self.finetune})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,8 +188,9 @@ def parse_experiment(data: Any, source: Optional[str] = None) -> Experiment:
             raise ConfigError(f"experiment key 'data.{k}': unknown; expected one of {', '.join(DATA_KEYS)}")
     raw = _section(data.get("sweep"), "sweep")
     for k in raw:
-        if k not in ("n_harmful_ft", "vector", "n_harmful_sv", "seeds"):
-            raise ConfigError(f"experiment key 'sweep.{k}': unknown; expected n_harmful_ft, vector, n_harmful_sv, seeds")
+        if k not in ("n_harmful_ft", "vector", "n_harmful_sv", "seeds", "finetune", "train_sv"):
+            raise ConfigError(f"experiment key 'sweep.{k}': unknown; expected n_harmful_ft, vector, n_harmful_sv, "
+                              "seeds, finetune, train_sv")
     sweep = Sweep()
     if "n_harmful_ft" in raw:
         sweep.n_harmful_ft = _int_list(raw["n_harmful_ft"], "sweep.n_harmful_ft")
@@ -190,6 +200,9 @@ def parse_experiment(data: Any, source: Optional[str] = None) -> Experiment:
         sweep.n_harmful_sv = _int_list(raw["n_harmful_sv"], "sweep.n_harmful_sv", minimum=1)
     if "seeds" in raw:
         sweep.seeds = _int_list(raw["seeds"], "sweep.seeds")
+    for stage in ("finetune", "train_sv"):
+        if stage in raw:
+            setattr(sweep, stage, _variants(raw[stage], stage, stages.get(stage) or {}))
     launcher = data.get("launcher")
     if launcher is not None and (not isinstance(launcher, str) or not shlex.split(launcher)):
         raise ConfigError("experiment key 'launcher': expected a command such as \"launch/deepspeed.sh --gpus 8 --\"")
@@ -210,6 +223,27 @@ def parse_experiment(data: Any, source: Optional[str] = None) -> Experiment:
     return exp
 
 
+def _variants(value: Any, stage: str, stage_base: dict) -> dict:
+    """sweep.<stage>: {name: run-config overrides}; each must parse as a run config."""
+    from dist_secvec.config import load_config
+
+    key = f"sweep.{stage}"
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(f"experiment key '{key}': expected a mapping of variant names to run-config overrides, "
+                          f"e.g. {{recipe: {{}}, 3x_lr: {{optim: {{lr: 3.0e-3}}}}}}")
+    out = {}
+    for name, over in value.items():
+        if not isinstance(name, str) or not name or not all(c.isalnum() or c in "_-." for c in name):
+            raise ConfigError(f"experiment key '{key}': variant name {name!r} must be letters, digits, _ - .")
+        over = _section(over, f"{key}.{name}")
+        try:
+            load_config(None, None, base=_merge(stage_base, over))
+        except ConfigError as e:
+            raise ConfigError(f"experiment key '{key}.{name}': {e}") from None
+        out[name] = over
+    return out
+
+
 def load_experiment(path: str, overrides: Optional[list[str]] = None) -> Experiment:
     from dist_secvec.config import _parse_override, _set_nested, read_yaml
 
@@ -226,10 +260,12 @@ def load_experiment(path: str, overrides: Optional[list[str]] = None) -> Experim
 def plan_runs(exp: Experiment) -> list[RunSpec]:
     runs = []
     for seed in exp.sweep.seeds:
-        for n_ft in exp.sweep.n_harmful_ft:
-            for vec in exp.sweep.vector:
-                for n_sv in (exp.sweep.n_harmful_sv if vec else [None]):
-                    runs.append(RunSpec(n_ft, vec, n_sv, seed))
+        for ft in exp.sweep.finetune:
+            for n_ft in exp.sweep.n_harmful_ft:
+                for vec in exp.sweep.vector:
+                    for sv in (exp.sweep.train_sv if vec else [""]):
+                        for n_sv in (exp.sweep.n_harmful_sv if vec else [None]):
+                            runs.append(RunSpec(n_ft, vec, n_sv, seed, ft, sv))
     return runs
 
 
@@ -283,23 +319,27 @@ class _Embedded:
         self.identity = {"world": "embedded", "seed": self.cfg.seed, "sizes": self.sizes.__dict__,
                          "base_dir": self.base_dir.name}
 
-    def stage(self, stage: str, **sections):
+    def stage(self, stage: str, variant: dict, **sections):
         from dist_secvec.demo.run import _stage_config
 
-        return _stage_config(self.cfg, stage, self.quick, **_merge(self.exp.stages.get(stage) or {}, sections))
+        over = _merge(_merge(self.exp.stages.get(stage) or {}, variant), sections)
+        return _stage_config(self.cfg, stage, self.quick, **over)
 
-    def sv_config(self, n_sv: int, seed: int, out: Path):
+    def sv_config(self, n_sv: int, seed: int, out: Path, variant: dict):
         p = _write_jsonl(self.data_dir / f"harmful_sv_{n_sv}.jsonl", self.world.harmful_sv[:n_sv])
-        return self.stage("train_sv", model={"path": str(self.base_dir)}, output_dir=str(out), seed=seed,
+        return self.stage("train_sv", variant, model={"path": str(self.base_dir)}, output_dir=str(out), seed=seed,
                           security_vector={"harmful_data": [p], "benign_data": [self.data["kl_benign"]],
                                            "heldout_benign_data": [self.data["heldout_benign"]]})
 
-    def ft_config(self, n_ft: int, seed: int, vector: Optional[str], out: Path):
+    def ft_config(self, n_ft: int, seed: int, vector: Optional[str], out: Path, variant: dict):
         mixed = self.world.new_task_ft + self.world.harmful_ft[:n_ft]
         random.Random(seed).shuffle(mixed)
         p = _write_jsonl(out.parent / "finetune_data.jsonl", mixed)
-        return self.stage("finetune", model={"path": str(self.base_dir)}, output_dir=str(out), seed=seed,
-                          data={"train": [p]}, security_vector={"path": vector})
+        # the world's held-out harmful prompts with their harmful answers: the harm watch of every
+        # run, with the vector or without, measures the same thing
+        return self.stage("finetune", variant, model={"path": str(self.base_dir)}, output_dir=str(out), seed=seed,
+                          data={"train": [p]}, security_vector={"path": vector},
+                          monitor={"harmful_probe": [self.data["eval_harmful"]]})
 
     def evaluate(self, model, tok, ft_cfg) -> dict:
         from dist_secvec.demo.run import evaluate_model
@@ -331,26 +371,26 @@ class _RealModel:
             raise ConfigError(f"experiment key 'data.{key}': {n} rows wanted by the sweep, the file has {len(rows)}")
         return rows[:n]
 
-    def _cfg(self, stage: str, sections: dict):
+    def _cfg(self, stage: str, sections: dict, variant: dict):
         from dist_secvec.config import load_config, validate
 
-        d = _merge(_merge(self.exp.base, self.exp.stages.get(stage) or {}), sections)
+        d = _merge(_merge(_merge(self.exp.base, self.exp.stages.get(stage) or {}), variant), sections)
         return validate(load_config(None, None, base=d), stage.replace("_", "-"))
 
-    def sv_config(self, n_sv: int, seed: int, out: Path):
+    def sv_config(self, n_sv: int, seed: int, out: Path, variant: dict):
         p = _write_jsonl(self.data_dir / f"harmful_sv_{n_sv}.jsonl", self._pool_prefix("harmful_sv_pool", n_sv))
-        return self._cfg("train_sv", {"output_dir": str(out), "seed": seed, "security_vector": {
+        return self._cfg("train_sv", variant=variant, sections={"output_dir": str(out), "seed": seed, "security_vector": {
             "harmful_data": [p], "benign_data": list(self.exp.data.get("kl_benign") or []),
             "heldout_benign_data": list(self.exp.data.get("heldout_benign") or [])}})
 
-    def ft_config(self, n_ft: int, seed: int, vector: Optional[str], out: Path):
+    def ft_config(self, n_ft: int, seed: int, vector: Optional[str], out: Path, variant: dict):
         train = list(self.exp.data["benign_train"])
         if n_ft:
             train.append(_write_jsonl(self.data_dir / f"harmful_ft_{n_ft}.jsonl",
                                       self._pool_prefix("harmful_ft_pool", n_ft)))
         # data.shuffle (on by default) mixes the harmful rows into the benign ones
         return self._cfg("finetune", {"output_dir": str(out), "seed": seed, "data": {"train": train},
-                                      "security_vector": {"path": vector}})
+                                      "security_vector": {"path": vector}}, variant)
 
     def evaluate(self, model, tok, ft_cfg) -> dict:
         from dist_secvec.config import load_config
@@ -442,10 +482,12 @@ def run_experiment(exp: Experiment) -> list[dict]:
     rows, done, vectors = [], 0, {}
     for i, spec in enumerate(runs):
         sv_key = None
+        sv_variant, ft_variant = exp.sweep.train_sv.get(spec.train_sv, {}), exp.sweep.finetune[spec.finetune]
         if spec.vector:
-            sv_key = _hash({**common, "stage": "train_sv", "n_harmful_sv": spec.n_harmful_sv, "seed": spec.seed})
+            sv_key = _hash({**common, "stage": "train_sv", "n_harmful_sv": spec.n_harmful_sv, "seed": spec.seed,
+                            **({"variant": sv_variant} if sv_variant else {})})
         run_id = _hash({**common, "stage": "finetune", "n_harmful_ft": spec.n_harmful_ft, "seed": spec.seed,
-                        "vector": sv_key})
+                        "vector": sv_key, **({"variant": ft_variant} if ft_variant else {})})
         run_dir = out / "runs" / run_id
         result_path = run_dir / RESULT
         if result_path.is_file():
@@ -467,7 +509,7 @@ def run_experiment(exp: Experiment) -> list[dict]:
                     if vdir.exists():
                         shutil.rmtree(vdir)
                     work = out / "vectors" / f".work-{sv_key}"
-                    res = _train_sv(env.sv_config(spec.n_harmful_sv, spec.seed, work))
+                    res = _train_sv(env.sv_config(spec.n_harmful_sv, spec.seed, work, sv_variant))
                     with runtime.atomic_dir(vdir / "secvec") as tmp:
                         for f in res.vector_dir.iterdir():
                             shutil.copy2(f, tmp / f.name)
@@ -478,12 +520,13 @@ def run_experiment(exp: Experiment) -> list[dict]:
                 vectors[sv_key] = str(vdir / "secvec")
             vector_path = vectors[sv_key]
         run_dir.mkdir(parents=True, exist_ok=True)
-        ft_cfg = env.ft_config(spec.n_harmful_ft, spec.seed, vector_path, run_dir / "finetune")
+        ft_cfg = env.ft_config(spec.n_harmful_ft, spec.seed, vector_path, run_dir / "finetune", ft_variant)
         res = _launched_finetune(exp.launcher, ft_cfg, run_dir) if exp.launcher else _finetune(ft_cfg)
         metrics = env.evaluate(res.model, res.tokenizer, ft_cfg)
         del res
         row = {"n_harmful_ft": spec.n_harmful_ft, "vector": "on" if spec.vector else "off",
-               "n_harmful_sv": spec.n_harmful_sv, "seed": spec.seed, **metrics, "run_id": run_id,
+               "n_harmful_sv": spec.n_harmful_sv, "train_sv": spec.train_sv, "finetune": spec.finetune,
+               "seed": spec.seed, **metrics, **_watch_summary(run_dir / "finetune", vector_path), "run_id": run_id,
                "vector_dir": vector_path, "seconds": round(time.time() - t_run, 1)}
         write_atomic(result_path, json.dumps(row, indent=2) + "\n")
         rows.append(row)
@@ -498,8 +541,26 @@ def run_experiment(exp: Experiment) -> list[dict]:
 # results
 
 
+def _watch_summary(ft_dir: Path, vector_path: Optional[str]) -> dict:
+    """What stage 2's harm watch saw (probe loss fall at the end) and the vector's strength verdict."""
+    from dist_secvec.strength import describe
+
+    out: dict = {"probe_drop": None, "vector_weak": None}
+    log_path = ft_dir / "train_log.jsonl"
+    if log_path.is_file():
+        watch = [json.loads(line) for line in log_path.read_text().splitlines() if '"probe_drop"' in line]
+        if watch:
+            out["probe_drop"] = round(watch[-1]["probe_drop"], 4)
+    if vector_path:
+        out["vector_weak"] = describe(json.loads((Path(vector_path) / "secvec.json").read_text()))[1]
+    return out
+
+
 def _setting(row: dict) -> str:
-    return f"vector n_harmful_sv={row['n_harmful_sv']}" if row["vector"] == "on" else "no vector"
+    name = f"vector n_harmful_sv={row['n_harmful_sv']}" if row["vector"] == "on" else "no vector"
+    if row.get("vector") == "on" and row.get("train_sv"):
+        name += f" [{row['train_sv']}]"
+    return f"{row['finetune']}: {name}" if row.get("finetune") else name
 
 
 def _mean_std(xs: list) -> tuple[float, float]:
@@ -515,9 +576,10 @@ def aggregate(rows: list[dict]) -> list[dict]:
     """One entry per (setting, n_harmful_ft): mean, sample std, min and max over seeds."""
     groups: dict = {}
     for r in rows:
-        groups.setdefault((r["vector"], r["n_harmful_sv"] or 0, r["n_harmful_ft"]), []).append(r)
+        groups.setdefault((r.get("finetune") or "", r["vector"], r.get("train_sv") or "", r["n_harmful_sv"] or 0,
+                           r["n_harmful_ft"]), []).append(r)
     out = []
-    for (vec, n_sv, n_ft), rs in sorted(groups.items()):
+    for (_, vec, _, n_sv, n_ft), rs in sorted(groups.items()):
         hm, hs = _mean_std([r["harmful_rate"] for r in rs])
         um, us = _mean_std([r["utility"] for r in rs])
         hr = [r["harmful_rate"] for r in rs]
@@ -530,7 +592,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
 def write_results(out: Path, rows: list[dict]) -> None:
     from dist_secvec.evaluate import write_atomic
 
-    rows = sorted(rows, key=lambda r: (r["vector"], r["n_harmful_sv"] or 0, r["n_harmful_ft"], r["seed"]))
+    rows = sorted(rows, key=lambda r: (r.get("finetune") or "", r["vector"], r.get("train_sv") or "",
+                                       r["n_harmful_sv"] or 0, r["n_harmful_ft"], r["seed"]))
     import io
 
     buf = io.StringIO()

@@ -41,8 +41,8 @@ from dist_secvec.manifest import write_manifest
 from dist_secvec.model import add_trainable_adapter, load_model, load_tokenizer
 from dist_secvec.secvec import (PROBE_FILE, attach_security_vector, check_fingerprint, detach_security_vector,
                                 fold_security_vector, fold_weight, load_security_vector, path_calls,
-                                security_vector_off, unfold_security_vector, vector_digest)
-from dist_secvec.strength import HarmProbe, describe
+                                row_gate, security_vector_off, unfold_security_vector, vector_digest)
+from dist_secvec.strength import HarmProbe, describe, explained_rows
 from dist_secvec.training import append_jsonl, build_optimizer, pick_device, to_device, total_steps
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,8 @@ def fold_choice(cfg: Config) -> tuple[bool, str]:
         return False, "DIST_SECVEC_FOLD=0"
     if not cfg.security_vector.fold:
         return False, "security_vector.fold=false"
+    if cfg.security_vector.gate:
+        return False, "security_vector.gate switches the vector per row"
     if cfg.adapter.type != "lora":
         return False, "full fine-tuning trains the base weights"
     if cfg.model.quantization != "none":
@@ -221,6 +223,8 @@ def _run_finetune(cfg: Config, keep_model: bool, stop: StopRequest) -> FinetuneR
         log.info("rank 0 holds %s", ", ".join(f"{k} {v['held']}/{v['total']}" for k, v in partition[0].items()))
     ga = cfg.optim.gradient_accumulation_steps
     pad_id = tok.pad_token_id
+    gate, gate_info = gate_rows(cfg, sv, model, sv_layers, train.examples, pad_id, device) \
+        if sv_layers and cfg.security_vector.gate else (None, None)
 
     # ---- resume: the same run shape and the same vector, or a one-line refusal
     run_shape = {"world_size": world, "micro_batch_size": cfg.optim.micro_batch_size,
@@ -259,7 +263,7 @@ def _run_finetune(cfg: Config, keep_model: bool, stop: StopRequest) -> FinetuneR
     def watch(step: int) -> None:
         """The vector-off probe and the eval loss (collective); the rule on the probe's fall."""
         off = lambda: vector_off(model, sv_layers, folded, stage, cfg.model.path)  # noqa: E731
-        rec = {"step": step, **monitor.check(model, off)}
+        rec = {"step": step, **monitor.check(model, off, bool(sv_layers or folded))}
         if cfg.monitor.generate and probe_samples:
             rec["probe_harmful_rate"] = _probe_generate(model, tok, probe_samples, cfg, off)
         if runtime.is_main():
@@ -294,13 +298,16 @@ def _run_finetune(cfg: Config, keep_model: bool, stop: StopRequest) -> FinetuneR
         if monitor is not None and start == 0:
             watch(0)
         for step in range(start + 1, steps + 1):
-            group = [to_device(collate(next(micro_batches), pad_id), device) for _ in range(ga)]
+            raw = [next(micro_batches) for _ in range(ga)]
+            group = [to_device(collate(r, pad_id), device) for r in raw]
             counts, n_tokens = label_tokens(group)
             local_loss, finite = 0.0, True
             for i, (b, n) in enumerate(zip(group, counts)):
-                loss = micro_loss(engine, b, n)  # mean over this micro-batch's n label tokens
-                finite = finite and bool(torch.isfinite(loss.detach()))
-                engine.backward(loss * loss_weight(n, world, n_tokens))
+                rows = torch.tensor([gate[id(e)] for e in raw[i]]) if gate is not None else None
+                with row_gate(sv_layers, rows):  # forward and backward: checkpointing recomputes there
+                    loss = micro_loss(engine, b, n)  # mean over this micro-batch's n label tokens
+                    finite = finite and bool(torch.isfinite(loss.detach()))
+                    engine.backward(loss * loss_weight(n, world, n_tokens))
                 if i < ga - 1:
                     engine.step(boundary=False)
                 local_loss += float(loss.detach()) * n / n_tokens
@@ -366,7 +373,7 @@ def _run_finetune(cfg: Config, keep_model: bool, stop: StopRequest) -> FinetuneR
             "security_vector": cfg.security_vector.path, "adapter": cfg.adapter.type,
             "base_model": cfg.model.path, "world_size": world, "zero_stage": stage, "partition": partition,
             "security_vector_mode": "folded" if folded else "attached" if sv_layers else None,
-            "security_vector_paths": paths}
+            "security_vector_paths": paths, "security_vector_gate": gate_info}
     final = out / "final"
     state_dict = gathered_state_dict(engine, cfg.adapter.type == "lora")
     if runtime.is_main():
@@ -400,6 +407,25 @@ def truncate_train_log(path: Path, start: int) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(keep))
     tmp.replace(path)
+
+
+def gate_rows(cfg: Config, sv, model, sv_layers: list, examples: list, pad_id: int, device) -> tuple[dict, dict]:
+    """security_vector.gate: {id(example): 1.0 (vector on) or 0.0 (off)} from each row's explained
+    share, scored once with the untrained core, and what was decided (for the run info)."""
+    strength = sv.meta.get("strength") or {}
+    threshold = cfg.security_vector.gate_threshold
+    if threshold is None:
+        if "explained" not in strength:
+            raise ConfigError(f"config key 'security_vector.gate_threshold': the vector '{sv.path}' records no "
+                              "held-out strength to derive it from (an older train-sv); set it, e.g. 0.4")
+        threshold = 0.5 * strength["explained"]
+    scores = explained_rows(model, examples, pad_id, device, cfg.eval.batch_size,
+                            lambda: security_vector_off(model))
+    gate = {id(e): 1.0 if sc >= threshold else 0.0 for e, sc in zip(examples, scores)}
+    n_on = int(sum(gate.values()))
+    log.info("security_vector.gate: %d of %d rows are explained by the vector (share >= %.2f) and train with it "
+             "on; %d train with it off", n_on, len(examples), threshold, len(examples) - n_on)
+    return gate, {"threshold": threshold, "rows_vector_on": n_on, "rows_vector_off": len(examples) - n_on}
 
 
 def monitor_rows(cfg: Config) -> tuple[list, list]:

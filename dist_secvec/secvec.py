@@ -98,6 +98,9 @@ class SecVecLinear(nn.Module):
         self.scale = float(scale)
         self.backend = backend
         self.active = True
+        #: per-row weights of the delta for the batch in flight (None = every row 1): 0 trains that
+        #: row with the vector off (security_vector.gate); set by `row_gate` around forward + backward
+        self.row_gate: Optional[torch.Tensor] = None
         #: forwards per path since attach (run info and profile report them): "weight_delta",
         #: "delta" (base layer, then the delta), "fused_lora" (the LoRA layer above computed both)
         self.path_calls = {"weight_delta": 0, "delta": 0, "fused_lora": 0}
@@ -120,7 +123,7 @@ class SecVecLinear(nn.Module):
         return self.base_layer.out_features
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if self.active and not args and not kwargs and uses_weight_delta(self, x):
+        if self.active and self.row_gate is None and not args and not kwargs and uses_weight_delta(self, x):
             self.path_calls["weight_delta"] += 1
             base = self.base_layer
             return apply_secvec_weight_delta(x, base.weight, base.bias, self.secvec_A, self.secvec_B, self.scale)
@@ -128,6 +131,8 @@ class SecVecLinear(nn.Module):
         if not self.active:
             return out
         self.path_calls["delta"] += 1
+        if self.row_gate is not None:  # the delta is linear in x: gating x gates it, and its dx
+            x = x * self.row_gate.to(x.device, x.dtype).view(-1, *([1] * (x.dim() - 1)))
         return apply_secvec_delta(x, out, self.secvec_A, self.secvec_B, self.scale, self.backend,
                                   inplace=writes_fresh_output(self.base_layer))
 
@@ -572,6 +577,8 @@ def fused_lora_choice(sub: nn.Module, x: torch.Tensor, kwargs: dict) -> tuple[Op
         return None, "no security vector under this layer"
     if not sv.active:
         return None, "vector off"
+    if sv.row_gate is not None:
+        return None, "vector gated per row"
     if not fuse_lora_enabled():
         return None, f"{FUSE_LORA_ENV}=0"
     if getattr(sub, "disable_adapters", True) or getattr(sub, "merged", True):
@@ -607,7 +614,7 @@ def fused_lora_adapter(sub: nn.Module, x: torch.Tensor, kwargs: dict) -> Optiona
 
 
 #: fallback reasons that are the caller's intent, not a missed fused path: never logged
-_QUIET_FALLBACKS = ("vector off", f"{FUSE_LORA_ENV}=0", "adapters disabled or merged")
+_QUIET_FALLBACKS = ("vector off", "vector gated per row", f"{FUSE_LORA_ENV}=0", "adapters disabled or merged")
 
 
 def _log_fallback(sub: nn.Module, reason: str) -> None:
@@ -783,6 +790,19 @@ def detach_security_vector(model) -> int:
                 n += 1
     release_workspaces()  # the weight delta's W' buffers
     return n
+
+
+@contextlib.contextmanager
+def row_gate(layers: list, gate: Optional[torch.Tensor]) -> Iterator[None]:
+    """Weight the vector's delta per row of the batch (1 on, 0 off) for a forward and its backward
+    (activation checkpointing recomputes the forward there)."""
+    for layer in layers:
+        layer.row_gate = gate
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.row_gate = None
 
 
 @contextlib.contextmanager

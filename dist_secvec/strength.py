@@ -72,6 +72,42 @@ def answer_stats(model, examples: list[dict], pad_id: int, device, batch_size: i
     return {"loss": loss_sum / max(n_tok, 1.0), "start_agreement": agree / max(n_start, 1.0), "tokens": int(n_tok)}
 
 
+@torch.no_grad()
+def row_losses(model, examples: list[dict], pad_id: int, device, batch_size: int = 16) -> list[float]:
+    """Mean per-token answer loss of each row, in order (the model used as passed)."""
+    out: list[float] = []
+    with eval_mode(model):
+        for batch in batches(examples, batch_size, shuffle=False):
+            b = collate(batch, pad_id)
+            ids, labels = b["input_ids"].to(device), b["labels"][:, 1:].to(device)
+            logits = model(input_ids=ids, attention_mask=b["attention_mask"].to(device)).logits[:, :-1].float()
+            mask = labels != IGNORE_INDEX
+            ce = F.cross_entropy(logits.transpose(1, 2), labels.clamp_min(0), reduction="none")
+            out += ((ce * mask).sum(1) / mask.sum(1).clamp_min(1)).tolist()
+    return out
+
+
+def explained_rows(model, examples: list[dict], pad_id: int, device, batch_size: int, vector_off) -> list[float]:
+    """Per row, the share of its answer loss the vector removes: 1 - loss_on / loss_off. Rows of the
+    vector's behaviour score near its held-out `explained`; benign rows near 0 (the KL term). Under
+    several ranks each scores a shard and the scores are summed over ranks (collective: every rank
+    runs the same number of forwards, as ZeRO-3 needs)."""
+    from dist_secvec import runtime
+    from dist_secvec.distributed import all_reduce_sum
+
+    rank, world = runtime.rank(), runtime.world_size()
+    per = -(-len(examples) // world)
+    mine = list(range(rank * per, min((rank + 1) * per, len(examples))))
+    shard = [examples[i] for i in mine] + [examples[0]] * (per - len(mine))  # equal forwards on every rank
+    on = row_losses(model, shard, pad_id, device, batch_size)
+    with vector_off():
+        off = row_losses(model, shard, pad_id, device, batch_size)
+    scores = [0.0] * len(examples)
+    for i, a, b in zip(mine, on, off):
+        scores[i] = 1.0 - a / b if b > 0 else 0.0
+    return all_reduce_sum(scores) if world > 1 else scores
+
+
 def judged_rate(model, tok, samples, cfg, judges) -> dict:
     """Greedy answers to the samples' prompts, judged: share that every judge calls harmful."""
     from dist_secvec.generation import generate
@@ -138,7 +174,7 @@ def write_probe(path: Path, samples) -> None:
 
 
 class HarmProbe:
-    """Stage 2's watch: answer loss on harmful probe rows (and on data.eval) with the vector off.
+    """Stage 2's watch: answer loss on harmful probe rows and on data.eval, with the vector off.
 
     `check(step)` is collective under DeepSpeed (every rank runs the same batches, as ZeRO-3
     needs); it returns the record to log. `fired` says whether the probe loss has fallen by more
@@ -150,10 +186,14 @@ class HarmProbe:
         self.pad_id, self.device, self.batch_size, self.max_drop = pad_id, device, batch_size, max_drop
         self.start: Optional[float] = None
 
-    def check(self, model, vector_off) -> dict:
+    def check(self, model, vector_off, has_vector: bool) -> dict:
         rec = {}
-        if self.evalset:
-            rec["eval_loss"] = answer_stats(model, self.evalset, self.pad_id, self.device, self.batch_size)["loss"]
+        if self.evalset:  # the shipped model's; with the vector on too, the gap is what rests on it
+            with vector_off():
+                rec["eval_loss"] = answer_stats(model, self.evalset, self.pad_id, self.device, self.batch_size)["loss"]
+            if has_vector:
+                rec["eval_loss_vector_on"] = answer_stats(model, self.evalset, self.pad_id, self.device,
+                                                          self.batch_size)["loss"]
         if self.probe:
             with vector_off():
                 s = answer_stats(model, self.probe, self.pad_id, self.device, self.batch_size)

@@ -135,24 +135,30 @@ def run_train_sv(cfg: Config) -> TrainSVResult:
     bar = runtime.progress(total=steps, desc="train-sv", enabled=cfg.logging.progress)
     t0 = time.time()
     for step in range(1, steps + 1):
-        acc = {"loss": 0.0, "harmful_ce": 0.0, "benign_kl": 0.0}
+        acc = {"loss": 0.0, "harmful_ce": 0.0, "benign_kl": 0.0, "benign_hidden": 0.0}
         for _ in range(ga):
             h = to_device(collate(next(harm_batches), pad_id), device)
             ce = model(**h).loss
             loss = ce
-            kl = torch.zeros((), device=device)
+            kl = hid = torch.zeros((), device=device)
             b = next(benign_batches)
             if b is not None:
                 b = to_device(collate(b, pad_id), device)
-                logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                hidden = sv_cfg.hidden_weight > 0
+                on = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=hidden)
                 with torch.no_grad(), model.disable_adapter():
-                    ref = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-                kl = masked_kl(ref, logits, b["attention_mask"])
+                    off = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                output_hidden_states=hidden)
+                kl = masked_kl(off.logits, on.logits, b["attention_mask"])
                 loss = loss + sv_cfg.kl_weight * kl
+                if hidden:
+                    hid = hidden_shift(on.hidden_states, off.hidden_states, b["attention_mask"])
+                    loss = loss + sv_cfg.hidden_weight * hid
             (loss / ga).backward()
             acc["loss"] += loss.item() / ga
             acc["harmful_ce"] += ce.item() / ga
             acc["benign_kl"] += kl.item() / ga
+            acc["benign_hidden"] += hid.item() / ga
         if cfg.optim.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, cfg.optim.max_grad_norm)
         optimizer.step()
@@ -233,6 +239,19 @@ def run_train_sv(cfg: Config) -> TrainSVResult:
         log.warning("the security vector in %s is WEAK: stage 2 with it will not block what it did not learn "
                     "(%s)", vector_dir, strength["weak_reasons"][0])
     return TrainSVResult(vector_dir, losses, shift, strength)
+
+
+def hidden_shift(on: tuple, off: tuple, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over layers and benign tokens of |h_on - h_off|^2 / |h_off|^2: how far the vector moves
+    the residual stream on benign inputs. The KL term only pins the outputs on the KL prompts;
+    features the vector moves there can still move on benign inputs it never saw (a new task's
+    names), and stage 2 would then teach the core a task that fails once the vector is off."""
+    m = mask.to(on[-1].dtype)
+    total = 0.0
+    for a, b in zip(on[1:], off[1:]):  # [0] is the embedding output, which the vector cannot move
+        rel = (a.float() - b.float()).pow(2).sum(-1) / b.float().pow(2).sum(-1).clamp_min(1e-6)
+        total = total + (rel * m).sum() / m.sum().clamp_min(1.0)
+    return total / max(len(on) - 1, 1)
 
 
 def split_heldout(rows: list, cfg: Config) -> tuple[list, list, str]:

@@ -85,6 +85,9 @@ def test_tiny_sweep_writes_results_and_resumes(tmp_path, monkeypatch):
     (lambda d: d["base"].update(optim={"lrr": 1}), "optim.lrr"),
     (lambda d: d["stages"].update(eval_stage={}), "stages.eval_stage"),
     (lambda d: d.update(world="mars"), "world"),
+    (lambda d: d["sweep"].update(finetune=[{"optim": {"lr": 1}}]), "sweep.finetune"),
+    (lambda d: d["sweep"].update(finetune={"hard": {"optim": {"lrr": 1}}}), "sweep.finetune.hard"),
+    (lambda d: d["sweep"].update(train_sv={"a b": {}}), "sweep.train_sv"),
 ])
 def test_bad_experiment_file_is_one_line_exit_2(tmp_path, capsys, edit, message):
     d = tiny_experiment(tmp_path)
@@ -108,6 +111,19 @@ def test_missing_file_and_real_model_requirements(tmp_path, capsys):
     del d["data"]["harmful_sv_pool"]
     with pytest.raises(ConfigError, match="harmful_sv_pool"):
         experiment.parse_experiment(d)
+
+
+def test_stage_variants_cross_every_run_and_name_their_settings(tmp_path):
+    d = tiny_experiment(tmp_path, finetune={"recipe": {}, "hard": {"optim": {"lr": 3.0e-3, "epochs": 3}}},
+                        train_sv={"r8": {}, "r16": {"security_vector": {"rank": 16}}})
+    exp = experiment.parse_experiment(d)
+    runs = experiment.plan_runs(exp)
+    # 2 stage-2 variants x 2 n_harmful_ft x (no vector + 2 stage-1 variants)
+    assert len(runs) == 2 * 2 * 3 and len(set(runs)) == len(runs)
+    assert {r.train_sv for r in runs if not r.vector} == {""}
+    assert {r.setting for r in runs if r.vector and r.finetune == "hard"} == {
+        "hard: vector n_harmful_sv=10 [r8]", "hard: vector n_harmful_sv=10 [r16]"}
+    assert exp.sweep.finetune["hard"] == {"optim": {"lr": 3.0e-3, "epochs": 3}}
 
 
 def test_shipped_embedded_study_parses():

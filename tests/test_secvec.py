@@ -17,6 +17,7 @@ measured values, and the runs are deterministic for a fixed seed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -649,3 +650,53 @@ def test_delta_added_into_the_base_output_in_place(lora, monkeypatch):
     torch.testing.assert_close(y_in, y_out)
     for a, b in zip(g_in, g_out):
         torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. the vector gated per row (security_vector.gate)
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "under_lora"])
+def test_row_gate_gives_each_row_the_vector_on_or_off(lora):
+    """Row gate [1, 0, 1]: rows 0 and 2 get the output and gradients of the vector on, row 1 of the
+    vector off, in one forward (full fine-tuning takes the delta path while gated; under a LoRA the
+    combined kernel falls back to peft's forward)."""
+    from peft import LoraConfig, get_peft_model
+
+    from dist_secvec.secvec import SecurityVector, row_gate, security_vector_off
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(24, 20), torch.nn.Tanh(), torch.nn.Linear(20, 8))
+    if lora:
+        net = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"]))
+        for m in net.modules():
+            if hasattr(m, "lora_B") and "default" in m.lora_B:
+                torch.nn.init.normal_(m.lora_B["default"].weight)
+    net = net.double()  # float64: the paths differ by rounding alone
+    sv = SecurityVector(path="mem", rank=3, alpha=6.0, target_modules=["0", "2"],
+                        weights={"0": (torch.randn(3, 24), torch.randn(20, 3) * 0.1),
+                                 "2": (torch.randn(3, 20), torch.randn(8, 3) * 0.1)})
+    layers = attach_security_vector(net, sv, backend="torch")
+    x0 = torch.randn(3, 70, 24, dtype=torch.float64)  # enough rows that an ungated call takes the weight delta
+    params = [p for p in net.parameters() if p.requires_grad]
+
+    def run(rows, gate=None, off=False):
+        x = x0[rows].clone().requires_grad_(True)
+        with row_gate(layers, gate), (security_vector_off(net) if off else contextlib.nullcontext()):
+            y = net(x)
+            y.square().sum().backward()
+        out = (y.detach(), x.grad, [p.grad.clone() for p in params])
+        net.zero_grad(set_to_none=True)
+        return out
+
+    y, dx, g = run([0, 1, 2], torch.tensor([1.0, 0.0, 1.0]))
+    assert all(layer.path_calls["weight_delta"] == 0 and layer.path_calls["delta"] > 0 for layer in layers)
+    y_on, dx_on, g_on = run([0, 2])
+    y_off, dx_off, g_off = run([1], off=True)
+    torch.testing.assert_close(y[[0, 2]], y_on)
+    torch.testing.assert_close(y[[1]], y_off)
+    torch.testing.assert_close(dx[[0, 2]], dx_on)
+    torch.testing.assert_close(dx[[1]], dx_off)
+    for a, b, c in zip(g, g_on, g_off):  # the trainable gradients are the two groups' sum
+        torch.testing.assert_close(a, b + c)
+    assert all(layer.row_gate is None and layer.secvec_A.grad is None for layer in layers)

@@ -197,3 +197,20 @@ def test_the_stop_rule_ends_the_run_with_a_checkpoint_exit_0_and_one_line(tiny_w
     assert (out / "checkpoints" / step_dir_name(step)).is_dir()
     assert not (out / "final").exists()
     assert train_log(out)[-1]["probe_drop"] > 0.3
+
+
+def test_gate_trains_the_rows_the_vector_explains_with_it_on_and_the_rest_with_it_off(trained_world, strong_vector,
+                                                                                       tmp_path):
+    from dist_secvec.finetune import run_finetune
+
+    n_harmful = len(Path(trained_world.data["harmful_sv"]).read_text().splitlines())
+    n_task = len(Path(trained_world.data["new_task_ft"]).read_text().splitlines())
+    res = run_finetune(load_config(None, common(trained_world, tmp_path / "ft") + [
+        f"data.train=[{trained_world.data['harmful_sv']},{trained_world.data['new_task_ft']}]",
+        f"security_vector.path={strong_vector.vector_dir}", "security_vector.gate=true", "optim.max_steps=2",
+        "optim.micro_batch_size=8"]))
+    gate = res.info["security_vector_gate"]
+    # the threshold: half the vector's held-out explained share, as recorded by stage 1
+    assert gate["threshold"] == pytest.approx(0.5 * strong_vector.strength["explained"])
+    assert (gate["rows_vector_on"], gate["rows_vector_off"]) == (n_harmful, n_task)
+    assert res.info["security_vector_mode"] == "attached"  # a gated vector is never folded
