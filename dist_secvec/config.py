@@ -91,7 +91,7 @@ class SecurityVectorConfig:
     # stage 2: score every training row once, before the first step (strength.explained_rows);
     # rows the vector explains train with it on, the others with it off, so a benign task is not
     # learned through the vector. gate_threshold None = half the vector's held-out explained share
-    gate: bool = False
+    gate: bool = True
     gate_threshold: Optional[float] = None
     backend: str = "auto"  # auto | torch | triton (env DIST_SECVEC_BACKEND overrides)
     fold: bool = True  # fold s*B@A into a frozen 16-bit base weight once at load
@@ -173,7 +173,7 @@ class MonitorConfig:
     harmful_probe: list[str] = field(default_factory=list)
     every_steps: Optional[int] = None  # None = 10 checks per run (and at step 0 and the end)
     rule: str = "warn"  # warn | stop | none (watch nothing): what a probe loss fallen by more than max_drop does
-    max_drop: float = 0.25  # 1 - probe_loss / probe_loss at step 0
+    max_drop: float = 0.6  # on 1 - probe_loss / its step-0 value: learned harm ends near 1
     generate: bool = False  # also generate on the probe prompts and judge them (eval.judges)
     max_rows: int = 64  # probe rows used (the first N)
 

@@ -66,14 +66,21 @@ class FinetuneResult:
     info: dict = field(default_factory=dict)
 
 
-def fold_choice(cfg: Config) -> tuple[bool, str]:
+def gates(cfg: Config, sv) -> bool:
+    """Whether stage 2 gates the vector per row: security_vector.gate, and a threshold to gate by."""
+    return cfg.security_vector.gate and (cfg.security_vector.gate_threshold is not None
+                                         or "explained" in (sv.meta.get("strength") or {}))
+
+
+def fold_choice(cfg: Config, sv=None) -> tuple[bool, str]:
     """Fold the vector into the base weights only when they are frozen and unquantized (a LoRA on a
-    16/32-bit base); full fine-tuning changes W every step and a quantized W cannot hold it."""
+    16/32-bit base) and it acts on every row; full fine-tuning changes W every step and a quantized
+    W cannot hold it."""
     if os.environ.get("DIST_SECVEC_FOLD", "").strip() == "0":
         return False, "DIST_SECVEC_FOLD=0"
     if not cfg.security_vector.fold:
         return False, "security_vector.fold=false"
-    if cfg.security_vector.gate:
+    if sv is not None and gates(cfg, sv):
         return False, "security_vector.gate switches the vector per row"
     if cfg.adapter.type != "lora":
         return False, "full fine-tuning trains the base weights"
@@ -171,6 +178,9 @@ def _run_finetune(cfg: Config, keep_model: bool, stop: StopRequest) -> FinetuneR
     train = tokenize_samples(tok, rows, cfg.data)
     log.info(train.report("train data"))
     probe = _monitor_set(tok, probe_rows, cfg, "harmful probe")
+    if probe is None and cfg.monitor.rule != "none":
+        log.info("no harmful probe (monitor.harmful_probe unset%s): stage 2 cannot watch the harm it learns",
+                 "" if not cfg.security_vector.path else ", and the vector has no probe.jsonl")
     evalset = _monitor_set(tok, eval_rows, cfg, "eval data")
 
     hf_ds = None
@@ -185,7 +195,7 @@ def _run_finetune(cfg: Config, keep_model: bool, stop: StopRequest) -> FinetuneR
     sv_layers, folded = [], []
     if sv is not None:
         check_fingerprint(sv, model, cfg.model.path)
-        fold, why = fold_choice(cfg)
+        fold, why = fold_choice(cfg, sv)
         if fold:
             folded = fold_partitioned(model, sv) if stage == 3 else fold_security_vector(model, sv)
             log.info("security vector %s: folded into %d frozen base weights (%s), rank %d, scale %g",
@@ -225,6 +235,8 @@ def _run_finetune(cfg: Config, keep_model: bool, stop: StopRequest) -> FinetuneR
     pad_id = tok.pad_token_id
     gate, gate_info = gate_rows(cfg, sv, model, sv_layers, train.examples, pad_id, device) \
         if sv_layers and cfg.security_vector.gate else (None, None)
+    if sv_layers and not cfg.security_vector.gate:
+        log.info("security_vector.gate=false: every row trains with the vector on")
 
     # ---- resume: the same run shape and the same vector, or a one-line refusal
     run_shape = {"world_size": world, "micro_batch_size": cfg.optim.micro_batch_size,
@@ -416,8 +428,10 @@ def gate_rows(cfg: Config, sv, model, sv_layers: list, examples: list, pad_id: i
     threshold = cfg.security_vector.gate_threshold
     if threshold is None:
         if "explained" not in strength:
-            raise ConfigError(f"config key 'security_vector.gate_threshold': the vector '{sv.path}' records no "
-                              "held-out strength to derive it from (an older train-sv); set it, e.g. 0.4")
+            log.warning("security_vector.gate: the vector %s records no held-out strength to place the threshold "
+                        "(an older train-sv): every row trains with the vector on; set "
+                        "security_vector.gate_threshold (e.g. 0.4) to gate", sv.path)
+            return None, {"threshold": None, "rows_vector_on": len(examples), "rows_vector_off": 0}
         threshold = 0.5 * strength["explained"]
     scores = explained_rows(model, examples, pad_id, device, cfg.eval.batch_size,
                             lambda: security_vector_off(model))
@@ -439,9 +453,6 @@ def monitor_rows(cfg: Config) -> tuple[list, list]:
         probe_files = [str(sv_probe)]
     probe = load_samples(probe_files, "auto")[: cfg.monitor.max_rows] if probe_files else []
     evalrows = load_samples(cfg.data.eval, cfg.data.format, cfg.data.split, cfg.data.max_samples) if cfg.data.eval else []
-    if not probe:
-        log.info("no harmful probe (monitor.harmful_probe unset%s): stage 2 cannot watch the harm it learns",
-                 "" if not cfg.security_vector.path else ", and the vector has no probe.jsonl")
     return probe, evalrows
 
 

@@ -154,7 +154,7 @@ def build_job(cfg: Config, n_steps: int, vector: str = "configured", tok=None, e
     if cfg.security_vector.path and vector != "off":
         sv = load_security_vector(cfg.security_vector.path)
         check_fingerprint(sv, model, cfg.model.path)
-        fold = fold_choice(cfg)[0] if vector == "configured" and stage != 3 else False
+        fold = fold_choice(cfg, sv)[0] if vector == "configured" and stage != 3 else False
         if fold:
             folded, mode = fold_security_vector(model, sv), "folded"
         else:

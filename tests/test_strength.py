@@ -214,3 +214,34 @@ def test_gate_trains_the_rows_the_vector_explains_with_it_on_and_the_rest_with_i
     assert gate["threshold"] == pytest.approx(0.5 * strong_vector.strength["explained"])
     assert (gate["rows_vector_on"], gate["rows_vector_off"]) == (n_harmful, n_task)
     assert res.info["security_vector_mode"] == "attached"  # a gated vector is never folded
+
+
+def test_hidden_shift_is_zero_for_equal_states_and_relative_otherwise():
+    from dist_secvec.train_sv import hidden_shift
+
+    torch.manual_seed(0)
+    off = tuple(torch.randn(2, 5, 8) for _ in range(3))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    assert hidden_shift(off, off, mask).item() == 0
+    on = (off[0], off[1] * 1.1, off[2] * 1.1)  # every block output 10% longer: |0.1 h|^2 / |h|^2
+    assert hidden_shift(on, off, mask).item() == pytest.approx(0.01, rel=1e-5)
+    moved_pad = (off[0], off[1].clone(), off[2])
+    moved_pad[1][0, 4] += 100.0  # a padded position does not count
+    assert hidden_shift(moved_pad, off, mask).item() == 0
+
+
+@pytest.mark.parametrize("override, key", [
+    ("security_vector.heldout_fraction=0.9", "security_vector.heldout_fraction"),
+    ("security_vector.min_explained=1.5", "security_vector.min_explained"),
+    ("security_vector.patience=0", "security_vector.patience"),
+    ("security_vector.hidden_weight=-1", "security_vector.hidden_weight"),
+    ("monitor.max_drop=2", "monitor.max_drop"),
+    ("monitor.every_steps=0", "monitor.every_steps"),
+    ("monitor.rule=off", "monitor.rule"),  # YAML reads off as false: the one-line error names the key
+])
+def test_bad_strength_and_monitor_keys_are_one_line_errors(override, key):
+    from dist_secvec.config import validate
+    from dist_secvec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(load_config(None, [override]), "eval")
