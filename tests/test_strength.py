@@ -245,3 +245,11 @@ def test_bad_strength_and_monitor_keys_are_one_line_errors(override, key):
 
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(load_config(None, [override]), "eval")
+
+
+def test_monitor_generate_logs_the_judged_rate_of_the_probe(tiny_world, tmp_path):
+    out = tmp_path / "ft"
+    stage2(tiny_world, out, f"monitor.harmful_probe={tiny_world.data['eval_harmful']}", "monitor.generate=true",
+           "monitor.every_steps=2", "optim.max_steps=2", "eval.max_new_tokens=8")
+    rates = [r["probe_harmful_rate"] for r in train_log(out) if "probe_harmful_rate" in r]
+    assert len(rates) == 2 and all(0.0 <= r <= 1.0 for r in rates)  # step 0 and step 2
