@@ -173,7 +173,7 @@ class MonitorConfig:
     harmful_probe: list[str] = field(default_factory=list)
     every_steps: Optional[int] = None  # None = 10 checks per run (and at step 0 and the end)
     rule: str = "warn"  # warn | stop | none (watch nothing): what a probe loss fallen by more than max_drop does
-    max_drop: float = 0.6  # on 1 - probe_loss / its step-0 value: learned harm ends near 1
+    max_drop: float = 0.75  # on 1 - probe_loss / its step-0 value: learned harm ends near 1
     generate: bool = False  # also generate on the probe prompts and judge them (eval.judges)
     max_rows: int = 64  # probe rows used (the first N)
 
