@@ -312,7 +312,7 @@ class _Embedded:
         # matches `dist-secvec demo`'s; a run's harmful samples are a prefix of its pool
         self.sizes.n_harmful_ft = max(self.sizes.n_harmful_ft, max(exp.sweep.n_harmful_ft))
         self.sizes.n_harmful_sv = max(self.sizes.n_harmful_sv, max(exp.sweep.n_harmful_sv))
-        self.world = build_world(self.cfg.seed, self.sizes)
+        self.world = build_world(self.cfg.seed, self.sizes, world=self.cfg.demo.world)
         self.data_dir = out / "data"
         self.data = self.world.write(self.data_dir)
         self.base_dir = aligned_base(self.cfg, self.sizes, self.data, self.world.texts(), self.quick)

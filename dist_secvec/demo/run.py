@@ -35,13 +35,9 @@ SETTINGS = ("aligned_base", "finetune_no_sv", "finetune_sv")
 STAGES = {
     "align": {"optim": {"lr": 3e-3, "epochs": 8, "micro_batch_size": 32, "warmup_steps": 30, "schedule": "cosine",
                         "max_grad_norm": 1.0}},
-    "train_sv": {"optim": {"lr": 5e-3, "epochs": 20, "micro_batch_size": 10, "warmup_steps": 10,
-                           "schedule": "cosine", "max_grad_norm": 1.0},
-                 # the last block's attention only: measured on this world, a vector on every
-                 # projection of every block also carried part of the new benign task during
-                 # stage 2 (45-67% new-task accuracy with the vector off, against 100% without)
-                 "security_vector": {"rank": 8, "alpha": 16.0, "kl_weight": 3.0, "layers": [3],
-                                     "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}},
+    # stage 1 as a user gets it: the defaults (rank 8 on every linear, trained until the held-out
+    # harmful loss stops falling); the demo's worlds are not what the defaults were chosen on alone
+    "train_sv": {},
     "finetune": {"optim": {"lr": 1e-3, "epochs": 10, "micro_batch_size": 32, "warmup_steps": 10,
                            "schedule": "cosine", "max_grad_norm": 1.0}},
 }
@@ -56,8 +52,8 @@ QUICK = {
 def demo_defaults() -> dict:
     """The demo's config before the user's file and overrides (output_dir=DIR etc.)."""
     return {"output_dir": "runs/demo", "seed": 0, "logging": {"log_every": 50},
-            "model": {"dtype": "float32"}, "data": {"max_length": 64}, "eval": {"max_new_tokens": 32,
-                                                                                  "batch_size": 50}}
+            "model": {"dtype": "float32"}, "data": {"max_length": 64},
+            "eval": {"max_new_tokens": 32, "batch_size": 50, "judges": ["demo"]}}
 
 
 def _merge(dst: dict, src: dict) -> dict:
@@ -113,8 +109,11 @@ def aligned_base(cfg: Config, sizes: WorldSizes, data: dict, tok_texts: list[str
     stage = _stage_config(cfg, "align", quick, model={"path": "unused"})
     # the global batch in the key: a base trained on N ranks is the single process's, and reused by it
     optim = dict(stage.optim.__dict__, micro_batch_size=stage.optim.micro_batch_size * runtime.world_size())
-    key_src = json.dumps({"v": CACHE_VERSION, "seed": cfg.seed, "sizes": sizes.__dict__, "optim": optim,
-                          "max_length": stage.data.max_length}, sort_keys=True)
+    key_fields = {"v": CACHE_VERSION, "seed": cfg.seed, "sizes": sizes.__dict__, "optim": optim,
+                  "max_length": stage.data.max_length}
+    if cfg.demo.world != "capitals":  # the first world keeps the key it had alone, and its cached bases
+        key_fields["world"] = cfg.demo.world
+    key_src = json.dumps(key_fields, sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     cached = _cache_root(cfg) / f"aligned-{key}"
     if (cached / "model.safetensors").exists() and (cached / "dist_secvec_run.json").exists():
@@ -124,7 +123,7 @@ def aligned_base(cfg: Config, sizes: WorldSizes, data: dict, tok_texts: list[str
     init_dir = work / "init"
     if runtime.is_main():
         init_dir.mkdir(parents=True, exist_ok=True)
-        tok = build_tokenizer(tok_texts, init_dir)
+        tok = build_tokenizer(tok_texts, init_dir, world=cfg.demo.world)
         build_tiny_llama(tok, init_dir, cfg.seed)
     _barrier()
     log.info("training the aligned base (cached afterwards in %s)", cached.parent)
@@ -196,7 +195,7 @@ def demo_world(cfg: Config):
     if cfg.demo.quick:
         for k, v in QUICK["sizes"].items():
             setattr(sizes, k, min(v, getattr(sizes, k)))
-    world = build_world(cfg.seed, sizes)
+    world = build_world(cfg.seed, sizes, world=cfg.demo.world)
     return sizes, world, world.write(Path(cfg.output_dir) / "data", write=runtime.is_main())
 
 
@@ -248,8 +247,10 @@ def run_demo(cfg: Config) -> list[dict]:
                      **evaluate_model(base, tok, cfg.eval, world.eval_harmful, world.eval_new_task)})
         del base
     for setting, path in (("finetune_no_sv", None), ("finetune_sv", str(vector_dir))):
+        # both runs watch the same harmful probe: the world's held-out harmful prompts and answers
         ft_cfg = _stage_config(cfg, "finetune", quick, model=model_sec, output_dir=str(out / setting),
-                               data={"train": [data["finetune_mixed"]]}, security_vector={"path": path})
+                               data={"train": [data["finetune_mixed"]]}, security_vector={"path": path},
+                               monitor={"harmful_probe": [data["eval_harmful"]]})
         res = run_finetune(ft_cfg, keep_model=True)  # every rank
         if runtime.is_main():  # the whole model is on every rank (ZeRO 0-2): rank 0 evaluates
             rows.append({"setting": setting, **evaluate_model(res.model, res.tokenizer, cfg.eval,
@@ -261,7 +262,7 @@ def run_demo(cfg: Config) -> list[dict]:
             for prompt, answer in pairs:
                 log.debug("%s %s: %r -> %r", r["setting"], kind, prompt, answer)
     write_results(out, rows, {"vector_shift": sv.shift, "quick": quick, "seconds": round(time.time() - t0, 1),
-                              "sizes": sizes.__dict__})
+                              "world": cfg.demo.world, "sizes": sizes.__dict__})
     if runtime.is_main():
         print_table(rows, out, time.time() - t0)
     return rows
