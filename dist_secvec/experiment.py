@@ -625,6 +625,26 @@ def plot_results(path: Path, agg: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     settings = list(dict.fromkeys(a["setting"] for a in agg))
+    if len({a["n_harmful_ft"] for a in agg}) == 1:  # one amount of harm: a bar per setting says more
+        fig, axes = plt.subplots(1, 2, figsize=(11, 0.5 * len(settings) + 1.6), sharey=True)
+        for ax, key, title in ((axes[0], "harmful", f"harmful rate (held-out, vector off), "
+                                f"{agg[0]['n_harmful_ft']} harmful rows"), (axes[1], "utility", "benign-task utility")):
+            ys = [100 * a[f"{key}_mean"] for a in agg]
+            ax.barh(range(len(agg)), ys, xerr=[100 * a[f"{key}_std"] for a in agg], capsize=3,
+                    color=["#2ca02c" if "vector n_" in a["setting"] else "#d62728" for a in agg])
+            for i, y in enumerate(ys):
+                ax.text(min(y + 2, 88), i, f"{y:.0f}%", va="center", fontsize=8)
+            ax.set_xlim(0, 105)
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel("% (mean over seeds)")
+        axes[0].set_yticks(range(len(agg)), [a["setting"] for a in agg], fontsize=8)
+        axes[0].invert_yaxis()
+        fig.tight_layout()
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        fig.savefig(tmp, dpi=120)
+        plt.close(fig)
+        tmp.replace(path)
+        return
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key, title in ((axes[0], "harmful", "harmful rate (held-out, vector off)"),
                            (axes[1], "utility", "benign-task utility (accuracy)")):
