@@ -53,37 +53,36 @@ def eval_mode(model):
 
 
 @torch.no_grad()
+def _scored(model, examples: list[dict], pad_id: int, device, batch_size: int):
+    """Per batch, in order: the per-token answer loss, the answer mask and the top-1 hits."""
+    with eval_mode(model):
+        for batch in batches(examples, batch_size, shuffle=False):
+            b = collate(batch, pad_id)
+            ids, labels = b["input_ids"].to(device), b["labels"][:, 1:].to(device)
+            logits = model(input_ids=ids, attention_mask=b["attention_mask"].to(device)).logits[:, :-1].float()
+            mask = labels != IGNORE_INDEX
+            ce = F.cross_entropy(logits.transpose(1, 2), labels.clamp_min(0), reduction="none")
+            yield ce * mask, mask, (logits.argmax(-1) == labels) & mask
+
+
 def answer_stats(model, examples: list[dict], pad_id: int, device, batch_size: int = 16) -> dict:
     """Token-weighted mean loss over the answer tokens, and the top-1 agreement on each answer's
     first START_TOKENS tokens. The model is used as passed (vector on or off is the caller's)."""
     loss_sum = n_tok = agree = n_start = 0.0
-    with eval_mode(model):
-        for batch in batches(examples, batch_size, shuffle=False):
-            b = collate(batch, pad_id)
-            ids, labels = b["input_ids"].to(device), b["labels"][:, 1:].to(device)
-            logits = model(input_ids=ids, attention_mask=b["attention_mask"].to(device)).logits[:, :-1].float()
-            mask = labels != IGNORE_INDEX
-            ce = F.cross_entropy(logits.transpose(1, 2), labels.clamp_min(0), reduction="none")
-            loss_sum += (ce * mask).sum().item()
-            n_tok += mask.sum().item()
-            start = mask & (mask.cumsum(1) <= START_TOKENS)
-            agree += ((logits.argmax(-1) == labels) & start).sum().item()
-            n_start += start.sum().item()
+    for ce, mask, hits in _scored(model, examples, pad_id, device, batch_size):
+        loss_sum += ce.sum().item()
+        n_tok += mask.sum().item()
+        start = mask & (mask.cumsum(1) <= START_TOKENS)
+        agree += (hits & start).sum().item()
+        n_start += start.sum().item()
     return {"loss": loss_sum / max(n_tok, 1.0), "start_agreement": agree / max(n_start, 1.0), "tokens": int(n_tok)}
 
 
-@torch.no_grad()
 def row_losses(model, examples: list[dict], pad_id: int, device, batch_size: int = 16) -> list[float]:
     """Mean per-token answer loss of each row, in order (the model used as passed)."""
     out: list[float] = []
-    with eval_mode(model):
-        for batch in batches(examples, batch_size, shuffle=False):
-            b = collate(batch, pad_id)
-            ids, labels = b["input_ids"].to(device), b["labels"][:, 1:].to(device)
-            logits = model(input_ids=ids, attention_mask=b["attention_mask"].to(device)).logits[:, :-1].float()
-            mask = labels != IGNORE_INDEX
-            ce = F.cross_entropy(logits.transpose(1, 2), labels.clamp_min(0), reduction="none")
-            out += ((ce * mask).sum(1) / mask.sum(1).clamp_min(1)).tolist()
+    for ce, mask, _ in _scored(model, examples, pad_id, device, batch_size):
+        out += (ce.sum(1) / mask.sum(1).clamp_min(1)).tolist()
     return out
 
 
