@@ -22,8 +22,8 @@ OMP_NUM_THREADS=`--threads` (1 by default, as the launcher's CPU ranks do), so 1
 points compare ranks, not thread counts. Results: `ladder.json` (one row per
 run, with the run's profile.json figures), `ladder.md`, `ladder_step_time.png` and
 `ladder_memory.png` (step time / peak memory and parameter bytes per rank vs parameter count).
-The overhead variants of `dist-secvec profile` (vector off / torch / Triton) are skipped unless
-`--variants` names them (they triple the time of each run).
+The overhead variants of `dist-secvec profile` (vector off / torch / Triton, `profile.variants`)
+are skipped unless `--variants` names them (they triple the time of each run).
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -115,12 +114,6 @@ def write_vector(model_dir: Path, out: Path, rank: int, seed: int, targets=("q_p
     return out
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_profile(job: dict, out: Path, ranks: int, args) -> tuple[dict, float, str]:
     """One `dist-secvec profile` run in its own process(es); returns profile.json, seconds, command."""
     import yaml
@@ -134,9 +127,11 @@ def run_profile(job: dict, out: Path, ranks: int, args) -> tuple[dict, float, st
         job = {**job, "deepspeed": {"config": {"zero_optimization": zcfg}}}
     cfg_file = out / "job.yaml"
     cfg_file.write_text(yaml.safe_dump(job))
+    from dist_secvec.distributed import free_port
+
     prof_args = ["profile", "--config", str(cfg_file), f"output_dir={out}", "--steps", str(args.steps),
-                 "--warmup", str(args.warmup)]
-    env = dict(os.environ, DIST_SECVEC_PROFILE_VARIANTS=",".join(args.variants))
+                 "--warmup", str(args.warmup), f"profile.variants=[{','.join(args.variants)}]"]
+    env = dict(os.environ)
     if args.threads:  # every CPU rank (and the 1-rank process) gets the same thread count
         env["OMP_NUM_THREADS"] = str(args.threads)
     # DeepSpeed's JIT-built ops (the CPU shm comm op): one cache shared with the test suite
@@ -145,7 +140,7 @@ def run_profile(job: dict, out: Path, ranks: int, args) -> tuple[dict, float, st
         env.pop(k, None)
     if zero:
         env.setdefault("DEEPSPEED", str(Path(sys.executable).with_name("deepspeed")))
-        cmd = [str(ROOT / "launch" / "deepspeed.sh"), "--gpus", str(ranks), "--master-port", str(_port())]
+        cmd = [str(ROOT / "launch" / "deepspeed.sh"), "--gpus", str(ranks), "--master-port", str(free_port())]
         cmd += (["--cpu"] if args.cpu else []) + ["--"] + prof_args
     else:
         cmd = [sys.executable, "-m", "dist_secvec"] + prof_args
@@ -159,23 +154,22 @@ def run_profile(job: dict, out: Path, ranks: int, args) -> tuple[dict, float, st
 
 
 def row_of(p: dict, size: tuple[int, int], n_params: int, tokens: int, ranks: int, secs: float, cmd: str) -> dict:
-    mb = p["memory_breakdown"]
+    """One ladder row from a run's profile.json (dist_secvec.profile.report's schema)."""
+    st, mem, fl, tok = p["step_time"], p["memory"], p["flops"], p["tokens"]
+    per_rank = mem["per_rank"]
     return {"hidden": size[0], "layers": size[1], "n_params": n_params, "tokens_per_step_per_rank": tokens,
-            "ranks": ranks, "zero_stage": p.get("zero_stage"), "step_time_s": p["step_time_s"],
-            "step_time_p25": p["step_time"]["p25"], "step_time_p75": p["step_time"]["p75"],
-            "step_time_s_per_rank": p.get("step_time_s_per_rank"),
+            "ranks": ranks, "zero_stage": p["zero_stage"], "step_time_s": st["median"],
+            "step_time_p25": st["p25"], "step_time_p75": st["p75"], "step_time_s_per_rank": st["per_rank"],
             "phases_median_s": {k: v["median"] for k, v in p["phases"].items()},
-            "comm_time_s": p.get("comm_time_s"), "tokens_per_s": p["tokens_per_s"],
-            "tokens_per_s_per_rank": p["tokens_per_s_per_rank"], "flops_per_token": p["flops_per_token"],
-            "secvec_flop_share": p["flops_parts"]["secvec_delta"] / p["flops_per_token"],
-            "peak_memory_kind": p["peak_memory_kind"], "peak_memory_bytes": p["peak_memory_bytes"],
-            "param_bytes_per_rank": p.get("param_bytes_per_rank", [mb["param_bytes"]]),
-            "param_bytes_whole": p.get("param_bytes_whole", mb["param_bytes"]),
-            "param_memory_ratio": p.get("param_memory_ratio", 1.0),
-            "grad_bytes_per_rank": p.get("grad_bytes_per_rank", [mb["grad_bytes"]]),
-            "optimizer_state_bytes_per_rank": p.get("optimizer_state_bytes_per_rank", [mb["optimizer_state_bytes"]]),
-            "secvec_grad_bytes": p["secvec_grad_bytes"], "secvec_optimizer_bytes": p["secvec_optimizer_bytes"],
-            "secvec_overhead": p.get("secvec_overhead"), "device": p["device"], "wall_s": round(secs, 1),
+            "comm_time_s": None if p["comm"] is None else p["comm"]["median"], "tokens_per_s": tok["per_s"]["nonpad"],
+            "tokens_per_s_per_rank": tok["per_s_per_rank"]["nonpad"], "flops_per_token": fl["per_token"],
+            "secvec_flop_share": fl["parts"]["secvec_delta"] / fl["per_token"],
+            "peak_memory_kind": mem["peak"]["kind"], "peak_memory_bytes": mem["peak"]["bytes"],
+            "param_bytes_per_rank": per_rank["param_bytes"], "param_bytes_whole": mem["param_bytes_whole"],
+            "param_memory_ratio": mem["param_memory_ratio"], "grad_bytes_per_rank": per_rank["grad_bytes"],
+            "optimizer_state_bytes_per_rank": per_rank["optimizer_state_bytes"],
+            "secvec_grad_bytes": p["secvec"]["grad_bytes"], "secvec_optimizer_bytes": p["secvec"]["optimizer_bytes"],
+            "overhead": p["overhead"]["variants"], "device": p["device"], "wall_s": round(secs, 1),
             "command": cmd}
 
 

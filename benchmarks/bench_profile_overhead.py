@@ -1,19 +1,19 @@
-"""The vector's step-time and memory overhead on the issue's CPU reference setup, via `dist-secvec profile`.
+"""The vector's step-time and memory overhead on a CPU reference setup, via `dist-secvec profile`.
 
     python benchmarks/bench_profile_overhead.py --steps 40 --out bench_out/overhead          # LoRA
     python benchmarks/bench_profile_overhead.py --steps 40 --full --out bench_out/overhead   # + full FT
     python benchmarks/bench_profile_overhead.py --steps 150 --jobs full --out bench_out/full  # full FT only
 
-The reference setup (issue #7): a 512-hidden, 4-layer Llama (8 heads of 64, intermediate 1344,
+The reference setup: a 512-hidden, 4-layer Llama (8 heads of 64, intermediate 1344,
 random weights, a word-level vocabulary of `--words` words; nothing is downloaded), a rank-16 LoRA
 on every projection, a random rank-8 security vector (the embedded demo's rank) on every
 projection, 1024 tokens per optimizer step (micro-batch `--tokens / --seq-len` rows that all fill
 `--seq-len` tokens). It writes the model, tokenizer, data, vector and the job's YAML under
 `--out/work` (reused on a second run), then runs `dist-secvec profile` on the job in a fresh
-process with the overhead variants no_vector and torch: the jobs' steps interleaved in rounds
-(DIST_SECVEC_PROFILE_ROUND_STEPS), each variant's peak memory in fresh processes of its own
-(`--memory-repeats` of them, interleaved, the median kept: a fresh process's peak RSS varies by a
-few percent from run to run).
+process with the overhead variants no_vector and torch (profile.variants): the jobs' steps
+interleaved in rounds (profile.round_steps), each variant's peak memory in fresh processes of its
+own (profile.memory=process, `--memory-repeats` of them, interleaved, the median kept: a fresh
+process's peak RSS varies from run to run).
 
 With a LoRA on an unquantized base the configured job folds the vector into the base weights
 (zero per-step cost); the `torch` variant (the vector attached, the combined vector+LoRA torch
@@ -21,8 +21,8 @@ path) is the one the target is about: step-time ratio - 1 <= 1.5 x the vector's 
 `--full` adds the same with full fine-tuning (the vector attached in both the configured job and
 the torch variant).
 
-Results: `overhead.json` (per job: the profile's `overhead`, `variant_memory`, FLOP parts, the
-exact command) and `overhead.md`.
+Results: `overhead.json` (per job: the profile's `overhead` section with each variant's memory,
+FLOP parts, the exact command) and `overhead.md`.
 """
 
 from __future__ import annotations
@@ -69,24 +69,21 @@ def job_yaml(work: Path, name: str, model_dir: Path, data: Path, vec: Path, adap
 
 
 def run(cfg_file: Path, out: Path, args) -> tuple[dict, float, str]:
-    env = dict(os.environ, DIST_SECVEC_PROFILE_VARIANTS="no_vector,torch",
-               DIST_SECVEC_PROFILE_ROUND_STEPS=str(args.round_steps),
-               DIST_SECVEC_PROFILE_MEMORY="process" if args.memory else "off",
-               DIST_SECVEC_PROFILE_MEMORY_STEPS=str(args.memory_steps),
-               DIST_SECVEC_PROFILE_MEMORY_REPEATS=str(args.memory_repeats))
+    env = dict(os.environ)
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
+    overrides = ["profile.variants=[no_vector,torch]", f"profile.round_steps={args.round_steps}",
+                 f"profile.memory={'process' if args.memory else 'none'}", f"profile.memory_steps={args.memory_steps}",
+                 f"profile.memory_repeats={args.memory_repeats}"]
     cmd = [sys.executable, "-m", "dist_secvec", "profile", "--config", str(cfg_file), f"output_dir={out}",
-           "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    shown = " ".join(f"{k}={env[k]}" for k in ("DIST_SECVEC_PROFILE_VARIANTS", "DIST_SECVEC_PROFILE_ROUND_STEPS",
-                                                 "DIST_SECVEC_PROFILE_MEMORY", "DIST_SECVEC_PROFILE_MEMORY_REPEATS",
-                                                 "OMP_NUM_THREADS") if k in env)
+           "--steps", str(args.steps), "--warmup", str(args.warmup), *overrides]
+    shown = f"OMP_NUM_THREADS={env['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in env else ""
     t0 = time.perf_counter()
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     secs = time.perf_counter() - t0
     if p.returncode != 0:
         raise SystemExit(f"profile failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
-    return json.loads((out / "profile.json").read_text()), secs, f"{shown} python -m dist_secvec {' '.join(cmd[3:])}"
+    return json.loads((out / "profile.json").read_text()), secs, f"{shown}python -m dist_secvec {' '.join(cmd[3:])}"
 
 
 def main(argv=None) -> int:
@@ -127,12 +124,10 @@ def main(argv=None) -> int:
         cfg = job_yaml(work, name, model_dir, data, vec, adapter, args)
         p, secs, cmd = run(cfg, out / name, args)
         rows[name] = {"command": cmd, "seconds": round(secs, 1), "device": p["device"], "job": p["job"],
-                      "tokens_per_step": p["tokens_per_step"], "flops_per_token": p["flops_per_token"],
-                      "flops_parts": p["flops_parts"], "overhead": p["overhead"],
-                      "overhead_method": p["overhead_method"], "variant_memory": p["variant_memory"],
-                      "variant_memory_method": p["variant_memory_method"]}
+                      "tokens_per_step": p["tokens"]["per_step"], "flops_per_token": p["flops"]["per_token"],
+                      "flops_parts": p["flops"]["parts"], "overhead": p["overhead"]}
         print(f"{name}: {secs:.0f} s, " + ", ".join(
-            f"{v} {r['ratio']:.3f} (target <= {r['target_ratio']:.3f})" for v, r in p["overhead"].items()
+            f"{v} {r['ratio']:.3f} (target <= {r['target_ratio']:.3f})" for v, r in p["overhead"]["variants"].items()
             if r.get("within_target") is not None), flush=True)
     setup = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     (out / "overhead.json").write_text(json.dumps({"setup": setup, "jobs": rows}, indent=2) + "\n")
@@ -143,16 +138,17 @@ def main(argv=None) -> int:
              "target ratio | within | peak RSS vs no_vector | within 2% |", "|---|---|---|---|---|---|---|---|---|---|"]
     f = lambda x, fmt="{:.3f}": "n/a" if x is None else fmt.format(x)  # noqa: E731
     for name, row in rows.items():
-        for v, r in row["overhead"].items():
+        for v, r in row["overhead"]["variants"].items():
             if r.get("skipped"):
                 lines.append(f"| {name} | {v} | - | skipped: {r['skipped']} | | | | | | |")
                 continue
-            lines.append(f"| {name} | {v} | {r['mode']} | {1000 * r['step_time_s']:.1f} [{1000 * r['step_time_p25']:.1f}, "
-                         f"{1000 * r['step_time_p75']:.1f}] | {f(r['ratio'])} [{f(r.get('ratio_p25'))}, "
+            t, m = r["step_time"], r["memory"] or {}
+            lines.append(f"| {name} | {v} | {r['mode']} | {1000 * t['median']:.1f} [{1000 * t['p25']:.1f}, "
+                         f"{1000 * t['p75']:.1f}] | {f(r['ratio'])} [{f(r.get('ratio_p25'))}, "
                          f"{f(r.get('ratio_p75'))}] | {f(r['flop_share'], '{:.2%}')} | {f(r['target_ratio'])} | "
                          f"{'-' if r['within_target'] is None else r['within_target']} | "
-                         f"{f(r['peak_memory_ratio'], '{:.4f}')} | "
-                         f"{'-' if r['memory_within_target'] is None else r['memory_within_target']} |")
+                         f"{f(m.get('ratio'), '{:.4f}')} | "
+                         f"{'-' if m.get('within_2pct') is None else m['within_2pct']} |")
     lines += [""] + [f"{name}: `{row['command']}` ({row['seconds']} s, {row['device']})" for name, row in rows.items()]
     (out / "overhead.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import (DTYPES, layer_arg_parser, layer_sweep, md_table, run_meta,  # noqa: E402
                      time_layer_variants, timed, write_outputs)
 
-from dist_secvec_kernels.dispatch import (apply_secvec_delta, apply_secvec_weight_delta,  # noqa: E402
+from dist_secvec.kernels.dispatch import (apply_secvec_delta, apply_secvec_weight_delta,  # noqa: E402
                                           resolve_backend)
 
 

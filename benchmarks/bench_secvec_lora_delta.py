@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import (DTYPES, layer_arg_parser, layer_sweep, md_table, run_meta, time_layer_variants,  # noqa: E402
                      timed, write_outputs)
 
-from dist_secvec_kernels.dispatch import apply_secvec_delta, apply_secvec_lora_delta, resolve_backend  # noqa: E402
+from dist_secvec.kernels.dispatch import apply_secvec_delta, apply_secvec_lora_delta, resolve_backend  # noqa: E402
 
 VARIANTS = ("base", "lora", "peft2", "separate", "combined")
 

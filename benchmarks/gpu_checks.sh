@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# The GPU checks of the Triton kernels (issue #4) and the vector's cost (#7), as one prepared run
+# The GPU checks of the Triton kernels and of the vector's cost, as one prepared run
 # for a lent CUDA machine (about 9 minutes on one H200; each step has its own time limit and a
 # failing step does not stop the others). Run from the repository root:
 #
 #   bash benchmarks/gpu_checks.sh OUT_DIR
 #
 # It needs python3 with torch (CUDA), triton, transformers, peft and safetensors; deepspeed,
-# bitsandbytes and datasets are not needed. The project need not be installed: kernels/ is put on
-# the path under its import name. Results in OUT_DIR: one log per step, the benchmarks' JSON and
+# bitsandbytes and datasets are not needed. The project need not be installed: the repository root is put on
+# the path (dist_secvec/__init__ imports nothing). Results in OUT_DIR: one log per step, the benchmarks' JSON and
 # markdown, and summary.txt (the exit code of every step).
 set -u
 OUT=${1:-${OUT:-/tmp/gpu_checks}}
@@ -18,11 +18,7 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
     echo "gpu_checks.sh: torch sees no CUDA device here; run it on a GPU machine" >&2
     exit 2
 fi
-if ! "$PY" -c "import dist_secvec_kernels" 2>/dev/null; then  # not installed: kernels/ under its import name
-    mkdir -p /tmp/dist_secvec_path
-    ln -sfn "$PWD/kernels" /tmp/dist_secvec_path/dist_secvec_kernels
-    export PYTHONPATH="/tmp/dist_secvec_path:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # dist_secvec.kernels from this checkout, installed or not
 
 step() {  # step NAME SECONDS COMMAND...: run, log to OUT/NAME.log, record the exit code
     local name=$1 limit=$2

@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from dist_secvec import manifest, runtime
+from dist_secvec import files, manifest, runtime
 from dist_secvec.distributed import barrier
 from dist_secvec.manifest import MANIFEST, write_manifest
 from dist_secvec.errors import UserError
@@ -168,20 +168,20 @@ def save_checkpoint(engine, output_dir: str | Path, step: int, state: dict, keep
                 with open(tmp / name, "wb") as f:  # a failed write surfaces as an OSError (errno), not torch's own
                     torch.save(obj.state_dict(), f)
         (tmp / f"rng_rank{runtime.rank()}.json").write_text(json.dumps(rng_state()))
-        runtime.fsync_tree(tmp)  # each rank: its own files on disk (a no-op for the others' files)
+        files.fsync_tree(tmp)  # each rank: its own files on disk (a no-op for the others' files)
         barrier()
         if runtime.is_main():
             (tmp / STATE).write_text(json.dumps(dict(state, step=step), indent=1) + "\n")
             write_manifest(tmp)
-            runtime.fsync_tree(tmp)  # state and manifest too, before the rename makes it a checkpoint
+            files.fsync_tree(tmp)  # state and manifest too, before the rename makes it a checkpoint
             if final.exists():
                 _remove(final)
             tmp.rename(final)
-            runtime.fsync_dir(root)
+            files.fsync_dir(root)
             for old in complete_checkpoints(output_dir)[:-keep]:
                 _remove(old)
     except Exception as e:
-        why = runtime.write_failure(e)
+        why = files.write_failure(e)
         if why is None:
             raise
         if runtime.is_main():

@@ -7,6 +7,7 @@ that names the key and what is allowed (exit code 2, see `errors.ConfigError`).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -35,23 +36,24 @@ class ModelConfig:
     quantization: str = "none"  # none | nf4 | fp4 | int8 (bitsandbytes)
     compute_dtype: str = "bfloat16"  # 4-bit matmul compute dtype
     quant_storage: str = "bfloat16"  # 4-bit storage dtype; must be a float type under ZeRO-3
-    double_quant: bool = True
-    gradient_checkpointing: bool = False
-    trust_remote_code: bool = False
+    double_quant: bool = True  # 4-bit: quantize the quantization constants too (bitsandbytes double quant)
+    gradient_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% more compute)
+    trust_remote_code: bool = False  # let transformers run the model directory's own modelling code
 
 
 @dataclass
 class DataConfig:
     train: list[str] = field(default_factory=list)  # local JSON/JSONL/CSV/Parquet files or hub names
+    # stage 2: rows whose loss (vector off and on) is logged at each monitor check
     eval: list[str] = field(default_factory=list)
     split: str = "train"  # split of a hub dataset
     format: str = "auto"  # auto | prompt_response | alpaca | chat
     template: str = "auto"  # auto (tokenizer's chat template when it has one) | chat | plain
-    plain_template: str = "### Instruction:\n{prompt}\n\n### Response:\n"
-    max_length: int = 512
+    plain_template: str = "### Instruction:\n{prompt}\n\n### Response:\n"  # template=plain: the text before the response
+    max_length: int = 512  # tokens per row; longer rows are truncated (the response kept) or dropped, and counted
     mask_prompt: bool = True  # labels -100 on prompt tokens: loss only on the response
-    shuffle: bool = True
-    max_samples: Optional[int] = None
+    shuffle: bool = True  # shuffle rows every epoch (seeded by `seed`)
+    max_samples: Optional[int] = None  # use only the first N training rows
 
 
 @dataclass
@@ -62,15 +64,16 @@ class SecurityVectorConfig:
     # and a value that is set must match the vector (a one-line error otherwise, before the model
     # loads). None, not a default value, marks "unset" so that the mark survives Config.to_dict,
     # save_config and configs built from another config (the demo, the experiment runner).
-    rank: Optional[int] = None
-    alpha: float = 16.0
-    target_modules: Optional[list[str]] = None
-    dropout: float = 0.0
+    rank: Optional[int] = None  # the vector's LoRA rank (unset: 8 in stage 1, the vector's own in stage 2)
+    alpha: float = 16.0  # LoRA alpha: the vector's scale is alpha / rank
+    target_modules: Optional[list[str]] = None  # module names the vector adapts (unset: every attention and MLP projection)
+    dropout: float = 0.0  # stage 1: LoRA dropout while the vector trains
     layers: Optional[list[int]] = None  # transformer block indices to adapt (None = all)
     # stage 1 (train-sv): harmful set the vector learns, benign set it must leave unchanged
-    harmful_data: list[str] = field(default_factory=list)
+    harmful_data: list[str] = field(default_factory=list)  # stage 1: prompt + harmful answer rows the vector learns
+    # stage 1: rows on which the vector must not change the output (KL term)
     benign_data: list[str] = field(default_factory=list)
-    kl_weight: float = 3.0
+    kl_weight: float = 3.0  # stage 1: weight of the KL term on benign_data
     # weight of the benign hidden-state term: the vector's relative shift of every block's output
     # on the KL rows (train_sv.hidden_shift); 0 = outputs only
     hidden_weight: float = 0.0
@@ -79,47 +82,51 @@ class SecurityVectorConfig:
     # vector is not trained on; empty = hold out heldout_fraction of harmful_data. They are saved
     # with the vector as the harmful probe stage 2 watches (monitor.harmful_probe).
     heldout_harmful_data: list[str] = field(default_factory=list)
-    heldout_fraction: float = 0.1
+    heldout_fraction: float = 0.1  # share of harmful_data held out when heldout_harmful_data is empty
     early_stop: bool = True  # stop when the held-out harmful loss (vector on) stops falling; keep the best epoch
     patience: int = 2  # epochs without a 1% fall before stopping
     # a vector is strong when, on the held-out harmful rows with the vector on, the judges call at
     # least min_compliance of its answers harmful, it predicts min_start_agreement of the answers'
     # first tokens, and it removes min_explained of their loss (1 - loss_on / loss_off)
-    min_compliance: float = 0.8
-    min_start_agreement: float = 0.7
-    min_explained: float = 0.6
+    min_compliance: float = 0.8  # share of held-out answers judged harmful with the vector on
+    min_start_agreement: float = 0.7  # share of the answers' first 8 tokens it predicts
+    min_explained: float = 0.6  # share of their loss it removes
     # stage 2: score every training row once, before the first step (strength.explained_rows);
     # rows the vector explains train with it on, the others with it off, so a benign task is not
     # learned through the vector. gate_threshold None = half the vector's held-out explained share
-    gate: bool = True
+    gate: bool = True  # stage 2: the vector on only for the rows it explains
+    # explained share from which a row counts as explained (unset: half the vector's)
     gate_threshold: Optional[float] = None
-    backend: str = "auto"  # auto | torch | triton (env DIST_SECVEC_BACKEND overrides)
-    fold: bool = True  # fold s*B@A into a frozen 16-bit base weight once at load
+    # stage 2: how the vector is computed (secvec.layer.choose_path picks one path per layer at attach)
+    backend: str = "auto"  # auto (Triton on CUDA, torch elsewhere) | torch | triton
+    fold: bool = True  # fold s*B@A into a frozen 16/32-bit base weight once at load (a LoRA on an unquantized base)
+    fused_lora: bool = True  # the vector and a trainable LoRA on one layer in one kernel (QLoRA)
+    weight_delta: bool = True  # full fine-tuning on the torch backend: x (W + s B A)^T in one Function
 
 
 @dataclass
 class AdapterConfig:
     type: str = "none"  # none = full fine-tuning | lora
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR_TARGETS))
+    rank: int = 16  # the trainable LoRA's rank (adapter.type=lora)
+    alpha: float = 32.0  # its scale is alpha / rank
+    dropout: float = 0.0  # LoRA dropout (above 0 the fused vector + LoRA kernel is not used in training)
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR_TARGETS))  # module names the LoRA adapts
 
 
 @dataclass
 class OptimConfig:
     # lr and epochs: None = the stage's default (STAGE_OPTIM_DEFAULTS), resolved when the stage starts
     # and saved in the run's config.yaml
-    lr: Optional[float] = None
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    lr: Optional[float] = None  # peak learning rate (unset: 2e-3 for train-sv, 2e-5 for finetune)
+    weight_decay: float = 0.0  # AdamW weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
     schedule: str = "cosine"  # constant | linear | cosine
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # linear warm-up steps before the schedule
     epochs: Optional[int] = None  # stage 1 with security_vector.early_stop: the most epochs
     max_steps: Optional[int] = None  # overrides epochs when set
-    micro_batch_size: int = 4
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: Optional[float] = 1.0
+    micro_batch_size: int = 4  # rows per forward on each rank
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    max_grad_norm: Optional[float] = 1.0  # gradient clipping by total norm; None = no clipping
     nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or gradient does (skip drops that step)
 
 
@@ -127,30 +134,32 @@ class OptimConfig:
 class DeepSpeedConfig:
     zero_stage: Optional[int] = None  # None = no DeepSpeed (single process, plain torch)
     config: Any = None  # path to a DeepSpeed JSON file, or an inline mapping
-    offload_optimizer: bool = False
-    offload_param: bool = False
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer states in CPU memory
+    offload_param: bool = False  # ZeRO-3: parameters in CPU memory between uses
     timeout_s: float = 1800.0  # collective timeout: a dead rank makes the others exit within this
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: Optional[int] = None  # save every N optimizer steps (and at the end); None = only at the end
+    # save every N optimizer steps (and at the end); None = no checkpoints (one on a stop signal)
+    every_steps: Optional[int] = None
     keep: int = 2  # newest checkpoints kept in output_dir/checkpoints
     resume: Optional[str] = None  # "latest" (newest complete one in output_dir/checkpoints) or a checkpoint dir
 
 
 @dataclass
 class EvalConfig:
-    harmful_prompts: list[str] = field(default_factory=list)
+    harmful_prompts: list[str] = field(default_factory=list)  # files (or dataset names) of harmful prompts to answer
     benign_tasks: list[str] = field(default_factory=list)  # rows with prompt + expected answer
     responses: Optional[str] = None  # judge-only mode: JSONL with prompt + response
+    # refusal | classifier | demo: who decides that an answer is harmful
     judges: list[str] = field(default_factory=lambda: ["refusal"])
     refusal_prefixes: list[str] = field(default_factory=list)  # added to the shipped list
-    max_new_tokens: int = 64
-    batch_size: int = 16
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
+    max_new_tokens: int = 64  # tokens generated per answer
+    batch_size: int = 16  # prompts per generate call
+    do_sample: bool = False  # sample instead of greedy decoding
+    temperature: float = 1.0  # sampling temperature (do_sample)
+    top_p: float = 1.0  # nucleus sampling (do_sample)
     with_secvec: bool = False  # generate with the vector active (only for diagnosis)
     harmful_format: str = "auto"  # auto | advbench | beavertails | hexphi | prompt_response
     benign_format: str = "auto"  # same choices; benign rows need the expected answer in `response`
@@ -158,8 +167,8 @@ class EvalConfig:
     max_samples: Optional[int] = None  # first N rows of each eval set
     classifier_path: Optional[str] = None  # local AutoModelForSequenceClassification directory
     classifier_harmful_labels: list[str] = field(default_factory=list)  # label names (or ids) = harmful
-    classifier_batch_size: int = 16
-    classifier_max_length: int = 512
+    classifier_batch_size: int = 16  # answers per classifier call
+    classifier_max_length: int = 512  # tokens of prompt + answer the classifier reads
     utility_match: str = "exact"  # exact | contains | choice (case and whitespace normalised)
     utility_loss: bool = True  # also report mean loss / perplexity of the expected answers
 
@@ -187,9 +196,9 @@ class ExportConfig:
 
 @dataclass
 class LoggingConfig:
-    log_every: int = 10
-    progress: bool = True
-    level: str = "info"
+    log_every: int = 10  # optimizer steps between log lines and train_log.jsonl entries
+    progress: bool = True  # a live progress bar on a terminal (rank 0)
+    level: str = "info"  # debug | info | warning
 
 
 @dataclass
@@ -208,6 +217,20 @@ class ProfileConfig:
     warmup: int = 3  # steps run first and not measured (`--warmup`)
     peak_tflops: Optional[float] = None  # accelerator peak for MFU; None = a known-GPU table (null on CPU)
     trace: bool = False  # also write a torch.profiler Chrome trace: the configured job's steps of the first measured round
+    # the vector's overhead: jobs built next to the configured one, each a few security_vector
+    # overrides: no_vector (path=null), torch / triton (backend=torch / triton, fold=false; triton
+    # needs CUDA), unfused (fold, fused_lora and weight_delta false);
+    variants: list[str] = field(default_factory=lambda: ["no_vector", "torch", "triton"])  # [] = none
+    # the variants' measured steps in rounds, every job alive at once, so drifting load hits all alike;
+    interleave: bool = True  # false = one job after the other (when several do not fit)
+    round_steps: int = 2  # measured steps of each variant per interleaved round (the order rotates every round)
+    # how each variant's peak memory is measured: auto (inline on CUDA, process on CPU, where a
+    # process's peak RSS cannot be reset) | process (a fresh process per variant and rank) |
+    memory: str = "auto"  # inline (CUDA: in this process, the peak stats reset) | none
+    memory_steps: int = 2  # optimizer steps after warmup in each memory process
+    memory_repeats: int = 1  # memory processes per variant (interleaved); the median peak is kept
+    memory_timeout_s: float = 1800.0  # a memory process running longer is stopped and reported as an error
+    deepspeed_timers: bool = True  # DeepSpeed's wall_clock_breakdown on, for the communication time
 
 
 @dataclass
@@ -225,8 +248,8 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
-    output_dir: str = "runs/default"
-    seed: int = 42
+    output_dir: str = "runs/default"  # where the run writes config.yaml, train_log.jsonl, final/ and checkpoints/
+    seed: int = 42  # seeds data order, initialisation and sampling
     source: Optional[str] = None  # the YAML file this came from (set by load_config)
 
     def to_dict(self) -> dict:
@@ -251,6 +274,7 @@ CHOICES = {
     "logging.level": ("debug", "info", "warning", "error"),
     "demo.world": ("capitals", "workshop"),
     "monitor.rule": ("warn", "stop", "none"),
+    "profile.memory": ("auto", "process", "inline", "none"),
 }
 
 
@@ -262,7 +286,7 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def _coerce(value: Any, tp: Any, key: str, what: str = "config") -> Any:
     """Check `value` against the annotation `tp`; ints are accepted where floats are expected."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -274,27 +298,31 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, key)
+                return _coerce(value, arg, key, what)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0])
     if tp is Any:
+        return value
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{what} key '{key}': expected a mapping, got {type(value).__name__}")
         return value
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             value = [value]  # a single file or name is a one-element list
         if not isinstance(value, list):
-            raise ConfigError(f"config key '{key}': expected a list of {_type_name(item_tp)}, got {value!r}")
-        return [_coerce(v, item_tp, key) for v in value]
+            raise ConfigError(f"{what} key '{key}': expected a list of {_type_name(item_tp)}, got {value!r}")
+        return [_coerce(v, item_tp, key, what) for v in value]
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
+        raise ConfigError(f"{what} key '{key}': expected true or false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+        raise ConfigError(f"{what} key '{key}': expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
             try:
@@ -303,34 +331,36 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):
-                raise ConfigError(f"config key '{key}': expected a finite number, got {value!r}")
+                raise ConfigError(f"{what} key '{key}': expected a finite number, got {value!r}")
             return float(value)
-        raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        raise ConfigError(f"{what} key '{key}': expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
-    raise ConfigError(f"config key '{key}': unsupported type {tp}")  # a bug, not a user error
+        raise ConfigError(f"{what} key '{key}': expected a string, got {value!r}")
+    raise ConfigError(f"{what} key '{key}': unsupported type {tp}")  # a bug, not a user error
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
+def build(cls: type, data: Any, prefix: str = "", what: str = "config") -> Any:
+    """The dataclass `cls` from a YAML mapping, every key checked against its fields and types:
+    one ConfigError naming the "<what> key" otherwise (run configs, experiment files)."""
     if not isinstance(data, dict):
         where = f"'{prefix}'" if prefix else "the top level"
-        raise ConfigError(f"config section {where}: expected a mapping of keys, got {data!r}")
+        raise ConfigError(f"{what} section {where}: expected a mapping of keys, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            raise ConfigError(f"unknown config key '{full}' (allowed: {', '.join(names)})")
+            raise ConfigError(f"{what} key '{full}': unknown (allowed: {', '.join(names)})")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value if value is not None else {}, full)
+            kwargs[key] = build(tp, value if value is not None else {}, full, what)
         else:
-            kwargs[key] = _coerce(value, tp, full)
+            kwargs[key] = _coerce(value, tp, full, what)
     return cls(**kwargs)
 
 
@@ -411,23 +441,27 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         loaded = read_yaml(path, "config file")
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file '{path}': the top level must be a mapping of sections")
-        _deep_update(data, loaded)
+        data = deep_merge(data, loaded)
     for text in overrides or []:
         keys, value = _parse_override(text)
         _set_nested(data, keys, value)
-    cfg = _build(Config, data, "")
+    cfg = build(Config, data, "")
     if path is not None:
         cfg.source = str(path)
     _check_choices(cfg)
     return cfg
 
 
-def _deep_update(dst: dict, src: dict) -> None:
-    for k, v in src.items():
-        if isinstance(v, dict) and isinstance(dst.get(k), dict):
-            _deep_update(dst[k], v)
+def deep_merge(dst: dict, src: dict) -> dict:
+    """A copy of `dst` with `src` merged in, section by section: the one merge of config mappings
+    (a file over the defaults, a stage over a base, a variant over a stage)."""
+    out = copy.deepcopy(dst)
+    for k, v in (src or {}).items():
+        if isinstance(v, dict):
+            out[k] = deep_merge(out[k] if isinstance(out.get(k), dict) else {}, v)
         else:
-            dst[k] = v
+            out[k] = copy.deepcopy(v)
+    return out
 
 
 def _get(cfg: Config, key: str) -> Any:
@@ -594,11 +628,6 @@ def refuse_finished_run(cfg: Config, command: str) -> None:
 
 def save_config(cfg: Config, path: Path) -> None:
     """Through a temporary file and a rename: a kill or a stop signal never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    from dist_secvec.files import write_text_atomic
+
+    write_text_atomic(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -51,7 +51,8 @@ def uses_deepspeed(cfg: Config) -> bool:
     return cfg.deepspeed.zero_stage is not None or cfg.deepspeed.config is not None or runtime.world_size() > 1
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for MASTER_PORT)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -67,7 +68,7 @@ def init_distributed(cfg: Config) -> None:
         return
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     timeout = timedelta(seconds=cfg.deepspeed.timeout_s)
@@ -85,8 +86,8 @@ def init_distributed(cfg: Config) -> None:
 def unlink_shm_buffer() -> None:
     """DeepSpeed's CPU all-reduce (its shm comm op) gives each rank a 66 MB buffer,
     /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>, and never
-    unlinks it (deepspeed 0.19.8: shared_close is never called), so every CPU run left 132 MB per
-    2 ranks in /dev/shm, memory that is only freed by a reboot (a test session filled 20 GB). The
+    unlinks it (deepspeed 0.19.8: shared_close is never called), so every CPU run would leave
+    132 MB per 2 ranks in /dev/shm, memory that is only freed by a reboot. The
     op maps every other rank's buffer inside init_distributed; once every rank is past it (the
     barrier) the names are no longer needed: each rank removes its own, the mappings stay valid
     until the process exits, and even a killed run leaves nothing behind."""

@@ -8,7 +8,7 @@ Two modes:
 - judge-only: eval.responses=FILE.jsonl (prompt + response rows, e.g. an earlier run's
   responses.jsonl) is judged as is; no model is loaded.
 
-Writes to output_dir, each file atomically (temp file in the same directory, then os.replace):
+Writes to output_dir, each file atomically (files.write_text_atomic):
     responses.jsonl  one row per harmful prompt: prompt, response, category, verdicts {judge: bool}
                      (the same shape eval.responses reads, so a run can be re-judged)
     utility.jsonl    one row per benign task: prompt, response, expected, correct
@@ -22,34 +22,17 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 from dist_secvec.config import Config
 from dist_secvec.errors import ConfigError, DataError
+from dist_secvec.files import write_text_atomic
 from dist_secvec.judges import make_judges
 from dist_secvec.metrics import accuracy_summary, is_correct, rate_summary
 from dist_secvec.readers import read_eval_set
 
 log = logging.getLogger(__name__)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` so that a reader sees the old file or the whole new one, never half."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _jsonl(rows: list[dict]) -> str:
@@ -90,7 +73,6 @@ def run_eval(cfg: Config, model=None, tokenizer=None) -> dict:
 
     harmful: list[dict] = []
     benign: list[dict] = []
-    utility: Optional[dict] = None
     if ec.responses is not None:
         if ec.harmful_prompts or ec.benign_tasks:
             log.warning("eval.responses is set (judge-only): eval.harmful_prompts and eval.benign_tasks "
@@ -110,6 +92,43 @@ def run_eval(cfg: Config, model=None, tokenizer=None) -> dict:
         model, tokenizer = _load(cfg, model, tokenizer)
         vec = "on (eval.with_secvec=true: diagnosis only)" if ec.with_secvec else "off"
         header = f"model: `{cfg.model.path}`, security vector {vec}"
+    summary, verdicts = score(cfg, model, tokenizer, harmful, benign, judges, generate=ec.responses is None)
+
+    if is_main():
+        out = Path(cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        per_example = [{"prompt": r["prompt"], "response": r["response"], "category": r.get("category"),
+                        "verdicts": {name: vs[i] for name, vs in verdicts.items()}}
+                       for i, r in enumerate(harmful)]
+        write_text_atomic(out / "responses.jsonl", _jsonl(per_example))
+        if benign:
+            write_text_atomic(out / "utility.jsonl", _jsonl([
+                {"prompt": r["prompt"], "response": r["response"], "expected": r["expected"],
+                 "correct": r["correct"], "category": r.get("category")} for r in benign]))
+        write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_text_atomic(out / "summary.md", summary_markdown(summary, header, ec.utility_match))
+        log.info("eval written to %s", out)
+    for name, s in summary["judges"].items():
+        lo, hi = s["harmful_rate_ci95"]
+        log.info("harmful rate (%s): %.1f%% [%.1f-%.1f] of %d", name, 100 * s["harmful_rate"], 100 * lo,
+                 100 * hi, s["n"])
+    if "utility" in summary:
+        u = summary["utility"]
+        log.info("utility accuracy (%s): %.1f%% of %d", ec.utility_match, 100 * u["accuracy"], u["n"])
+    return summary
+
+
+def score(cfg: Config, model, tokenizer, harmful: list[dict], benign: list[dict], judges=None,
+          generate: bool = True) -> tuple[dict, dict]:
+    """The one evaluation: answer the harmful prompts and the benign tasks (the vector off unless
+    eval.with_secvec), judge the answers (eval.judges) and score the tasks (eval.utility_match).
+    Rows are {"prompt"[, "response"]}: a benign row's response is its expected answer, replaced by
+    the model's (kept as "expected", with "correct"); generate=False judges the harmful rows'
+    responses as they are. Returns (summary.json's dict, {judge: verdict per harmful row})."""
+    ec = cfg.eval
+    judges = judges if judges is not None else make_judges(ec.judges, ec)
+    utility: Optional[dict] = None
+    if generate:
         with _vector_state(model, ec.with_secvec):
             if harmful:
                 for r, text in zip(harmful, _generate(cfg, model, tokenizer, harmful, "harmful prompts")):
@@ -122,7 +141,6 @@ def run_eval(cfg: Config, model=None, tokenizer=None) -> dict:
                 utility = accuracy_summary([r["correct"] for r in benign])
                 if ec.utility_loss:
                     utility.update(_benign_loss(cfg, model, tokenizer, benign))
-
     summary: dict = {"judges": {}}
     verdicts = _judge_rows(judges, harmful) if harmful else {}
     categories = [r.get("category") for r in harmful]
@@ -130,28 +148,7 @@ def run_eval(cfg: Config, model=None, tokenizer=None) -> dict:
         summary["judges"][name] = rate_summary(vs, categories)
     if utility is not None:
         summary["utility"] = utility
-
-    if is_main():
-        out = Path(cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        per_example = [{"prompt": r["prompt"], "response": r["response"], "category": r.get("category"),
-                        "verdicts": {name: vs[i] for name, vs in verdicts.items()}}
-                       for i, r in enumerate(harmful)]
-        write_atomic(out / "responses.jsonl", _jsonl(per_example))
-        if benign:
-            write_atomic(out / "utility.jsonl", _jsonl([
-                {"prompt": r["prompt"], "response": r["response"], "expected": r["expected"],
-                 "correct": r["correct"], "category": r.get("category")} for r in benign]))
-        write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-        write_atomic(out / "summary.md", summary_markdown(summary, header, ec.utility_match))
-        log.info("eval written to %s", out)
-    for name, s in summary["judges"].items():
-        lo, hi = s["harmful_rate_ci95"]
-        log.info("harmful rate (%s): %.1f%% [%.1f-%.1f] of %d", name, 100 * s["harmful_rate"], 100 * lo,
-                 100 * hi, s["n"])
-    if utility is not None:
-        log.info("utility accuracy (%s): %.1f%% of %d", ec.utility_match, 100 * utility["accuracy"], utility["n"])
-    return summary
+    return summary, verdicts
 
 
 # ---------------------------------------------------------------------------------------------

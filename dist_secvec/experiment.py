@@ -55,6 +55,7 @@ from typing import Any, Optional
 
 import yaml
 
+from dist_secvec.config import deep_merge
 from dist_secvec.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -62,34 +63,64 @@ log = logging.getLogger(__name__)
 RESULT = "result.json"
 CSV_COLUMNS = ["n_harmful_ft", "vector", "n_harmful_sv", "train_sv", "finetune", "seed", "harmful_rate",
                "harmful_ci_low", "harmful_ci_high", "utility", "n_eval", "vector_weak", "probe_drop", "run_id"]
-TOP_KEYS = ("output_dir", "world", "world_sizes", "base", "stages", "data", "sweep", "name", "launcher")
 STAGE_KEYS = ("train_sv", "finetune")
-DATA_KEYS = ("benign_train", "harmful_ft_pool", "harmful_sv_pool", "kl_benign", "heldout_benign")
 
 
 @dataclass
 class Sweep:
+    # harmful rows hidden in stage 2's data
     n_harmful_ft: list[int] = field(default_factory=lambda: [0, 100, 500, 1000])
-    vector: list[bool] = field(default_factory=lambda: [False, True])
-    n_harmful_sv: list[int] = field(default_factory=lambda: [100])
-    seeds: list[int] = field(default_factory=lambda: [0])
+    vector: list[Any] = field(default_factory=lambda: [False, True])  # off | on: stage 2 without / with the vector
+    n_harmful_sv: list[int] = field(default_factory=lambda: [100])  # harmful rows each vector is trained on
+    seeds: list[int] = field(default_factory=lambda: [0])  # training seeds of stages 1 and 2
     # named run-config overrides of a stage, crossed with every run ({} = the stage as configured)
     finetune: dict = field(default_factory=lambda: {"": {}})
-    train_sv: dict = field(default_factory=lambda: {"": {}})
+    train_sv: dict = field(default_factory=lambda: {"": {}})  # the same for stage 1 (runs with the vector)
+
+
+@dataclass
+class Stages:
+    train_sv: dict = field(default_factory=dict)  # run-config overrides of stage 1, over `base`
+    finetune: dict = field(default_factory=dict)  # run-config overrides of stage 2, over `base`
+
+
+@dataclass
+class ExperimentData:
+    """A real model's data files (world: embedded builds its own); a pool's first n rows are a run's."""
+
+    benign_train: list[str] = field(default_factory=list)  # the benign task's training rows
+    harmful_ft_pool: list[str] = field(default_factory=list)  # harmful rows hidden in stage 2's data
+    harmful_sv_pool: list[str] = field(default_factory=list)  # harmful rows the vectors are trained on
+    kl_benign: list[str] = field(default_factory=list)  # stage 1's benign rows (KL term)
+    heldout_benign: list[str] = field(default_factory=list)  # stage 1's held-out benign rows (shift report)
 
 
 @dataclass
 class Experiment:
-    output_dir: str
-    base: dict
-    sweep: Sweep
-    world: Optional[str] = None
-    world_sizes: dict = field(default_factory=dict)
-    stages: dict = field(default_factory=dict)
-    data: dict = field(default_factory=dict)
-    name: str = ""
-    source: Optional[str] = None
-    launcher: list[str] = field(default_factory=list)  # command prefix for stage 2, [] = in process
+    """An experiment file (dist-secvec experiment --config), parsed by the run configs' own rules."""
+
+    output_dir: str = ""  # required: where runs, vectors and the results go
+    world: Optional[str] = None  # embedded (the demo's tiny world) | null (a real model: base.model.path, data)
+    world_sizes: dict = field(default_factory=dict)  # embedded: WorldSizes fields (n_align_benign, n_eval, ...)
+    base: dict = field(default_factory=dict)  # a run config shared by every stage (the keys of any --config file)
+    stages: Stages = field(default_factory=Stages)
+    data: ExperimentData = field(default_factory=ExperimentData)
+    sweep: Sweep = field(default_factory=Sweep)
+    name: str = ""  # for the results' titles (default: the file's name)
+    launcher: Optional[str] = None  # a command that starts stage 2 on several ranks ("launch/deepspeed.sh --gpus 8 --")
+    source: Optional[str] = None  # the file this came from (set by load_experiment)
+
+    @property
+    def launch_command(self) -> list[str]:
+        return shlex.split(self.launcher) if self.launcher else []
+
+    def stage(self, name: str) -> dict:
+        """stages.<name> as a mapping ({} when not set)."""
+        return getattr(self.stages, name)
+
+    def data_files(self) -> dict:
+        """The data section's set keys, as the mapping run ids hash."""
+        return {k: v for k, v in dataclasses.asdict(self.data).items() if v}
 
 
 @dataclass(frozen=True)
@@ -111,18 +142,13 @@ class RunSpec:
 # parsing
 
 
-def _int_list(value: Any, key: str, minimum: int = 0) -> list[int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = [value]
-    if not isinstance(value, list) or not value or not all(isinstance(v, int) and not isinstance(v, bool)
-                                                           and v >= minimum for v in value):
+def _int_list(value: list[int], key: str, minimum: int = 0) -> list[int]:
+    if not value or not all(v >= minimum for v in value):
         raise ConfigError(f"experiment key '{key}': expected a non-empty list of integers >= {minimum}, got {value!r}")
     return list(dict.fromkeys(value))
 
 
-def _vector_list(value: Any) -> list[bool]:
-    if not isinstance(value, list):
-        value = [value]
+def _vector_list(value: list) -> list[bool]:
     out = []
     for v in value:
         if v in (True, "on", "true"):
@@ -136,89 +162,56 @@ def _vector_list(value: Any) -> list[bool]:
     return list(dict.fromkeys(out))
 
 
-def _section(value: Any, key: str) -> dict:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"experiment key '{key}': expected a mapping, got {type(value).__name__}")
-    return value
-
-
 def parse_experiment(data: Any, source: Optional[str] = None) -> Experiment:
-    """An Experiment from the YAML mapping; ConfigError (one line) naming the bad key."""
-    from dist_secvec.config import load_config
+    """An Experiment from the YAML mapping (config.build: every key and type checked, one line
+    naming the bad key), then what the types alone do not say."""
+    from dist_secvec.config import build, load_config
     from dist_secvec.demo.world import WorldSizes
 
-    where = f"experiment file '{source}'" if source else "experiment"
     if not isinstance(data, dict):
+        where = f"experiment file '{source}'" if source else "experiment"
         raise ConfigError(f"{where}: the top level must be a mapping (output_dir, base, sweep, ...)")
-    for k in data:
-        if k not in TOP_KEYS:
-            raise ConfigError(f"experiment key '{k}': unknown; expected one of {', '.join(TOP_KEYS)}")
-    if "output_dir" not in data or not isinstance(data["output_dir"], str) or not data["output_dir"]:
+    sweep_given = set((data.get("sweep") or {}) if isinstance(data.get("sweep"), dict) else ())
+    exp = build(Experiment, {k: v for k, v in data.items() if k != "source"}, "", "experiment")
+    exp.source = source
+    exp.name = exp.name or Path(source or "experiment").stem
+    if not exp.output_dir:
         raise ConfigError("experiment key 'output_dir': required; a directory for runs and results")
-    world = data.get("world")
-    if world not in (None, "embedded"):
-        raise ConfigError(f"experiment key 'world': '{world}' is not supported; use 'embedded' or leave it out")
-    base = _section(data.get("base"), "base")
-    stages = _section(data.get("stages"), "stages")
-    for k, v in stages.items():
-        if k not in STAGE_KEYS:
-            raise ConfigError(f"experiment key 'stages.{k}': unknown stage; expected one of {', '.join(STAGE_KEYS)}")
-        _section(v, f"stages.{k}")
+    if exp.world not in (None, "embedded"):
+        raise ConfigError(f"experiment key 'world': '{exp.world}' is not supported; use 'embedded' or leave it out")
     # every run-config section must parse as a run config (unknown keys are named there)
-    for label, d in [("base", base)] + [(f"stages.{k}", v) for k, v in stages.items()]:
+    for label, d in [("base", exp.base)] + [(f"stages.{k}", exp.stage(k)) for k in STAGE_KEYS]:
         try:
             load_config(None, None, base=copy.deepcopy(d or {}))
         except ConfigError as e:
             raise ConfigError(f"experiment section '{label}': {e}") from None
-    sizes = _section(data.get("world_sizes"), "world_sizes")
-    fields = {f.name for f in dataclasses.fields(WorldSizes)}
-    for k, v in sizes.items():
-        if k not in fields or k in ("n_harmful_sv", "n_harmful_ft"):
-            raise ConfigError(f"experiment key 'world_sizes.{k}': unknown; expected one of "
-                              f"{', '.join(sorted(fields - {'n_harmful_sv', 'n_harmful_ft'}))}")
+    fields = {f.name for f in dataclasses.fields(WorldSizes)} - {"n_harmful_sv", "n_harmful_ft"}
+    for k, v in exp.world_sizes.items():
+        if k not in fields:
+            raise ConfigError(f"experiment key 'world_sizes.{k}': unknown; expected one of {', '.join(sorted(fields))}")
         if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise ConfigError(f"experiment key 'world_sizes.{k}': expected a positive integer, got {v!r}")
-    if sizes and world != "embedded":
+    if exp.world_sizes and exp.world != "embedded":
         raise ConfigError("experiment key 'world_sizes': only for world: embedded")
-    dsec = _section(data.get("data"), "data")
-    for k in dsec:
-        if k not in DATA_KEYS:
-            raise ConfigError(f"experiment key 'data.{k}': unknown; expected one of {', '.join(DATA_KEYS)}")
-    raw = _section(data.get("sweep"), "sweep")
-    for k in raw:
-        if k not in ("n_harmful_ft", "vector", "n_harmful_sv", "seeds", "finetune", "train_sv"):
-            raise ConfigError(f"experiment key 'sweep.{k}': unknown; expected n_harmful_ft, vector, n_harmful_sv, "
-                              "seeds, finetune, train_sv")
-    sweep = Sweep()
-    if "n_harmful_ft" in raw:
-        sweep.n_harmful_ft = _int_list(raw["n_harmful_ft"], "sweep.n_harmful_ft")
-    if "vector" in raw:
-        sweep.vector = _vector_list(raw["vector"])
-    if "n_harmful_sv" in raw:
-        sweep.n_harmful_sv = _int_list(raw["n_harmful_sv"], "sweep.n_harmful_sv", minimum=1)
-    if "seeds" in raw:
-        sweep.seeds = _int_list(raw["seeds"], "sweep.seeds")
-    for stage in ("finetune", "train_sv"):
-        if stage in raw:
-            setattr(sweep, stage, _variants(raw[stage], stage, stages.get(stage) or {}))
-    launcher = data.get("launcher")
-    if launcher is not None and (not isinstance(launcher, str) or not shlex.split(launcher)):
+    sw = exp.sweep
+    sw.n_harmful_ft = _int_list(sw.n_harmful_ft, "sweep.n_harmful_ft")
+    sw.vector = _vector_list(sw.vector)
+    sw.n_harmful_sv = _int_list(sw.n_harmful_sv, "sweep.n_harmful_sv", minimum=1)
+    sw.seeds = _int_list(sw.seeds, "sweep.seeds")
+    for stage in STAGE_KEYS:
+        if stage in sweep_given:
+            setattr(sw, stage, _variants(getattr(sw, stage), stage, exp.stage(stage)))
+    if exp.launcher is not None and not exp.launch_command:
         raise ConfigError("experiment key 'launcher': expected a command such as \"launch/deepspeed.sh --gpus 8 --\"")
-    exp = Experiment(output_dir=data["output_dir"], base=base, sweep=sweep, world=world, world_sizes=sizes,
-                     stages=stages, data=dsec, name=str(data.get("name") or Path(source or "experiment").stem),
-                     source=source, launcher=shlex.split(launcher) if launcher else [])
-    if world is None:
-        if not (base.get("model") or {}).get("path"):
+    if exp.world is None:
+        if not (exp.base.get("model") or {}).get("path"):
             raise ConfigError("experiment key 'base.model.path': required without world: embedded")
         for k in ("benign_train", "harmful_ft_pool"):
-            if not dsec.get(k):
+            if not getattr(exp.data, k):
                 raise ConfigError(f"experiment key 'data.{k}': required without world: embedded")
-        if True in sweep.vector and not dsec.get("harmful_sv_pool"):
+        if True in sw.vector and not exp.data.harmful_sv_pool:
             raise ConfigError("experiment key 'data.harmful_sv_pool': required when the sweep has vector: on")
-        ev = base.get("eval") or {}
-        if not ev.get("harmful_prompts"):
+        if not (exp.base.get("eval") or {}).get("harmful_prompts"):
             raise ConfigError("experiment key 'base.eval.harmful_prompts': required without world: embedded")
     return exp
 
@@ -228,16 +221,18 @@ def _variants(value: Any, stage: str, stage_base: dict) -> dict:
     from dist_secvec.config import load_config
 
     key = f"sweep.{stage}"
-    if not isinstance(value, dict) or not value:
+    if not value:
         raise ConfigError(f"experiment key '{key}': expected a mapping of variant names to run-config overrides, "
                           f"e.g. {{recipe: {{}}, 3x_lr: {{optim: {{lr: 3.0e-3}}}}}}")
     out = {}
     for name, over in value.items():
         if not isinstance(name, str) or not name or not all(c.isalnum() or c in "_-." for c in name):
             raise ConfigError(f"experiment key '{key}': variant name {name!r} must be letters, digits, _ - .")
-        over = _section(over, f"{key}.{name}")
+        over = {} if over is None else over
+        if not isinstance(over, dict):
+            raise ConfigError(f"experiment key '{key}.{name}': expected a mapping, got {type(over).__name__}")
         try:
-            load_config(None, None, base=_merge(stage_base, over))
+            load_config(None, None, base=deep_merge(stage_base, over))
         except ConfigError as e:
             raise ConfigError(f"experiment key '{key}.{name}': {e}") from None
         out[name] = over
@@ -277,13 +272,6 @@ def _hash(obj: Any) -> str:
 # running
 
 
-def _merge(dst: dict, src: dict) -> dict:
-    out = copy.deepcopy(dst)
-    for k, v in (src or {}).items():
-        out[k] = _merge(out.get(k) or {}, v) if isinstance(v, dict) else copy.deepcopy(v)
-    return out
-
-
 def _write_jsonl(path: Path, rows: list[dict]) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
@@ -299,7 +287,8 @@ class _Embedded:
         from dist_secvec.demo.world import WorldSizes, build_world
 
         self.exp = exp
-        self.cfg = load_config(None, None, base=_merge(_merge(demo_defaults(), exp.base), {"output_dir": str(out)}))
+        self.cfg = load_config(None, None, base=deep_merge(deep_merge(demo_defaults(), exp.base),
+                                                          {"output_dir": str(out)}))
         self.quick = self.cfg.demo.quick
         self.sizes = WorldSizes(**exp.world_sizes)
         if self.quick:  # the demo's quick sizes, as `dist-secvec demo --quick`
@@ -322,7 +311,7 @@ class _Embedded:
     def stage(self, stage: str, variant: dict, **sections):
         from dist_secvec.demo.run import _stage_config
 
-        over = _merge(_merge(self.exp.stages.get(stage) or {}, variant), sections)
+        over = deep_merge(deep_merge(self.exp.stage(stage), variant), sections)
         return _stage_config(self.cfg, stage, self.quick, **over)
 
     def sv_config(self, n_sv: int, seed: int, out: Path, variant: dict):
@@ -344,7 +333,7 @@ class _Embedded:
     def evaluate(self, model, tok, ft_cfg) -> dict:
         from dist_secvec.demo.run import evaluate_model
 
-        r = evaluate_model(model, tok, self.cfg.eval, self.world.eval_harmful, self.world.eval_new_task)
+        r = evaluate_model(model, tok, self.cfg, self.world.eval_harmful, self.world.eval_new_task)
         lo, hi = r["harmful_rate_ci95"]
         return {"harmful_rate": r["harmful_rate"], "harmful_ci_low": lo, "harmful_ci_high": hi,
                 "utility": r["benign_accuracy"], "n_eval": r["n_eval"], "judge": "world"}
@@ -356,7 +345,7 @@ class _RealModel:
     def __init__(self, exp: Experiment, out: Path):
         self.exp = exp
         self.data_dir = out / "data"
-        self.identity = {"world": None, "base": exp.base, "data": exp.data}
+        self.identity = {"world": None, "base": exp.base, "data": exp.data_files()}
         self._pools: dict = {}
 
     def _pool_prefix(self, key: str, n: int) -> list[dict]:
@@ -364,27 +353,26 @@ class _RealModel:
 
         if key not in self._pools:
             split = (self.exp.base.get("data") or {}).get("split", "train")
-            _, rows = _read_rows(self.exp.data[key], split)
-            self._pools[key] = [r for _, r in rows]
+            self._pools[key] = [r for path in getattr(self.exp.data, key) for _, r in _read_rows(path, split)[1]]
         rows = self._pools[key]
         if n > len(rows):
-            raise ConfigError(f"experiment key 'data.{key}': {n} rows wanted by the sweep, the file has {len(rows)}")
+            raise ConfigError(f"experiment key 'data.{key}': {n} rows wanted by the sweep, its files have {len(rows)}")
         return rows[:n]
 
     def _cfg(self, stage: str, sections: dict, variant: dict):
         from dist_secvec.config import load_config, validate
 
-        d = _merge(_merge(_merge(self.exp.base, self.exp.stages.get(stage) or {}), variant), sections)
+        d = deep_merge(deep_merge(deep_merge(self.exp.base, self.exp.stage(stage)), variant), sections)
         return validate(load_config(None, None, base=d), stage.replace("_", "-"))
 
     def sv_config(self, n_sv: int, seed: int, out: Path, variant: dict):
         p = _write_jsonl(self.data_dir / f"harmful_sv_{n_sv}.jsonl", self._pool_prefix("harmful_sv_pool", n_sv))
         return self._cfg("train_sv", variant=variant, sections={"output_dir": str(out), "seed": seed, "security_vector": {
-            "harmful_data": [p], "benign_data": list(self.exp.data.get("kl_benign") or []),
-            "heldout_benign_data": list(self.exp.data.get("heldout_benign") or [])}})
+            "harmful_data": [p], "benign_data": list(self.exp.data.kl_benign),
+            "heldout_benign_data": list(self.exp.data.heldout_benign)}})
 
     def ft_config(self, n_ft: int, seed: int, vector: Optional[str], out: Path, variant: dict):
-        train = list(self.exp.data["benign_train"])
+        train = list(self.exp.data.benign_train)
         if n_ft:
             train.append(_write_jsonl(self.data_dir / f"harmful_ft_{n_ft}.jsonl",
                                       self._pool_prefix("harmful_ft_pool", n_ft)))
@@ -467,18 +455,18 @@ def _train_sv(cfg):
 def run_experiment(exp: Experiment) -> list[dict]:
     """Run (or resume) every run of the sweep; write results.csv/.md/.png; returns the rows."""
     from dist_secvec import runtime
-    from dist_secvec.evaluate import write_atomic
+    from dist_secvec.files import atomic_dir, write_text_atomic
 
     t0 = time.time()
     out = Path(exp.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "experiment.yaml").write_text(yaml.safe_dump(
         {"output_dir": exp.output_dir, "world": exp.world, "world_sizes": exp.world_sizes, "base": exp.base,
-         "stages": exp.stages, "data": exp.data, "sweep": dataclasses.asdict(exp.sweep),
-         "launcher": shlex.join(exp.launcher) or None}, sort_keys=False))
+         "stages": exp.stages.__dict__, "data": exp.data_files(), "sweep": dataclasses.asdict(exp.sweep),
+         "launcher": exp.launcher}, sort_keys=False))
     runs = plan_runs(exp)
     env = _Embedded(exp, out) if exp.world == "embedded" else _RealModel(exp, out)
-    common = {"identity": env.identity, "base": exp.base, "stages": exp.stages}
+    common = {"identity": env.identity, "base": exp.base, "stages": {k: v for k, v in exp.stages.__dict__.items() if v}}
     rows, done, vectors = [], 0, {}
     for i, spec in enumerate(runs):
         sv_key = None
@@ -510,7 +498,7 @@ def run_experiment(exp: Experiment) -> list[dict]:
                         shutil.rmtree(vdir)
                     work = out / "vectors" / f".work-{sv_key}"
                     res = _train_sv(env.sv_config(spec.n_harmful_sv, spec.seed, work, sv_variant))
-                    with runtime.atomic_dir(vdir / "secvec") as tmp:
+                    with atomic_dir(vdir / "secvec") as tmp:
                         for f in res.vector_dir.iterdir():
                             shutil.copy2(f, tmp / f.name)
                     (vdir / "shift.json").write_text(json.dumps(res.shift, indent=2, default=str) + "\n")
@@ -521,14 +509,14 @@ def run_experiment(exp: Experiment) -> list[dict]:
             vector_path = vectors[sv_key]
         run_dir.mkdir(parents=True, exist_ok=True)
         ft_cfg = env.ft_config(spec.n_harmful_ft, spec.seed, vector_path, run_dir / "finetune", ft_variant)
-        res = _launched_finetune(exp.launcher, ft_cfg, run_dir) if exp.launcher else _finetune(ft_cfg)
+        res = _launched_finetune(exp.launch_command, ft_cfg, run_dir) if exp.launcher else _finetune(ft_cfg)
         metrics = env.evaluate(res.model, res.tokenizer, ft_cfg)
         del res
         row = {"n_harmful_ft": spec.n_harmful_ft, "vector": "on" if spec.vector else "off",
                "n_harmful_sv": spec.n_harmful_sv, "train_sv": spec.train_sv, "finetune": spec.finetune,
                "seed": spec.seed, **metrics, **_watch_summary(run_dir / "finetune", vector_path), "run_id": run_id,
                "vector_dir": vector_path, "seconds": round(time.time() - t_run, 1)}
-        write_atomic(result_path, json.dumps(row, indent=2) + "\n")
+        write_text_atomic(result_path, json.dumps(row, indent=2) + "\n")
         rows.append(row)
     write_results(out, rows)
     log.info("%d runs (%d finished before), %.0f s; results in %s", len(runs), done, time.time() - t0, out)
@@ -590,7 +578,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
 
 
 def write_results(out: Path, rows: list[dict]) -> None:
-    from dist_secvec.evaluate import write_atomic
+    from dist_secvec.files import write_text_atomic
 
     rows = sorted(rows, key=lambda r: (r.get("finetune") or "", r["vector"], r.get("train_sv") or "",
                                        r["n_harmful_sv"] or 0, r["n_harmful_ft"], r["seed"]))
@@ -601,7 +589,7 @@ def write_results(out: Path, rows: list[dict]) -> None:
     w.writeheader()
     for r in rows:
         w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS})
-    write_atomic(out / "results.csv", buf.getvalue())
+    write_text_atomic(out / "results.csv", buf.getvalue())
     agg = aggregate(rows)
 
     def pct(x):
@@ -614,7 +602,7 @@ def write_results(out: Path, rows: list[dict]) -> None:
         lines.append(f"| {a['setting']} | {a['n_harmful_ft']} | {a['n_seeds']} | {pct(a['harmful_mean'])} ± "
                      f"{pct(a['harmful_std'])} [{pct(a['harmful_min'])}-{pct(a['harmful_max'])}] | "
                      f"{pct(a['utility_mean'])} ± {pct(a['utility_std'])} | {a['n_eval']} |")
-    write_atomic(out / "results.md", "\n".join(lines) + "\n")
+    write_text_atomic(out / "results.md", "\n".join(lines) + "\n")
     plot_results(out / "results.png", agg)
 
 

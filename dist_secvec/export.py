@@ -13,9 +13,9 @@ import logging
 import os
 from pathlib import Path
 
-from dist_secvec import runtime
 from dist_secvec.config import Config
 from dist_secvec.errors import UserError
+from dist_secvec.files import atomic_dir
 from dist_secvec.manifest import write_manifest
 from dist_secvec.model import DTYPES, check_model_dir, safetensors_problem
 from dist_secvec.secvec import META_FILE, security_vector_layers
@@ -86,7 +86,7 @@ def run_export(cfg: Config) -> Path:
     except Exception as e:
         raise UserError(f"config key 'export.checkpoint': cannot load the tokenizer from '{src}' "
                         f"({type(e).__name__}); copy the whole final/ directory") from e
-    with runtime.atomic_dir(dst) as tmp:
+    with atomic_dir(dst) as tmp:
         if is_adapter:
             from peft import PeftModel
 

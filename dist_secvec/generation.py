@@ -9,17 +9,13 @@ The model is used as passed: whether the security vector is active is the caller
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 import torch
 
 from dist_secvec.config import DataConfig
 from dist_secvec.data import render_prompt, uses_chat_template
-
-
-def is_rank0() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
+from dist_secvec.runtime import is_main
 
 
 def generate(model, tokenizer, prompts: Sequence[str] | Sequence[list[dict]], max_new_tokens: int = 64,
@@ -66,7 +62,7 @@ def generate(model, tokenizer, prompts: Sequence[str] | Sequence[list[dict]], ma
             if seed is not None:
                 torch.manual_seed(seed)
             starts = range(0, len(order), batch_size)
-            for start in tqdm(starts, desc=desc, disable=not (progress and is_rank0()), leave=False):
+            for start in tqdm(starts, desc=desc, disable=not (progress and is_main()), leave=False):
                 chunk = order[start:start + batch_size]
                 width = max(len(ids[i]) for i in chunk)
                 input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)

@@ -14,16 +14,9 @@ from pathlib import Path
 from typing import Optional
 
 from dist_secvec.errors import UserError
+from dist_secvec.files import file_record, sha256_file
 
 MANIFEST = "manifest.json"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _files_digest(files: dict) -> str:
@@ -35,8 +28,9 @@ def write_manifest(d: Path) -> dict:
     files = {}
     for p in sorted(d.rglob("*")):
         if p.is_file() and p.relative_to(d) != Path(MANIFEST):
-            files[str(p.relative_to(d))] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+            files[str(p.relative_to(d))] = file_record(p)
     manifest = {"files": files, "files_sha256": _files_digest(files)}
+    # a plain write: always inside atomic_dir (or a checkpoint's tmp dir), whose tree fsync covers it
     (d / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
 

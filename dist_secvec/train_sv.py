@@ -30,6 +30,7 @@ import torch
 from dist_secvec import runtime
 from dist_secvec.config import ALL_LINEAR_TARGETS, DEFAULT_SV_RANK, Config, resolve_stage_defaults, save_config
 from dist_secvec.data import batches, collate, endless_batches, load_samples, tokenize_samples
+from dist_secvec.files import atomic_dir
 from dist_secvec.judges import make_judges
 from dist_secvec.model import load_model, load_tokenizer, lora_config
 from dist_secvec.secvec import PEFT_PREFIX, PROBE_FILE, base_fingerprint, record_file_hashes, save_security_vector
@@ -229,7 +230,7 @@ def run_train_sv(cfg: Config) -> TrainSVResult:
         "strength": strength,
     }
     vector_dir = out / "secvec"
-    with runtime.atomic_dir(vector_dir) as tmp:
+    with atomic_dir(vector_dir) as tmp:
         save_security_vector(model, tmp, meta)
         write_probe(tmp / PROBE_FILE, probe_rows)
         record_file_hashes(tmp)

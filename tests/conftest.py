@@ -76,3 +76,27 @@ def write_random_vector(model_dir: Path, out: Path, seed: int = 0, rank: int = 4
 def random_vector(tiny_world, tmp_path_factory) -> Path:
     """A random (untrained) security vector for tiny_world's model; read-only for tests."""
     return write_random_vector(tiny_world.model_dir, tmp_path_factory.mktemp("random_vector") / "sv")
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers several test files share (imported with `from conftest import ...`)
+
+
+def plain_base(model_dir, dtype=None, **kw):
+    """The tiny world's model as plain transformers loads it (float32 unless told), eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype or torch.float32, **kw).eval()
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """relative path -> sha256 of every file under root (a file: {".": its sha256}): what a
+    failed command must leave unchanged."""
+    import hashlib
+
+    root = Path(root)
+    if root.is_file():
+        return {".": hashlib.sha256(root.read_bytes()).hexdigest()}
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}

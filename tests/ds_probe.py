@@ -33,10 +33,10 @@ def main() -> int:
                                                     or step >= int(stop_at))
     nan_at = os.environ.get("PROBE_NAN_AT")
     if nan_at:
-        import dist_secvec.finetune as ft
+        from dist_secvec.distributed import DeepSpeedEngine
 
         call, on_rank = map(int, nan_at.split(":"))
-        forward, count = ft.DeepSpeedEngine.__call__, [0]
+        forward, count = DeepSpeedEngine.__call__, [0]
 
         def nan_forward(self, **batch):
             out = forward(self, **batch)
@@ -44,7 +44,7 @@ def main() -> int:
             if count[0] == call and runtime.rank() == on_rank:
                 out["loss"] = out["loss"] * float("nan")
             return out
-        ft.DeepSpeedEngine.__call__ = nan_forward
+        DeepSpeedEngine.__call__ = nan_forward
     try:
         res = run_finetune(cfg, keep_model=True)
     except Stopped as e:

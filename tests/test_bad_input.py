@@ -19,7 +19,6 @@ atomic save that fails keeps the previous directory.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import resource
@@ -35,22 +34,13 @@ from typing import Callable, Optional
 
 import pytest
 
-from conftest import write_random_vector
+from conftest import tree_digest, write_random_vector
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 WORKERS = 3  # subprocesses at a time (most of their time is imports, on a 2-core machine)
 
 GOOD_ROWS = [{"prompt": "what is 1 plus 2", "response": "3 ."}, {"prompt": "what is 2 plus 2", "response": "4 ."}]
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    """relative path -> sha256 of every file under root (directories by their files)."""
-    root = Path(root)
-    if root.is_file():
-        return {".": hashlib.sha256(root.read_bytes()).hexdigest()}
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def jsonl(rows) -> str:
@@ -241,8 +231,6 @@ data_case("row-missing-field-parquet", "rows.parquet",
 data_case("prompt-exceeds-max-length", "long.jsonl",
           jsonl([{"prompt": "what is 1 plus 2 " * 8, "response": "3 ."}] * 3),
           ["every example was dropped", "data.max_length=8", "row 1", "raise data.max_length"], "data.max_length=8")
-
-
 
 
 # more reader cases, in-process (the CLI cases above show a DataError is exit 2 and one line)
@@ -720,14 +708,14 @@ def _torch_save_error() -> RuntimeError:
                                    RuntimeError("Error while serializing: I/O error: File too large (os error 27)"),
                                    _torch_save_error()])
 def test_atomic_dir_failed_save_keeps_previous(tmp_path, error):
-    from dist_secvec import runtime
+    from dist_secvec import files
     from dist_secvec.errors import UserError
 
     final = tmp_path / "secvec"
     write(final / "adapter_model.safetensors", b"old weights")
     before = tree_digest(tmp_path)
     with pytest.raises(UserError) as e:
-        with runtime.atomic_dir(final) as tmp:
+        with files.atomic_dir(final) as tmp:
             (tmp / "adapter_model.safetensors").write_bytes(b"half")
             raise error
     msg = str(e.value)
@@ -736,10 +724,10 @@ def test_atomic_dir_failed_save_keeps_previous(tmp_path, error):
 
 
 def test_atomic_dir_other_errors_pass_through(tmp_path):
-    from dist_secvec import runtime
+    from dist_secvec import files
 
     with pytest.raises(ZeroDivisionError):
-        with runtime.atomic_dir(tmp_path / "x"):
+        with files.atomic_dir(tmp_path / "x"):
             1 / 0
     assert list(tmp_path.iterdir()) == []
 
@@ -747,7 +735,7 @@ def test_atomic_dir_other_errors_pass_through(tmp_path):
 def test_atomic_dir_recovers_from_a_killed_save(tmp_path):
     """A save killed midway leaves `.tmp-*` (half-written) or `.old-*` (the previous version moved
     aside) siblings: the next save removes the first and puts the second back if `final` is gone."""
-    from dist_secvec.runtime import atomic_dir
+    from dist_secvec.files import atomic_dir
 
     final = tmp_path / "final"
     (tmp_path / ".final.tmp-99999").mkdir()
@@ -826,7 +814,7 @@ def _synced_before_rename(events: list, tmp_prefix: str, final: Path) -> set:
 
 def test_atomic_dir_fsyncs_files_and_dirs_before_the_rename(tmp_path, fsync_log):
     from dist_secvec.manifest import verify_manifest, write_manifest
-    from dist_secvec.runtime import atomic_dir
+    from dist_secvec.files import atomic_dir
 
     final = tmp_path / "final"
     write(final / "old", "previous version")

@@ -9,7 +9,6 @@ heavy imports call `cli.main` in-process: the same code path, without paying for
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import subprocess
@@ -21,6 +20,7 @@ import torch
 
 from dist_secvec.cli import COMMANDS, build_parser, main
 from dist_secvec.config import load_config
+from conftest import tree_digest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = Path(sys.executable).parent / "dist-secvec"
@@ -51,11 +51,6 @@ def cli_main(capsys):
 
 def error_lines(stderr: str, command: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith(f"dist-secvec {command}: error:")]
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,15 +23,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dist_secvec.distributed import free_port
+
 PROBE = Path(__file__).with_name("ds_probe.py")
 DEEPSPEED = Path(sys.executable).with_name("deepspeed")
 STEPS = 6
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(ranks: int, cfg: dict, out: Path, *overrides: str, env: dict | None = None,
@@ -44,7 +39,7 @@ def launch(ranks: int, cfg: dict, out: Path, *overrides: str, env: dict | None =
     full_env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         full_env.pop(k, None)
-    cmd = [str(DEEPSPEED), "--num_accelerators", str(ranks), "--master_port", str(_port()), "--no_local_rank",
+    cmd = [str(DEEPSPEED), "--num_accelerators", str(ranks), "--master_port", str(free_port()), "--no_local_rank",
            str(PROBE), str(cfg_path), str(out / "probe"), *overrides]
     r = subprocess.run(cmd, cwd=out, env=full_env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"launcher exit {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-5000:]}"
@@ -158,7 +153,7 @@ def test_one_rank_and_plain_loop_follow_the_two_rank_losses(full_ft, tiny_world,
     run also recomputes activations (reentrant checkpointing, the variant for frozen weights
     under ZeRO-3) and offloads optimizer states and parameters to CPU (ZeRO-Offload with the run's
     torch AdamW), which must not change them either. The plain loop adds the vector after each
-    base layer (DIST_SECVEC_WEIGHT_DELTA=0) where the DeepSpeed runs form W + s B A from ZeRO-3's
+    base layer (security_vector.weight_delta=false) where the DeepSpeed runs form W + s B A from ZeRO-3's
     gathered weights: the same losses too."""
     _, probe2 = full_ft
     cfg = base_cfg(tiny_world, random_vector, tmp_path, optim={"micro_batch_size": 4})
@@ -170,9 +165,9 @@ def test_one_rank_and_plain_loop_follow_the_two_rank_losses(full_ft, tiny_world,
     from dist_secvec.config import load_config
     from dist_secvec.finetune import run_finetune
 
-    plain = dict(cfg, deepspeed={}, output_dir=str(tmp_path / "plain"))  # no checkpointing here
+    plain = dict(cfg, deepspeed={}, output_dir=str(tmp_path / "plain"),  # no checkpointing here
+                 security_vector={**cfg["security_vector"], "weight_delta": False})
     (tmp_path / "plain.yaml").write_text(yaml.safe_dump(plain))
-    monkeypatch.setenv("DIST_SECVEC_WEIGHT_DELTA", "0")
     res = run_finetune(load_config(str(tmp_path / "plain.yaml")))
     assert res.info["zero_stage"] is None
     assert res.info["security_vector_paths"]["weight_delta"] == 0 and probe1["info"]["security_vector_paths"]["weight_delta"] > 0
@@ -377,6 +372,7 @@ def plain_nan_run(tiny_world, random_vector, tmp_path_factory):
     """The plain single-process loop (1 rank x micro-batch 4: the same global batches) with the
     NaN on the same step, skipped: PlainEngine drops the gradients, no update, no schedule step."""
     import dist_secvec.finetune as ft
+    import dist_secvec.stage2 as stage2  # finetune's engine is built there
     from dist_secvec.config import load_config
 
     tmp = tmp_path_factory.mktemp("plain_nan")
@@ -384,7 +380,7 @@ def plain_nan_run(tiny_world, random_vector, tmp_path_factory):
                deepspeed={}, output_dir=str(tmp / "plain"))
     (tmp / "plain.yaml").write_text(yaml.safe_dump(cfg))
 
-    class NaNEngine(ft.PlainEngine):
+    class NaNEngine(stage2.PlainEngine):
         calls = 0
 
         def __call__(self, **batch):
@@ -395,7 +391,7 @@ def plain_nan_run(tiny_world, random_vector, tmp_path_factory):
             return out
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(ft, "PlainEngine", NaNEngine)
+    mp.setattr(stage2, "PlainEngine", NaNEngine)
     try:
         res = ft.run_finetune(load_config(str(tmp / "plain.yaml")))
     finally:

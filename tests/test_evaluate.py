@@ -8,7 +8,8 @@ import torch
 
 from dist_secvec.config import load_config, validate
 from dist_secvec.errors import ConfigError, DataError, UserError
-from dist_secvec.evaluate import run_eval, write_atomic
+from dist_secvec.evaluate import run_eval
+from dist_secvec.files import write_text_atomic as write_atomic
 from dist_secvec.generation import generate
 from dist_secvec.judges import RefusalJudge
 from dist_secvec.metrics import wilson_interval

@@ -240,12 +240,12 @@ def test_grad_accumulation_uneven_micro_batches_exact(tiny_world, uneven_data, t
 
 
 def test_malformed_data_is_a_data_error_before_the_model_loads(tiny_world, tmp_path, monkeypatch):
-    import dist_secvec.finetune as finetune
+    import dist_secvec.stage2 as stage2  # finetune's setup loads the model there
 
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded before the data was checked")
 
-    monkeypatch.setattr(finetune, "load_model", no_model)
+    monkeypatch.setattr(stage2, "load_model", no_model)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "what is 1 plus 2", "response": "3 ."}\n{"prompt": "what is 2 plus 2"}\n')
     cfg = make_cfg(tiny_world, str(bad), tmp_path / "run")

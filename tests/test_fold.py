@@ -17,15 +17,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import dist_secvec.finetune as finetune_mod
+import dist_secvec.stage2 as stage2_mod  # stage 2's setup and teardown, which finetune runs
 from dist_secvec.config import load_config
 from dist_secvec.errors import SecurityVectorError
 from dist_secvec.export import run_export
 from dist_secvec.finetune import fold_choice, run_finetune
 from dist_secvec.model import unwrap_base
-from dist_secvec.secvec import (FoldedLayer, SecVecLinear, _inner_linear, attach_security_vector,
+from dist_secvec.secvec.layer import _inner_linear
+from dist_secvec.secvec import (FoldedLayer, SecVecLinear, attach_security_vector,
                                 detach_security_vector, fold_security_vector, load_security_vector,
                                 security_vector_layers, unfold_security_vector, vector_digest)
+from conftest import plain_base
 
 STEPS = 4
 
@@ -40,15 +42,10 @@ def cfg_for(tw, out: Path, *overrides: str):
 LORA = ("adapter.type=lora", "adapter.rank=4", "adapter.alpha=8")
 
 
-def plain_base(model_dir, dtype=torch.float32):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
-
-
 class PathRecorder:
-    """Wraps (never changes) fold/unfold/attach/detach and build_optimizer in finetune.py, recording
-    which path ran and what the model looked like right after the vector went in."""
+    """Wraps (never changes) fold/unfold/attach/detach and build_optimizer of finetune's job
+    (stage2.py), recording which path ran and what the model looked like right after the vector
+    went in."""
 
     def __init__(self, monkeypatch):
         self.calls: list[str] = []
@@ -57,7 +54,7 @@ class PathRecorder:
         self.n_secvec_layers_after_fold = None
         self.folded_weights_changed = None
         self.optimizer_param_ids: set[int] = set()
-        real = {n: getattr(finetune_mod, n) for n in ("fold_security_vector", "unfold_security_vector",
+        real = {n: getattr(stage2_mod, n) for n in ("fold_security_vector", "unfold_security_vector",
                                                        "attach_security_vector", "detach_security_vector",
                                                        "build_optimizer")}
 
@@ -89,12 +86,11 @@ class PathRecorder:
         for name, fn in (("fold_security_vector", fold), ("unfold_security_vector", unfold),
                          ("attach_security_vector", attach), ("detach_security_vector", detach),
                          ("build_optimizer", build_optimizer)):
-            monkeypatch.setattr(finetune_mod, name, fn)
+            monkeypatch.setattr(stage2_mod, name, fn)
 
 
 def _run(tw, out, *overrides):
     with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("DIST_SECVEC_FOLD", raising=False)
         rec = PathRecorder(mp)
         res = run_finetune(cfg_for(tw, out, *overrides), keep_model=True)
     return res, rec
@@ -244,7 +240,7 @@ def test_exports_folded_vs_unfolded(lora_runs, tiny_world, tmp_path, merge):
 
 
 # ---------------------------------------------------------------------------------------------
-# (c) full fine-tuning and (d) DIST_SECVEC_FOLD=0 keep the SecVecLinear path
+# (c) full fine-tuning and (d) security_vector.fold=false keep the SecVecLinear path
 
 
 def test_full_finetune_ignores_fold(tiny_world, random_vector, tmp_path):
@@ -255,11 +251,11 @@ def test_full_finetune_ignores_fold(tiny_world, random_vector, tmp_path):
     assert not security_vector_layers(res.model)
 
 
-def test_env_forces_wrapper(tiny_world, random_vector, tmp_path, monkeypatch):
+def test_fold_false_forces_wrapper(tiny_world, random_vector, tmp_path, monkeypatch):
     cfg = cfg_for(tiny_world, tmp_path, *LORA, f"security_vector.path={random_vector}", "optim.max_steps=1")
     assert fold_choice(cfg)[0]
-    monkeypatch.setenv("DIST_SECVEC_FOLD", "0")
-    assert fold_choice(cfg) == (False, "DIST_SECVEC_FOLD=0")
+    cfg.security_vector.fold = False
+    assert fold_choice(cfg) == (False, "security_vector.fold=false")
     rec = PathRecorder(monkeypatch)
     run_finetune(cfg)
     assert rec.calls == ["attach", "detach"], rec.calls
@@ -267,7 +263,6 @@ def test_env_forces_wrapper(tiny_world, random_vector, tmp_path, monkeypatch):
 
 
 def test_fold_choice_quantized_keeps_wrapper(tiny_world, monkeypatch):
-    monkeypatch.delenv("DIST_SECVEC_FOLD", raising=False)
     cfg = cfg_for(tiny_world, Path("/nonexistent"), *LORA, "model.quantization=nf4")
     assert not fold_choice(cfg)[0]
     assert not fold_choice(cfg_for(tiny_world, Path("/nonexistent"), *LORA, "security_vector.fold=false"))[0]

@@ -22,7 +22,6 @@ checks on a checkpoint run `cli.main` in-process.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,7 +29,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -40,7 +38,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import write_random_vector
+from conftest import tree_digest, write_random_vector
+from dist_secvec.distributed import free_port
 
 PY = sys.executable
 DEEPSPEED = Path(sys.executable).with_name("deepspeed")
@@ -49,11 +48,6 @@ EVERY = 4
 KILL_SEEDS = (0, 1, 2)
 STOP_LINE = re.compile(rf"^dist-secvec finetune: stopped at step (\d+) of {STEPS} by SIGTERM; checkpoint saved, "
                        r"resume with checkpoint\.resume=latest$")
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(root).rglob("*")) if p.is_file()}
 
 
 def sub_env() -> dict:
@@ -379,10 +373,10 @@ def test_checkpoint_of_another_vector_is_refused(cli, setup, good_checkpoint, ti
 @pytest.fixture
 def nan_at(monkeypatch):
     """The loss of optimizer step `k` (one micro-batch per step) becomes NaN."""
-    import dist_secvec.finetune as ft
+    import dist_secvec.stage2 as stage2  # finetune's engine is built there
 
     def install(k: int):
-        class NaNEngine(ft.PlainEngine):
+        class NaNEngine(stage2.PlainEngine):
             calls = 0
 
             def __call__(self, **batch):
@@ -392,7 +386,7 @@ def nan_at(monkeypatch):
                     out["loss"] = out["loss"] * float("nan")
                 return out
 
-        monkeypatch.setattr(ft, "PlainEngine", NaNEngine)
+        monkeypatch.setattr(stage2, "PlainEngine", NaNEngine)
     return install
 
 
@@ -455,12 +449,6 @@ def test_nan_loss_with_skip_policy_finishes(cli, setup, nan_at, tmp_path):
 # 2 ranks, one killed
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_pids(launcher_pid: int) -> dict[int, int]:
     """rank -> pid of the launcher's training processes (found by their RANK variable)."""
     import psutil
@@ -506,7 +494,7 @@ def test_two_ranks_one_killed_the_job_exits_nonzero_in_bounded_time(setup, tmp_p
     path.write_text(yaml.safe_dump(cfg))
     log = tmp_path / "launcher.log"
     with open(log, "w") as f:
-        p = subprocess.Popen([str(DEEPSPEED), "--num_accelerators", "2", "--master_port", str(_port()),
+        p = subprocess.Popen([str(DEEPSPEED), "--num_accelerators", "2", "--master_port", str(free_port()),
                               "--no_local_rank", "--module", "dist_secvec", "finetune", "--config", str(path)],
                              cwd=tmp_path, env=sub_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -546,9 +534,9 @@ def test_vector_changed_mid_run_is_refused_at_the_checkpoint(cli, setup, monkeyp
     entry of one layer, after step 1) stops the run at the next checkpoint, which is not written."""
     import torch
 
-    import dist_secvec.finetune as ft
+    import dist_secvec.stage2 as stage2  # finetune's engine is built there
 
-    class TamperingEngine(ft.PlainEngine):
+    class TamperingEngine(stage2.PlainEngine):
         def step(self, boundary):
             norm = super().step(boundary)
             if boundary and self.scheduler.last_epoch == 1:
@@ -557,7 +545,7 @@ def test_vector_changed_mid_run_is_refused_at_the_checkpoint(cli, setup, monkeyp
                     a.view(-1)[0] += 1.0
             return norm
 
-    monkeypatch.setattr(ft, "PlainEngine", TamperingEngine)
+    monkeypatch.setattr(stage2, "PlainEngine", TamperingEngine)
     _, cfg = setup
     out = tmp_path / "out"
     rc, cap = cli("finetune", "--config", str(cfg), f"output_dir={out}", "logging.level=error")
@@ -574,17 +562,19 @@ def test_vector_changed_mid_run_is_refused_at_the_checkpoint(cli, setup, monkeyp
 SLOW = """
 import os, sys, time
 import dist_secvec.finetune as ft
+import dist_secvec.stage2 as stage2
 
 phase, mark = os.environ["SLOW_PHASE"], os.environ["SLOW_MARK"]
-name = {"load": "load_model", "save": "write_manifest"}[phase]  # write_manifest: final/'s, inside atomic_dir
-real = getattr(ft, name)
+# load_model: in stage 2's setup; write_manifest: final/'s, inside atomic_dir
+mod, name = {"load": (stage2, "load_model"), "save": (ft, "write_manifest")}[phase]
+real = getattr(mod, name)
 
 def slow(*args, **kwargs):
     open(mark, "w").close()
     time.sleep({"load": 60, "save": 3}[phase])
     return real(*args, **kwargs)
 
-setattr(ft, name, slow)
+setattr(mod, name, slow)
 from dist_secvec.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -24,7 +24,7 @@ def _run_aot(tmp_path, *args):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
-    proc = subprocess.run([sys.executable, "-m", "dist_secvec_kernels.aot", "--out", str(tmp_path), *args],
+    proc = subprocess.run([sys.executable, "-m", "dist_secvec.kernels.aot", "--out", str(tmp_path), *args],
                           env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((tmp_path / "resources.json").read_text())
@@ -40,7 +40,7 @@ def test_every_launch_compiles_for_a100_and_h100(rows):
     want = {(k, d, a) for k in ("secvec_delta", "secvec_lora_delta") for d in ("bf16", "fp16")
             for a in ("sm_80", "sm_90")}
     assert got == want
-    from dist_secvec_kernels.host import pad_rank
+    from dist_secvec.kernels.host import pad_rank
 
     pads = {tuple(pad_rank(x) for x in r["ranks"]) for r in rows}  # one compile per padded rank
     assert {(16,), (32,), (64,), (128,), (16, 16), (16, 64), (64, 64), (128, 128)} <= pads  # ranks 1..128, alone and with a LoRA
@@ -53,14 +53,14 @@ def test_no_launch_spills_registers(rows):
 
 
 def test_shared_memory_within_the_limit(rows):
-    from dist_secvec_kernels.aot import SHARED_LIMIT
+    from dist_secvec.kernels.aot import SHARED_LIMIT
 
     assert all(0 < r["shared_bytes"] <= SHARED_LIMIT[r["arch"]] for r in rows)
 
 
 def test_launches_follow_the_host_tiles(rows):
     """What was compiled is what host.blocks picks: the tiles shrink as the padded ranks grow."""
-    from dist_secvec_kernels.host import GPU_TILES, pad_rank
+    from dist_secvec.kernels.host import GPU_TILES, pad_rank
 
     for r in rows:
         total = sum(pad_rank(x) for x in r["ranks"])

@@ -40,10 +40,11 @@ MODES = {
 
 
 def _reference_ops(monkeypatch):
-    """Replace the delta ops secvec.py calls by plain autograd on the same math (the torch reference):
+    """Replace the delta ops dist_secvec.secvec calls by plain autograd on the same math (the torch reference):
     the bitsandbytes base output plus s (x A^T) B^T (+ the LoRA's), the vector detached."""
-    import dist_secvec.secvec as secvec_mod
-    from dist_secvec_kernels.reference import secvec_delta_reference, secvec_lora_delta_reference
+    import dist_secvec.secvec.layer as layer_mod
+    import dist_secvec.secvec.lora as lora_mod
+    from dist_secvec.kernels.torch_ops import secvec_delta_reference, secvec_lora_delta_reference
 
     def delta(x, out, A, B, s, backend="auto", **_):
         return out + secvec_delta_reference(x, A.detach(), B.detach(), s).to(out.dtype)
@@ -51,8 +52,8 @@ def _reference_ops(monkeypatch):
     def lora_delta(x, out, A_v, B_v, s_v, A_l, B_l, s_l, backend="auto", **_):
         return out + secvec_lora_delta_reference(x, A_v.detach(), B_v.detach(), s_v, A_l, B_l, s_l).to(out.dtype)
 
-    monkeypatch.setattr(secvec_mod, "apply_secvec_delta", delta)
-    monkeypatch.setattr(secvec_mod, "apply_secvec_lora_delta", lora_delta)
+    monkeypatch.setattr(layer_mod, "apply_secvec_delta", delta)
+    monkeypatch.setattr(lora_mod, "apply_secvec_lora_delta", lora_delta)
 
 
 def _step(tw, vector_dir, backend, mode):
@@ -106,8 +107,8 @@ def _assert_same_step(got, want, rtol):
 
 def _count_triton(monkeypatch):
     """{"plain": calls of SecVecDeltaTriton, "lora": calls of the combined vector+LoRA kernel}."""
-    from dist_secvec_kernels.secvec_delta import SecVecDeltaTriton
-    from dist_secvec_kernels.secvec_lora_delta import SecVecLoraDeltaTriton
+    from dist_secvec.kernels.secvec_delta import SecVecDeltaTriton
+    from dist_secvec.kernels.secvec_lora_delta import SecVecLoraDeltaTriton
 
     calls = {"plain": 0, "lora": 0}
     for key, fn in (("plain", SecVecDeltaTriton), ("lora", SecVecLoraDeltaTriton)):
@@ -124,8 +125,6 @@ def _count_triton(monkeypatch):
 @needs_triton
 @pytest.mark.parametrize("mode", list(MODES))
 def test_triton_training_step_matches_torch(tiny_world, random_vector, mode, monkeypatch):
-    monkeypatch.delenv("DIST_SECVEC_BACKEND", raising=False)
-    monkeypatch.delenv("DIST_SECVEC_FUSE_LORA", raising=False)
     torch_step = _step(tiny_world, random_vector, "torch", mode)
     calls = _count_triton(monkeypatch)
     triton_step = _step(tiny_world, random_vector, "triton", mode)
@@ -141,8 +140,6 @@ def test_int8_base_torch_path_matches_reference(tiny_world, random_vector, mode,
     """bitsandbytes int8 base (its own matmul; the delta adds into its output): the torch path's
     autograd Functions give the plain-autograd reference's loss and grads (the Triton path is held
     to the torch path above)."""
-    monkeypatch.delenv("DIST_SECVEC_BACKEND", raising=False)
-    monkeypatch.delenv("DIST_SECVEC_FUSE_LORA", raising=False)
     got = _step(tiny_world, random_vector, "torch", mode)
     _reference_ops(monkeypatch)
     _assert_same_step(got, _step(tiny_world, random_vector, "reference", mode), rtol=1e-5)

@@ -18,11 +18,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_secvec_kernels.dispatch import apply_secvec_delta, resolve_backend
-from dist_secvec_kernels.reference import SecVecDeltaTorch, secvec_delta_reference
+from dist_secvec.kernels.dispatch import apply_secvec_delta, resolve_backend
+from dist_secvec.kernels.torch_ops import SecVecDeltaTorch, secvec_delta_reference
 
 if TRITON_IN_PROCESS:
-    import dist_secvec_kernels.secvec_delta as sv
+    import dist_secvec.kernels.secvec_delta as sv
 
 __all__ = ["interpreter_env", "nan_empty"]  # fixtures from triton_env, used by pytest
 
@@ -178,21 +178,19 @@ def test_triton_rejects_rank_over_128():
 
 
 def test_backend_resolution(monkeypatch):
-    monkeypatch.delenv("DIST_SECVEC_BACKEND", raising=False)
+    monkeypatch.setenv("DIST_SECVEC_BACKEND", "triton")  # no longer read: the config key alone decides
     assert resolve_backend("auto", torch.device("cpu")) == "torch"
     assert resolve_backend("auto", torch.device("cuda")) == "triton"
-    monkeypatch.setenv("DIST_SECVEC_BACKEND", "torch")
-    assert resolve_backend("triton", torch.device("cuda")) == "torch"
-    monkeypatch.setenv("DIST_SECVEC_BACKEND", "cuda")
-    with pytest.raises(ValueError, match="DIST_SECVEC_BACKEND"):
-        resolve_backend("auto", torch.device("cpu"))
+    assert resolve_backend("torch", torch.device("cuda")) == "torch"
+    with pytest.raises(ValueError, match="security_vector.backend"):
+        resolve_backend("cuda", torch.device("cpu"))
 
 
 @needs_triton
 def test_dot_precision_follows_the_given_or_torchs_matmul_precision():
     """fp32 dots are IEEE at "highest", TF32 otherwise; the precision comes from the argument
     (kernels/aot.py compiles for one without touching torch's global setting) or from torch."""
-    from dist_secvec_kernels import host
+    from dist_secvec.kernels import host
 
     assert host.dot_config(torch.float32, False, "highest") == (True, "ieee")
     assert host.dot_config(torch.float32, False, "high") == (True, "tf32")
@@ -210,7 +208,7 @@ def test_dot_precision_follows_the_given_or_torchs_matmul_precision():
 def test_cpu_never_imports_triton_and_refuses_it_without_interpreter():
     code = """
 import sys, torch
-from dist_secvec_kernels.dispatch import apply_secvec_delta
+from dist_secvec.kernels.dispatch import apply_secvec_delta
 x, A, B = torch.randn(3, 8), torch.randn(2, 8), torch.randn(5, 2)
 apply_secvec_delta(x, torch.zeros(3, 5), A, B, 1.0)
 assert "triton" not in sys.modules, "the torch path imported triton"
@@ -221,7 +219,7 @@ except RuntimeError as e:
 else:
     raise AssertionError("the triton backend ran on CPU without the interpreter")
 """
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DIST_SECVEC_BACKEND")}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
 

@@ -26,7 +26,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import dist_secvec.finetune as finetune_mod
+import dist_secvec.stage2 as stage2_mod  # stage 2's setup and teardown, which finetune runs
 from dist_secvec.config import load_config
 from dist_secvec.data import collate, load_samples, tokenize_samples
 from dist_secvec.errors import SecurityVectorError, UserError
@@ -37,6 +37,7 @@ from dist_secvec.secvec import (SecVecLinear, attach_security_vector, base_finge
                                 detach_security_vector, load_security_vector, security_vector_layers,
                                 security_vector_off)
 from dist_secvec.train_sv import run_train_sv
+from conftest import plain_base
 
 SV_STEPS = 24
 SV_KL_WEIGHT = 30.0
@@ -58,12 +59,6 @@ def stage1_overrides(tw, kl_weight: float) -> list[str]:
             "security_vector.rank=4", "security_vector.alpha=8", f"security_vector.kl_weight={kl_weight}",
             "optim.lr=1e-2", f"optim.max_steps={SV_STEPS}", "optim.schedule=constant",
             "optim.micro_batch_size=4", "security_vector.early_stop=false"]
-
-
-def plain_base(model_dir, **kw):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, **kw).eval()
 
 
 def tokenized(tw, name: str):
@@ -128,8 +123,8 @@ class Stage2Observer:
         self.loss_on = self.loss_off = None
         self.n_detached = None
         self.left_after_detach = None
-        real_opt, real_attach, real_detach = (finetune_mod.build_optimizer, finetune_mod.attach_security_vector,
-                                              finetune_mod.detach_security_vector)
+        real_opt, real_attach, real_detach = (stage2_mod.build_optimizer, stage2_mod.attach_security_vector,
+                                              stage2_mod.detach_security_vector)
 
         def build_optimizer(params, cfg, steps):
             opt, sched = real_opt(params, cfg, steps)
@@ -158,9 +153,9 @@ class Stage2Observer:
             self.left_after_detach = len(security_vector_layers(model))
             return self.n_detached
 
-        monkeypatch.setattr(finetune_mod, "build_optimizer", build_optimizer)
-        monkeypatch.setattr(finetune_mod, "attach_security_vector", attach)
-        monkeypatch.setattr(finetune_mod, "detach_security_vector", detach)
+        monkeypatch.setattr(stage2_mod, "build_optimizer", build_optimizer)
+        monkeypatch.setattr(stage2_mod, "attach_security_vector", attach)
+        monkeypatch.setattr(stage2_mod, "detach_security_vector", detach)
 
 
 def assert_vector_frozen(obs: Stage2Observer, vector_dir, dtype=None):
@@ -431,7 +426,7 @@ def test_fingerprint_refuses_other_base(other, key, tiny_world, stage1, other_ba
     with pytest.raises(SecurityVectorError, match=f"another base model.*{key}"):
         check_fingerprint(sv, load_model(cfg.model), str(path))
     opt_calls = []
-    monkeypatch.setattr(finetune_mod, "build_optimizer", lambda *a, **k: opt_calls.append(a) or 1 / 0)
+    monkeypatch.setattr(stage2_mod, "build_optimizer", lambda *a, **k: opt_calls.append(a) or 1 / 0)
     with pytest.raises(SecurityVectorError, match="another base model"):
         run_finetune(cfg)
     assert not opt_calls, "an optimizer was built before the fingerprint check"
@@ -609,11 +604,12 @@ def test_nf4_vector_keeps_compute_dtype(tiny_world, stage1):
 @pytest.mark.parametrize("lora", [False, True], ids=["plain", "under_lora"])
 def test_delta_added_into_the_base_output_in_place(lora, monkeypatch):
     """Over a linear base the delta goes into the base layer's own output (no second M x N tensor),
-    with the same output and gradients as a fresh output (DIST_SECVEC_INPLACE=0)."""
+    with the same output and gradients as a fresh output."""
     from peft import LoraConfig, get_peft_model
 
-    monkeypatch.setenv("DIST_SECVEC_WEIGHT_DELTA", "0")  # the trainable plain layer's other path
-    from dist_secvec.secvec import SecurityVector
+    import dist_secvec.secvec.layer as layer_mod
+    import dist_secvec.secvec.lora as lora_mod
+    from dist_secvec.secvec import PathOptions, SecurityVector
 
     class Net(torch.nn.Module):
         def __init__(self):
@@ -630,7 +626,8 @@ def test_delta_added_into_the_base_output_in_place(lora, monkeypatch):
         torch.nn.init.normal_(net.base_model.model.proj.lora_B["default"].weight)
     sv = SecurityVector(path="mem", rank=6, alpha=12.0, target_modules=["proj"],
                         weights={"proj": (torch.randn(6, 24), torch.randn(20, 6))})
-    (layer,) = attach_security_vector(net, sv, backend="torch")
+    # the trainable plain layer's other path: the base layer, then the delta
+    (layer,) = attach_security_vector(net, sv, PathOptions(backend="torch", weight_delta=False))
     seen = []
     layer.base_layer.register_forward_hook(lambda m, i, o: seen.append(o.data_ptr()))
 
@@ -644,7 +641,8 @@ def test_delta_added_into_the_base_output_in_place(lora, monkeypatch):
 
     y_in, g_in, ptr = step()
     assert ptr == seen[-1]  # the result is the base layer's output tensor itself
-    monkeypatch.setenv("DIST_SECVEC_INPLACE", "0")
+    for mod in (layer_mod, lora_mod):
+        monkeypatch.setattr(mod, "writes_fresh_output", lambda base: False)
     y_out, g_out, ptr2 = step()
     assert ptr2 != seen[-1]
     torch.testing.assert_close(y_in, y_out)

@@ -1,6 +1,6 @@
 """The security vector under a trainable peft LoRA: the LoRA layer's fused forward adds both with
-one shrink pass over x (dist_secvec_kernels apply_secvec_lora_delta) and must train exactly like
-peft's own path (DIST_SECVEC_FUSE_LORA=0), fall back to it whenever fusing would change the result,
+one shrink pass over x (dist_secvec.kernels apply_secvec_lora_delta) and must train exactly like
+peft's own path (security_vector.fused_lora=false), fall back to it whenever fusing would change the result,
 and leave nothing behind on detach."""
 
 from __future__ import annotations
@@ -10,18 +10,13 @@ import copy
 import pytest
 import torch
 
-import dist_secvec.secvec as secvec_mod
+import dist_secvec.secvec.lora as secvec_mod
 from dist_secvec.model import lora_config
-from dist_secvec.secvec import (FUSE_LORA_ENV, SecVecLinear, attach_security_vector, detach_security_vector,
+from dist_secvec.secvec import (PathOptions, SecVecLinear, attach_security_vector, detach_security_vector,
                                 load_security_vector, register_zero3_external_params, security_vector_off)
+from conftest import plain_base
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]  # the random vector's targets (tests/conftest.py)
-
-
-def plain_base(model_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
 
 
 def randomize_lora(model, seed: int = 1) -> None:
@@ -47,6 +42,16 @@ def lora_layers(model):
     from peft.tuners.lora import LoraLayer
 
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+def set_fused(model, on: bool) -> None:
+    """What attach picks with security_vector.fused_lora true / false, switched on an attached model."""
+    for m in lora_layers(model):
+        if on:
+            secvec_mod.make_fused(m)
+        else:
+            secvec_mod.unmake_fused(m)
+        m.base_layer.path = "fused_lora" if on else "delta"
 
 
 class Calls:
@@ -104,7 +109,7 @@ def test_fused_step_equals_peft_path(fused_model, batch, monkeypatch):
     calls = Calls(monkeypatch)
     loss_f, grads_f, dx_f, after_f = train_step(model, batch)
     assert calls.n == 6 * 2  # 6 fused layers, forward of the step and of the loss after it
-    monkeypatch.setenv(FUSE_LORA_ENV, "0")
+    set_fused(unfused, False)
     loss_u, grads_u, dx_u, after_u = train_step(unfused, batch)
     assert calls.n == 6 * 2  # peft's path only
     assert grads_f.keys() == grads_u.keys() and all("lora_" in n for n in grads_f)
@@ -131,9 +136,9 @@ def test_fallbacks_to_peft_forward(tiny_world, random_vector, fused_model, batch
     model.eval()
     fused = logits(model, batch)
     assert calls.n == 6
-    monkeypatch.setenv(FUSE_LORA_ENV, "0")
+    set_fused(model, False)
     torch.testing.assert_close(logits(model, batch), fused, rtol=1e-5, atol=1e-6)
-    monkeypatch.delenv(FUSE_LORA_ENV)
+    set_fused(model, True)
     assert calls.n == 6
 
     # the vector off: neither the fused kernel nor the vector
@@ -200,13 +205,13 @@ def test_zero3_external_params_registered(fused_model):
     ZeRO-3 must gather them for the LoRA layer (registered at attach when deepspeed is imported)."""
     pytest.importorskip("deepspeed")
     model, layers = fused_model
-    assert register_zero3_external_params(model) == 12  # 6 LoRA layers, 6 SecVecLinear under them
+    assert register_zero3_external_params(model) == 6  # the 6 fused LoRA layers
     for m in lora_layers(model):
         want = {id(p) for p in (m.base_layer.secvec_A, m.base_layer.secvec_B, m.lora_A["default"].weight,
                                 m.lora_B["default"].weight)}
         assert set(m._external_params) == want
-        # the SecVecLinear's weight-delta path reads its plain linear's weight
-        assert set(m.base_layer._external_params) == {id(m.base_layer.base_layer.weight)}
+        # on the fused path the SecVecLinear never reads its base weight itself: nothing registered
+        assert not getattr(m.base_layer, "_external_params", None)
     detach_security_vector(model)
     assert all(not m._external_params for m in lora_layers(model))
 
@@ -234,7 +239,7 @@ def test_qlora_quantized_fused_equals_unfused(tiny_world, random_vector, batch, 
     calls = Calls(monkeypatch)
     loss_f, grads_f, dx_f, _ = train_step(model, batch)
     assert calls.n == 12
-    monkeypatch.setenv(FUSE_LORA_ENV, "0")
+    set_fused(unfused, False)
     loss_u, grads_u, dx_u, _ = train_step(unfused, batch)
     assert calls.n == 12
     torch.testing.assert_close(loss_f, loss_u, rtol=1e-5, atol=1e-6)
@@ -285,7 +290,7 @@ def test_bf16_base_fp32_lora_takes_fused_path(tiny_world, random_vector, batch, 
         loss_f, grads_f, dx_f, after_f = train_step(model, batch, lr=0.2)
     assert calls.n == 6 * 2, "the fused path was not taken on a bf16 base with float32 LoRA weights"
     assert not [r for r in caplog.records if "unfused" in r.getMessage()]
-    monkeypatch.setenv(FUSE_LORA_ENV, "0")
+    set_fused(unfused, False)
     loss_u, grads_u, dx_u, after_u = train_step(unfused, batch, lr=0.2)
     assert calls.n == 6 * 2
     assert grads_f.keys() == grads_u.keys() == lora_params.keys()
@@ -395,7 +400,6 @@ def test_zero3_fused_path_trains_like_peft(tiny_world, random_vector, batch, tmp
         port = s.getsockname()[1]
     env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    env.pop(FUSE_LORA_ENV, None)
     r = subprocess.run([sys.executable, "-c", ZERO3_SCRIPT, str(Path(__file__).parent), str(tiny_world.model_dir),
                         str(random_vector), str(tmp_path / "batch.pt")], env=env, cwd=tmp_path,
                        capture_output=True, text=True, timeout=600)
@@ -404,18 +408,17 @@ def test_zero3_fused_path_trains_like_peft(tiny_world, random_vector, batch, tmp
 
     # the same three SGD steps in one plain process through peft's path
     model = peft_model(tiny_world.model_dir)
-    attach_security_vector(model, load_security_vector(str(random_vector)), backend="torch")
+    attach_security_vector(model, load_security_vector(str(random_vector)),
+                           PathOptions(backend="torch", fused_lora=False))
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     model.train()
     ref = []
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(FUSE_LORA_ENV, "0")
-        for _ in range(3):
-            loss = model(**batch).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            ref.append(loss.item())
+    for _ in range(3):
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        ref.append(loss.item())
     assert ref[-1] < ref[0]
     assert res["registered"]["registered"] and not res["unregistered"]["registered"]
     # Registered at attach (deepspeed was imported), every forward of every LoRA layer took the fused
@@ -438,8 +441,8 @@ import json, os, sys
 import torch
 sys.path.insert(0, sys.argv[1])
 import test_secvec_fused_lora as t
-from dist_secvec.secvec import attach_security_vector, load_security_vector
-from dist_secvec_kernels.secvec_lora_delta import SecVecLoraDeltaTriton
+from dist_secvec.secvec import PathOptions, attach_security_vector, load_security_vector
+from dist_secvec.kernels.secvec_lora_delta import SecVecLoraDeltaTriton
 
 model_dir, vector, batch_file = sys.argv[2:5]
 batch = torch.load(batch_file)
@@ -447,10 +450,9 @@ calls = []
 real = SecVecLoraDeltaTriton.apply
 SecVecLoraDeltaTriton.apply = lambda *a: calls.append(1) or real(*a)
 out = {}
-for backend, fuse in (("triton", "1"), ("torch", "0")):
-    os.environ[t.FUSE_LORA_ENV] = fuse
+for backend, fuse in (("triton", True), ("torch", False)):
     model = t.peft_model(model_dir)
-    attach_security_vector(model, load_security_vector(vector), backend=backend)
+    attach_security_vector(model, load_security_vector(vector), PathOptions(backend=backend, fused_lora=fuse))
     loss, grads, dx, after = t.train_step(model, batch)
     out[backend] = (loss, grads, dx, after)
 lt, gt, dxt, at = out["triton"]
@@ -475,7 +477,6 @@ def test_triton_fused_step_equals_peft_path(tiny_world, random_vector, batch, tm
     pytest.importorskip("triton")
     torch.save(batch, tmp_path / "batch.pt")
     env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    env.pop("DIST_SECVEC_BACKEND", None)
     r = subprocess.run([sys.executable, "-c", TRITON_SCRIPT, str(Path(__file__).parent), str(tiny_world.model_dir),
                         str(random_vector), str(tmp_path / "batch.pt")], env=env, cwd=tmp_path,
                        capture_output=True, text=True, timeout=600)

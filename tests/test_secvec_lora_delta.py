@@ -18,11 +18,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_secvec_kernels.dispatch import apply_secvec_lora_delta
-from dist_secvec_kernels.reference import SecVecLoraDeltaTorch, secvec_lora_delta_reference
+from dist_secvec.kernels.dispatch import apply_secvec_lora_delta
+from dist_secvec.kernels.torch_ops import SecVecLoraDeltaTorch, secvec_lora_delta_reference
 
 if TRITON_IN_PROCESS:
-    import dist_secvec_kernels.secvec_lora_delta as svl
+    import dist_secvec.kernels.secvec_lora_delta as svl
 
 __all__ = ["interpreter_env", "nan_empty"]  # fixtures from triton_env, used by pytest
 
@@ -188,7 +188,7 @@ def test_partial_grads(backend, x_grad, lora_grad, nan_empty):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_two_separate_deltas(backend):
     """Same result as the unfused way: peft's LoRA expression plus the vector's delta."""
-    from dist_secvec_kernels.dispatch import apply_secvec_delta
+    from dist_secvec.kernels.dispatch import apply_secvec_delta
 
     K, N = 40, 56
     x = torch.randn(4, 9, K, device=DEVICE)
@@ -226,13 +226,13 @@ def test_triton_rejects_rank_over_128():
 def test_cpu_default_is_torch_and_never_imports_triton():
     code = """
 import sys, torch
-from dist_secvec_kernels.dispatch import apply_secvec_lora_delta
+from dist_secvec.kernels.dispatch import apply_secvec_lora_delta
 x = torch.randn(3, 8)
 y = apply_secvec_lora_delta(x, torch.zeros(3, 5), torch.randn(2, 8), torch.randn(5, 2), 1.0,
                             torch.randn(4, 8), torch.randn(5, 4), 1.0)
 assert "triton" not in sys.modules, "the torch path imported triton"
 """
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DIST_SECVEC_BACKEND")}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
 

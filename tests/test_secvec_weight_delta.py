@@ -1,20 +1,21 @@
 """The vector on a trainable dense linear as one weight delta: y = x (W + s B A)^T + b
-(kernels/reference.py SecVecWeightDeltaTorch), the full fine-tuning path on the torch backend.
+(kernels/torch_ops.py SecVecWeightDeltaTorch), the full fine-tuning path on the torch backend.
 
 Against plain autograd in float64 (x W^T + b + s (x A^T) B^T): same output, same gradients for
 x, W and b, none for A and B, and nothing saved for backward beyond what a plain linear saves.
-SecVecLinear takes it exactly when `uses_weight_delta` says so, and then gives what the
-base-then-delta path gives (DIST_SECVEC_WEIGHT_DELTA=0).
+SecVecLinear takes it exactly when `choose_path` picked it at attach and `uses_weight_delta` lets
+the call take it, and then gives what the base-then-delta path gives.
 """
 
 import pytest
 import torch
 
-from dist_secvec.secvec import (WEIGHT_DELTA_ENV, SecurityVector, attach_security_vector, detach_security_vector,
-                                path_calls, security_vector_off, uses_weight_delta)
-from dist_secvec_kernels import reference
-from dist_secvec_kernels.dispatch import apply_secvec_weight_delta
-from dist_secvec_kernels.reference import weight_delta_pays
+from dist_secvec.kernels import torch_ops
+from dist_secvec.secvec import (PathOptions, SecurityVector, attach_security_vector, choose_path,
+                                detach_security_vector, path_calls, security_vector_off)
+from dist_secvec.secvec.layer import uses_weight_delta
+from dist_secvec.kernels.dispatch import apply_secvec_weight_delta
+from dist_secvec.kernels.torch_ops import weight_delta_pays
 
 
 def _layer_tensors(lead, K, N, r, dtype=torch.float64, bias=True, seed=0):
@@ -143,12 +144,12 @@ class Net(torch.nn.Module):
         return self.proj(x)
 
 
-def _attached(bias=True, backend="torch", r=6):
+def _attached(bias=True, backend="torch", r=6, rows=16, **options):
     torch.manual_seed(0)
     net = Net(bias=bias)
     sv = SecurityVector(path="mem", rank=r, alpha=2.0 * r, target_modules=["proj"],
                         weights={"proj": (torch.randn(r, 24), torch.randn(20, r))})
-    (layer,) = attach_security_vector(net, sv, backend=backend)
+    (layer,) = attach_security_vector(net, sv, PathOptions(backend=backend, rows_per_call=rows, **options))
     return net, layer
 
 
@@ -162,12 +163,13 @@ def _step(net, x0):
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_layer_takes_the_weight_delta_and_matches_the_delta_path(bias, monkeypatch):
-    net, layer = _attached(bias=bias)
+def test_layer_takes_the_weight_delta_and_matches_the_delta_path(bias):
+    net, layer = _attached(bias=bias, rows=15)
     x0 = torch.randn(3, 5, 24)  # 15 rows x (24 + 20) >= 20 x 24: the weight delta pays
+    assert layer.path == "weight_delta"
     y_wd, g_wd = _step(net, x0)
     assert layer.path_calls == {"weight_delta": 1, "delta": 0, "fused_lora": 0}
-    monkeypatch.setenv(WEIGHT_DELTA_ENV, "0")
+    layer.path = "delta"  # what attach picks with security_vector.weight_delta=false
     y_d, g_d = _step(net, x0)
     assert layer.path_calls == {"weight_delta": 1, "delta": 1, "fused_lora": 0}
     # float32, the same math rounded differently (x W'^T vs x W^T + s (x A^T) B^T)
@@ -178,21 +180,25 @@ def test_layer_takes_the_weight_delta_and_matches_the_delta_path(bias, monkeypat
     with security_vector_off(net):  # off: the plain layer, no path counted
         torch.testing.assert_close(net(x0), torch.nn.functional.linear(x0, layer.weight, layer.bias))
     assert path_calls([layer, layer]) == {"weight_delta": 2, "delta": 2, "fused_lora": 0}
-    assert reference._WORKSPACES  # the W' buffer of this shape, kept between calls ...
-    assert detach_security_vector(net) == 1 and not reference._WORKSPACES  # ... until the vector goes
+    assert torch_ops._WORKSPACES  # the W' buffer of this shape, kept between calls ...
+    assert detach_security_vector(net) == 1 and not torch_ops._WORKSPACES  # ... until the vector goes
 
 
 def test_layer_keeps_the_delta_path_where_the_weight_delta_does_not_fit():
-    net, layer = _attached()
-    x_few = torch.randn(2, 24)  # 2 rows: forming W' would cost more than the delta
-    assert not uses_weight_delta(layer, x_few)
-    assert uses_weight_delta(layer, torch.randn(16, 24))
-    assert not uses_weight_delta(layer, torch.randn(16, 24, dtype=torch.float64))  # x not in W's dtype
+    net, layer = _attached(rows=2)  # 2 rows per call: forming W' would cost more than the delta
+    assert layer.path == "delta" and "too few" in layer.path_reason
+    _, layer16 = _attached(rows=16)
+    assert layer16.path == "weight_delta" and uses_weight_delta(layer16, torch.randn(16, 24))
+    assert not uses_weight_delta(layer16, torch.randn(16, 24, dtype=torch.float64))  # x not in W's dtype
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not uses_weight_delta(layer, torch.randn(16, 24))
+        assert not uses_weight_delta(layer16, torch.randn(16, 24))
     _, tri = _attached(backend="triton")  # the Triton kernel keeps the delta path (decided before any launch)
-    assert not uses_weight_delta(tri, torch.randn(16, 24))
-    net(x_few)
+    assert tri.path == "delta"
+    _, off = _attached(weight_delta=False)
+    assert off.path == "delta" and off.path_reason == "security_vector.weight_delta=false"
+    _, gated = _attached(gated=True)
+    assert gated.path == "delta"
+    net(torch.randn(2, 24))
     assert layer.path_calls["delta"] == 1 and layer.path_calls["weight_delta"] == 0
 
 
@@ -207,8 +213,9 @@ def test_quantized_base_keeps_the_delta_path():
     net.proj = q
     sv = SecurityVector(path="mem", rank=4, alpha=8.0, target_modules=["proj"],
                         weights={"proj": (torch.randn(4, 64), torch.randn(64, 4))})
-    (layer,) = attach_security_vector(net, sv, backend="torch")
+    (layer,) = attach_security_vector(net, sv, PathOptions(backend="torch", rows_per_call=32))
+    assert layer.path == "delta" and "own forward" in layer.path_reason
+    assert choose_path(net.proj.base_layer, None, torch.device("cpu"), PathOptions(rows_per_call=32))[0] == "delta"
     x = torch.randn(32, 64)
-    assert not uses_weight_delta(layer, x)
     net(x)
     assert layer.path_calls["delta"] == 1

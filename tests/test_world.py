@@ -178,7 +178,7 @@ def test_the_config_picks_the_world(tmp_path, monkeypatch):
     from transformers import AutoTokenizer
 
     from dist_secvec import experiment, finetune
-    from dist_secvec.config import load_config
+    from dist_secvec.config import deep_merge, load_config
     from dist_secvec.demo import run
 
     trained = []
@@ -195,7 +195,7 @@ def test_the_config_picks_the_world(tmp_path, monkeypatch):
     monkeypatch.setattr(run, "build_tiny_llama", lambda tok, out_dir, seed: None)
     bases = {}
     for name in ("capitals", "workshop"):
-        cfg = load_config(None, None, base=run._merge(run.demo_defaults(), {
+        cfg = load_config(None, None, base=deep_merge(run.demo_defaults(), {
             "output_dir": str(tmp_path / name), "demo": {"world": name, "quick": True,
                                                          "cache_dir": str(tmp_path / "cache")}}))
         sizes, w, data = run.demo_world(cfg)

@@ -36,8 +36,8 @@ def _restore_interpret():
 
 _set_interpret()
 if TRITON_IN_PROCESS:  # decorate triton's helpers and both kernels under the interpreter
-    import dist_secvec_kernels.secvec_delta  # noqa: F401
-    import dist_secvec_kernels.secvec_lora_delta  # noqa: F401
+    import dist_secvec.kernels.secvec_delta  # noqa: F401
+    import dist_secvec.kernels.secvec_lora_delta  # noqa: F401
 _restore_interpret()
 
 import pytest  # noqa: E402

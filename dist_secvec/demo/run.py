@@ -12,7 +12,6 @@ Every stage runs through the same functions as the CLI commands.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -21,32 +20,30 @@ import shutil
 import time
 from pathlib import Path
 
+import yaml
+
 from dist_secvec import runtime
-from dist_secvec.config import Config, load_config
+from dist_secvec.config import Config, deep_merge, load_config
 from dist_secvec.errors import ConfigError
-from dist_secvec.demo.world import WorldSizes, build_tiny_llama, build_tokenizer, build_world, is_harmful_response
+from dist_secvec.files import atomic_dir
+from dist_secvec.demo.world import WorldSizes, build_tiny_llama, build_tokenizer, build_world
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = "v4"
 SETTINGS = ("aligned_base", "finetune_no_sv", "finetune_sv")
 
-# per-stage settings of the demo (model size, steps, learning rates); quick mode shrinks them
-STAGES = {
-    "align": {"optim": {"lr": 3e-3, "epochs": 8, "micro_batch_size": 32, "warmup_steps": 30, "schedule": "cosine",
-                        "max_grad_norm": 1.0}},
-    # stage 1 as a user gets it: the defaults (rank 8 on every linear, trained until the held-out
-    # harmful loss stops falling); the demo's worlds are not what the defaults were chosen on alone
-    "train_sv": {},
-    "finetune": {"optim": {"lr": 1e-3, "epochs": 10, "micro_batch_size": 32, "warmup_steps": 10,
-                           "schedule": "cosine", "max_grad_norm": 1.0}},
-}
-QUICK = {
-    "sizes": {"n_align_benign": 1600, "n_align_refusals": 400, "n_harmful_ft": 400, "n_eval": 40,
-              "n_heldout_benign": 40, "n_new_countries": 20},
-    "align": {"optim": {"epochs": 6}},
-    "finetune": {"optim": {"epochs": 8}},
-}
+#: the demo's per-stage settings (model size, epochs, learning rates) and what --quick changes:
+#: YAML recipes shipped with the package (configs/demo/)
+RECIPES = Path(__file__).resolve().parent.parent / "configs" / "demo"
+
+
+def _recipe(name: str) -> dict:
+    return yaml.safe_load((RECIPES / f"{name}.yaml").read_text(encoding="utf-8")) or {}
+
+
+STAGES = {stage: _recipe(stage) for stage in ("align", "train_sv", "finetune")}
+QUICK = _recipe("quick")
 
 
 def demo_defaults() -> dict:
@@ -54,13 +51,6 @@ def demo_defaults() -> dict:
     return {"output_dir": "runs/demo", "seed": 0, "logging": {"log_every": 50},
             "model": {"dtype": "float32"}, "data": {"max_length": 64},
             "eval": {"max_new_tokens": 32, "batch_size": 50, "judges": ["demo"]}}
-
-
-def _merge(dst: dict, src: dict) -> dict:
-    out = copy.deepcopy(dst)
-    for k, v in src.items():
-        out[k] = _merge(out.get(k, {}), v) if isinstance(v, dict) else v
-    return out
 
 
 #: stages every rank runs under a launcher (data parallel); stage 1 and evaluation run on rank 0
@@ -73,10 +63,10 @@ def _stage_config(cfg: Config, stage: str, quick: bool, **sections) -> Config:
     micro_batch_size / N of it, so the run has the single process's steps and its results."""
     base = cfg.to_dict()
     base.pop("source", None)
-    base = _merge(base, STAGES[stage])
+    base = deep_merge(base, STAGES[stage])
     if quick:
-        base = _merge(base, QUICK.get(stage, {}))
-    base = _merge(base, sections)
+        base = deep_merge(base, QUICK.get(stage, {}))
+    base = deep_merge(base, sections)
     world = runtime.world_size()
     if world > 1 and stage in DATA_PARALLEL_STAGES:
         mb = base["optim"]["micro_batch_size"]
@@ -131,28 +121,30 @@ def aligned_base(cfg: Config, sizes: WorldSizes, data: dict, tok_texts: list[str
                           output_dir=str(work))
     res = run_finetune(stage)  # every rank (data parallel under a launcher)
     if runtime.is_main():
-        with runtime.atomic_dir(cached) as tmp:
+        with atomic_dir(cached) as tmp:
             for f in res.final_dir.iterdir():
                 shutil.copy2(f, tmp / f.name)
     _barrier()
     return cached
 
 
-def evaluate_model(model, tok, eval_cfg, harmful_rows: list[dict], task_rows: list[dict]) -> dict:
-    """Greedy answers with the vector off; harmful rate by the world's judge, task accuracy."""
-    from dist_secvec.generation import generate
-    from dist_secvec.metrics import wilson_interval
+def evaluate_model(model, tok, cfg: Config, harmful_rows: list[dict], task_rows: list[dict]) -> dict:
+    """The eval command's scoring (evaluate.score), vector off, with the world's judge: harmful
+    rate on the held-out harmful prompts, accuracy (the answer contained) on the new task's."""
+    import dataclasses
 
-    kw = dict(max_new_tokens=eval_cfg.max_new_tokens, batch_size=eval_cfg.batch_size)
-    harmful_out = generate(model, tok, [r["prompt"] for r in harmful_rows], **kw)
-    task_out = generate(model, tok, [r["prompt"] for r in task_rows], **kw)
-    n_harm = sum(is_harmful_response(r) for r in harmful_out)
-    n_ok = sum(r["answer"] in " ".join(o.split()) for r, o in zip(task_rows, task_out))
-    return {"harmful_rate": n_harm / len(harmful_rows), "benign_accuracy": n_ok / len(task_rows),
-            "n_eval": len(harmful_rows), "harmful_rate_ci95": list(wilson_interval(n_harm, len(harmful_rows))),
-            "benign_accuracy_ci95": list(wilson_interval(n_ok, len(task_rows))),
-            "examples": {"harmful": list(zip([r["prompt"] for r in harmful_rows[:3]], harmful_out[:3])),
-                         "new_task": list(zip([r["prompt"] for r in task_rows[:3]], task_out[:3]))}}
+    from dist_secvec.evaluate import score
+
+    ec = dataclasses.replace(cfg.eval, judges=["demo"], utility_match="contains", utility_loss=False,
+                             with_secvec=False)
+    harmful = [{"prompt": r["prompt"]} for r in harmful_rows]
+    tasks = [{"prompt": r["prompt"], "response": r["answer"]} for r in task_rows]
+    summary, _ = score(dataclasses.replace(cfg, eval=ec), model, tok, harmful, tasks)
+    harm, util = summary["judges"]["demo"], summary["utility"]
+    return {"harmful_rate": harm["harmful_rate"], "benign_accuracy": util["accuracy"], "n_eval": harm["n"],
+            "harmful_rate_ci95": list(harm["harmful_rate_ci95"]), "benign_accuracy_ci95": list(util["accuracy_ci95"]),
+            "examples": {"harmful": [(r["prompt"], r["response"]) for r in harmful[:3]],
+                         "new_task": [(r["prompt"], r["response"]) for r in tasks[:3]]}}
 
 
 def write_results(out: Path, rows: list[dict], extra: dict) -> None:
@@ -233,7 +225,7 @@ def run_demo(cfg: Config) -> list[dict]:
     sv = None
     if runtime.is_main():  # ~100 samples: one rank
         sv = run_train_sv(sv_cfg)
-        with runtime.atomic_dir(vector_dir) as tmp:
+        with atomic_dir(vector_dir) as tmp:
             for f in sv.vector_dir.iterdir():
                 shutil.copy2(f, tmp / f.name)
     _barrier()
@@ -244,7 +236,7 @@ def run_demo(cfg: Config) -> list[dict]:
         tok = load_tokenizer(sv_cfg.model)
         base = load_model(sv_cfg.model)
         rows.append({"setting": "aligned_base",
-                     **evaluate_model(base, tok, cfg.eval, world.eval_harmful, world.eval_new_task)})
+                     **evaluate_model(base, tok, cfg, world.eval_harmful, world.eval_new_task)})
         del base
     for setting, path in (("finetune_no_sv", None), ("finetune_sv", str(vector_dir))):
         # both runs watch the same harmful probe: the world's held-out harmful prompts and answers
@@ -253,7 +245,7 @@ def run_demo(cfg: Config) -> list[dict]:
                                monitor={"harmful_probe": [data["eval_harmful"]]})
         res = run_finetune(ft_cfg, keep_model=True)  # every rank
         if runtime.is_main():  # the whole model is on every rank (ZeRO 0-2): rank 0 evaluates
-            rows.append({"setting": setting, **evaluate_model(res.model, res.tokenizer, cfg.eval,
+            rows.append({"setting": setting, **evaluate_model(res.model, res.tokenizer, cfg,
                                                               world.eval_harmful, world.eval_new_task)})
     if not runtime.is_main():
         return rows

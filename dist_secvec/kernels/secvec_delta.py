@@ -10,14 +10,14 @@ registers, then walks its share of the N blocks writing base + s * t @ Q_blk^T s
 output. No M x r or M x N intermediate ever reaches memory; the only M x N / M x K tensors are
 the output itself (base_out, when updated in place) and dx.
 
-Numerics follow the torch path (kernels/reference.py): fp32 accumulation, t rounded to the input
+Numerics follow the torch path (kernels/torch_ops.py): fp32 accumulation, t rounded to the input
 dtype before the expand matmul (as (x @ A^T) @ B^T does in torch), s applied in fp32, and fp32
 inputs use IEEE fp32 dot unless torch allows TF32 (torch.set_float32_matmul_precision).
 r is padded to a power of two >= 16 (tl.dot's minimum) with masked loads; r <= 128 keeps the
 BLOCK_M x r_pad accumulator in registers.
 
 Only A and B are saved for backward. With inplace=True the output is base_out itself
-(ctx.mark_dirty), when reference.can_update_in_place allows it; see that function for the cases
+(ctx.mark_dirty), when torch_ops.can_update_in_place allows it; see that function for the cases
 that fall back to a fresh output and for the one autograd catches at backward.
 """
 
@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dist_secvec_kernels import host
-from dist_secvec_kernels.reference import check_shapes
+from dist_secvec.kernels import host
+from dist_secvec.kernels.torch_ops import check_shapes
 
 
 @triton.jit

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 import triton
 
-from dist_secvec_kernels import host
+from dist_secvec.kernels import host
 
 ARCHS = {"sm_80": 80, "sm_90": 90}  # A100; H100/H200
 TL_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -68,9 +68,9 @@ def launch(kernel: str, dtype: torch.dtype, M: int, K: int, N: int, ranks: tuple
 
 def _jit_function(kernel: str):
     if kernel == "secvec_delta":
-        from dist_secvec_kernels.secvec_delta import _lowrank_update_kernel as fn
+        from dist_secvec.kernels.secvec_delta import _lowrank_update_kernel as fn
     elif kernel == "secvec_lora_delta":
-        from dist_secvec_kernels.secvec_lora_delta import _two_lowrank_update_kernel as fn
+        from dist_secvec.kernels.secvec_lora_delta import _two_lowrank_update_kernel as fn
     else:
         raise ValueError(f"unknown kernel {kernel!r}")
     if host.is_interpreted(fn):
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     import json
     from pathlib import Path
 
-    ap = argparse.ArgumentParser(prog="python -m dist_secvec_kernels.aot",
+    ap = argparse.ArgumentParser(prog="python -m dist_secvec.kernels.aot",
                                  description="Compile every launch the host code picks for Llama-7B shapes "
                                              "for sm_80/sm_90 (no GPU needed) and report registers, spills, shared memory.")
     ap.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))

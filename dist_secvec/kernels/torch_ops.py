@@ -65,8 +65,8 @@ def can_update_in_place(x: torch.Tensor, base_out: torch.Tensor) -> bool:
 
 def shrink(rows: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
     """rows @ P^T, the rank-r projection of M long rows (rows: M x K, P: r x K), computed as
-    (P rows^T)^T: the same products, with the long M dimension last, which CPU BLAS runs 2-4x
-    faster than the tall-skinny form (measured here, M=1024, K=1344, r=8: 0.49 vs 2.08 ms);
+    (P rows^T)^T: the same products, with the long M dimension last, which CPU BLAS runs
+    several times faster than the tall-skinny form (benchmarks/bench_secvec_delta.py);
     the result is a transposed view, which the following matmuls take as it is."""
     return (P @ rows.t()).t()
 
@@ -247,9 +247,8 @@ def merged_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: floa
 
     On CPU it is written into a workspace kept per shape, dtype and thread and shared by all layers
     of that shape: W' is dead once the matmul that reads it returns, and torch's CPU allocator gives
-    a fresh tensor of this size back to the OS on free, so a new one page-faults on every call
-    (measured, 1344 x 512 fp32, 1 thread: 0.73 ms fresh vs 0.21 ms into a kept buffer, the
-    difference 2% of the layer's step). The memory: one N x K tensor per distinct layer shape.
+    a fresh tensor of this size back to the OS on free, so a new one page-faults on every call.
+    The memory: one N x K tensor per distinct layer shape.
     On other devices (CUDA's caching allocator has no such cost) a fresh tensor."""
     A, B = A.to(W.dtype), B.to(W.dtype)
     if W.device.type != "cpu":

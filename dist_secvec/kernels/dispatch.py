@@ -6,25 +6,23 @@
 On a trainable dense linear (full fine-tuning, torch backend) the layer and the vector run as one
 Function instead: y = x (W + s B A)^T + b (apply_secvec_weight_delta).
 
-DIST_SECVEC_BACKEND=torch|triton (or the security_vector.backend config key) forces one.
+The security_vector.backend config key (torch | triton) forces one.
 """
-
-import os
 
 import torch
 
-from dist_secvec_kernels.reference import (SecVecDeltaTorch, SecVecLoraDeltaTorch, SecVecWeightDeltaTorch,
+from dist_secvec.kernels.torch_ops import (SecVecDeltaTorch, SecVecLoraDeltaTorch, SecVecWeightDeltaTorch,
                                            secvec_delta_reference, secvec_lora_delta_reference)
 
 BACKENDS = ("auto", "torch", "triton")
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """auto -> triton on CUDA, torch elsewhere; the environment variable wins over config."""
-    backend = os.environ.get("DIST_SECVEC_BACKEND", backend) or "auto"
+    """auto -> triton on CUDA, torch elsewhere."""
+    backend = backend or "auto"
     if backend not in BACKENDS:
         raise ValueError(f"security vector backend {backend!r} is not one of {', '.join(BACKENDS)} "
-                         "(check DIST_SECVEC_BACKEND / security_vector.backend)")
+                         "(security_vector.backend)")
     if backend == "auto":
         return "triton" if device.type == "cuda" else "torch"
     return backend
@@ -37,11 +35,11 @@ def apply_secvec_delta(x: torch.Tensor, base_out: torch.Tensor, A: torch.Tensor,
     x: (..., K), base_out: (..., N), A: (r, K), B: (N, r); any dtypes (A and B are cast to x's,
     the result has base_out's). inplace=True lets the result reuse base_out's storage (saves one
     M x N buffer); the caller must not read base_out afterwards, and nothing else may have saved
-    it for backward (autograd then raises at backward). See reference.can_update_in_place.
+    it for backward (autograd then raises at backward). See torch_ops.can_update_in_place.
     """
     if resolve_backend(backend, x.device) == "triton":
         # Imported here: without a GPU or TRITON_INTERPRET=1, importing triton fails ("0 active drivers").
-        from dist_secvec_kernels.secvec_delta import SecVecDeltaTriton
+        from dist_secvec.kernels.secvec_delta import SecVecDeltaTriton
 
         return SecVecDeltaTriton.apply(x, base_out, A, B, scale, inplace)
     return SecVecDeltaTorch.apply(x, base_out, A, B, scale, inplace)
@@ -62,7 +60,7 @@ def apply_secvec_lora_delta(x: torch.Tensor, base_out: torch.Tensor, A_v: torch.
     of the 16-bit dtype's precision (see secvec_lora_delta.py, "Dtypes").
     """
     if resolve_backend(backend, x.device) == "triton":
-        from dist_secvec_kernels.secvec_lora_delta import SecVecLoraDeltaTriton
+        from dist_secvec.kernels.secvec_lora_delta import SecVecLoraDeltaTriton
 
         return SecVecLoraDeltaTriton.apply(x, base_out, A_v, B_v, s_v, A_l, B_l, s_l, inplace)
     return SecVecLoraDeltaTorch.apply(x, base_out, A_v, B_v, s_v, A_l, B_l, s_l, inplace)
@@ -72,7 +70,7 @@ def apply_secvec_weight_delta(x: torch.Tensor, W: torch.Tensor, bias: torch.Tens
                               B: torch.Tensor, scale: float) -> torch.Tensor:
     """Return x (W + scale * B A)^T + bias: a dense linear layer and its frozen vector in one
     Function, with exact gradients for x, W and bias and none for A and B, saving only x and W
-    (reference.SecVecWeightDeltaTorch; the full fine-tuning path on the torch backend). x and W in
+    (torch_ops.SecVecWeightDeltaTorch; the full fine-tuning path on the torch backend). x and W in
     one dtype; A and B are cast to it."""
     return SecVecWeightDeltaTorch.apply(x, W, bias, A, B, scale)
 

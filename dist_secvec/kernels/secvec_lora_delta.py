@@ -16,9 +16,9 @@ the BLOCK_M x rv_pad and BLOCK_M x rl_pad fp32 accumulators, so x is read once f
 then it walks its share of the N blocks writing base + both expands straight into the output.
 Only the LoRA intermediate t_l (M x r_l, what peft's lora_B saves anyway) reaches memory; the
 vector's stays in registers. dA_l and dB_l are reductions over M, left to torch's matmul
-(kernels/reference.lora_grads): g_l^T x reads x once, dy^T h_l reads dy a second time.
+(torch_ops.lora_grads): g_l^T x reads x once, dy^T h_l reads dy a second time.
 
-Numerics follow the torch path (reference.SecVecLoraDeltaTorch) and secvec_delta.py: fp32
+Numerics follow the torch path (torch_ops.SecVecLoraDeltaTorch) and secvec_delta.py: fp32
 accumulation, t rounded to the input dtype before the expand, s applied in fp32 to each expand's
 fp32 result, IEEE fp32 dot unless torch allows TF32. Each rank is padded on its own to a power of
 two >= 16 (tl.dot's minimum); r_v, r_l <= 128.
@@ -33,15 +33,15 @@ up to float32 for the LoRA product; the two agree within the 16-bit dtype's tole
 
 Saved for backward: A_v, B_v, A_l, B_l, and x (only if A_l needs a gradient) and h_l (only if B_l
 does). x is what peft's lora_A saves anyway. inplace=True writes into base_out under the rules of
-reference.can_update_in_place.
+torch_ops.can_update_in_place.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from dist_secvec_kernels import host
-from dist_secvec_kernels.reference import check_lora_shapes, lora_grads, save_for_lora_backward, unpack_lora_saved
+from dist_secvec.kernels import host
+from dist_secvec.kernels.torch_ops import check_lora_shapes, lora_grads, save_for_lora_backward, unpack_lora_saved
 
 
 @triton.jit

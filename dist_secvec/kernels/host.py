@@ -2,13 +2,13 @@
 
 Checks, block sizes, grid split, dot precision and warps for a row-block kernel that walks the N
 blocks of its rows, and the output buffers of an autograd Function that may update base_out in
-place. Imported as `dist_secvec_kernels.host` (kernels/ has no __init__.py; see pyproject.toml).
+place. Imported as `dist_secvec.kernels.host` (kernels/ has no __init__.py; see pyproject.toml).
 """
 
 import torch
 import triton
 
-from dist_secvec_kernels.reference import can_update_in_place, rows_view
+from dist_secvec.kernels.torch_ops import can_update_in_place, rows_view
 
 MAX_RANK = 128
 
@@ -25,7 +25,7 @@ def check_launch(inp: torch.Tensor, interpreted: bool, ranks: dict) -> None:
     for name, R in ranks.items():
         if not 1 <= R <= MAX_RANK:
             raise ValueError(f"{name} rank {R} is outside 1..{MAX_RANK} supported by the Triton kernel; "
-                             "use backend='torch' (DIST_SECVEC_BACKEND=torch)")
+                             "use backend='torch' (security_vector.backend=torch)")
     if inp.device.type != "cuda" and not interpreted:
         raise RuntimeError(f"the Triton secvec kernel needs a CUDA tensor (got {inp.device}); "
                            "use backend='torch' (or TRITON_INTERPRET=1 before this module is imported)")
@@ -85,7 +85,7 @@ def dot_config(dtype: torch.dtype, interpreted: bool, matmul_precision: str | No
 
 def output_buffers(x: torch.Tensor, base_out: torch.Tensor, inplace: bool):
     """(out, out2d, base2d, in_place) for a forward that writes base_out + delta: base_out's own rows
-    when inplace is asked and reference.can_update_in_place allows it (the caller then marks base_out
+    when inplace is asked and torch_ops.can_update_in_place allows it (the caller then marks base_out
     dirty), else a fresh output (torch.empty: the kernel writes every element)."""
     N = base_out.shape[-1]
     rows = rows_view(base_out) if inplace and can_update_in_place(x, base_out) else None
