@@ -52,11 +52,11 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def verify_manifest(d: Path) -> None:
+def verify_manifest(d: Path, hashes: bool = True) -> None:
     """Every file the manifest lists exists with its size and hash; else a one-line CheckpointError."""
     manifest.verify_manifest(d, "checkpoint", "resume from an earlier checkpoint or delete this one",
                              missing_fix="resume from an earlier checkpoint (checkpoint.resume=DIR) or delete it",
-                             error=CheckpointError)
+                             error=CheckpointError, hashes=hashes)
 
 
 def step_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -104,11 +104,37 @@ def resolve_resume(resume: Optional[str], output_dir: str | Path) -> Optional[Pa
     if resume == "latest":
         found = step_checkpoints(output_dir)
         return found[-1] if found else None
+    return _named_checkpoint(resume)
+
+
+def _named_checkpoint(resume: str) -> Path:
     p = Path(os.path.expanduser(resume))
     if not p.is_dir():
         raise CheckpointError(f"config key 'checkpoint.resume': checkpoint directory '{resume}' not found "
                               "(use \"latest\" or a directory under output_dir/checkpoints)")
+    if not (p / MANIFEST).is_file() and not (p / STATE).is_file():
+        hint = (f"; for the newest of its checkpoints set output_dir={resume} checkpoint.resume=latest"
+                if (p / "checkpoints").is_dir() else "")
+        raise CheckpointError(f"config key 'checkpoint.resume': '{resume}' is not a checkpoint (no {MANIFEST} or "
+                              f"{STATE}); name a step_NNNNNNNN directory under output_dir/checkpoints or use "
+                              f"\"latest\"{hint}")
     return p
+
+
+def check_resume(resume: Optional[str], output_dir: str | Path) -> None:
+    """checkpoint.resume, before the model loads: the checkpoint it names (for "latest" the newest
+    one, if any) exists and is whole, its manifest's files present at their sizes. The hashes are
+    checked when it is loaded (reading every byte twice would cost minutes on a large model)."""
+    if resume is None:
+        return
+    if resume == "latest":
+        found = step_checkpoints(output_dir)
+        if not found:
+            return
+        d = found[-1]
+    else:
+        d = _named_checkpoint(resume)
+    verify_manifest(d, hashes=False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -121,7 +121,8 @@ def preflight(cfg, command: str) -> None:
     vector is reported in seconds rather than after the data and the model are loaded:
     the model directory (config.json, safetensors weights, whole files, no pickle), and for
     stage 2 the vector's files (hashes, consistency) and its base fingerprint from the model's
-    config.json and safetensors headers. The stages repeat the full checks on what they load."""
+    config.json and safetensors headers, and the checkpoint checkpoint.resume names. The stages
+    repeat the full checks on what they load."""
     from dist_secvec.config import looks_local
 
     needs_model = command in ("train-sv", "finetune") or (command == "eval" and cfg.eval.responses is None)
@@ -139,11 +140,17 @@ def preflight(cfg, command: str) -> None:
         check_vector_config(cfg, sv)  # security_vector.rank / target_modules, when set, match the vector
         if cfg.model.path:
             check_fingerprint_on_disk(sv, cfg.model.path)
+    if command == "finetune":
+        from dist_secvec.checkpoint import check_resume
+
+        check_resume(cfg.checkpoint.resume, cfg.output_dir)
 
 
 def _run(args) -> int:
-    from dist_secvec.config import load_config, refuse_finished_run, validate
+    from dist_secvec.config import load_config, refuse_finished_run, refuse_ignored_keys, validate
+    from dist_secvec.runtime import library_progress
 
+    library_progress(True)  # off a terminal none, for every command (profile and experiment return below)
     if args.command == "demo":
         from dist_secvec.demo.run import demo_defaults
 
@@ -160,6 +167,7 @@ def _run(args) -> int:
     else:
         cfg = validate(load_config(args.config, args.overrides), args.command)
         refuse_finished_run(cfg, args.command)
+        refuse_ignored_keys(cfg, args.command)
 
     from dist_secvec.runtime import rank, setup_logging, world_size
 
@@ -170,8 +178,7 @@ def _run(args) -> int:
         # peft asks transformers' deprecated is_gradient_checkpointing on every LoRA wrap (stage 1,
         # QLoRA): a library's note to itself, not something the user can act on
         warnings.filterwarnings("ignore", message=r".*`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-    if not cfg.logging.progress:  # the hub's and transformers' loading/saving bars too
-        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    library_progress(cfg.logging.progress)
     log = logging.getLogger("dist_secvec")
     if args.command in ONE_RANK_COMMANDS and world_size() > 1 and rank() != 0:
         log.warning("%s runs on rank 0 only; rank %d has nothing to do", args.command, rank())

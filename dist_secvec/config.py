@@ -197,7 +197,7 @@ class ExportConfig:
 @dataclass
 class LoggingConfig:
     log_every: int = 10  # optimizer steps between log lines and train_log.jsonl entries
-    progress: bool = True  # a live progress bar on a terminal (rank 0)
+    progress: bool = True  # rank 0: a live bar on a terminal, else a log line per ~10% (or minute)
     level: str = "info"  # debug | info | warning
 
 
@@ -501,8 +501,22 @@ def _positive(cfg: Config, *keys: str) -> None:
             raise ConfigError(f"config key '{key}': must be > 0, got {value}")
 
 
+def _check_output_dir(cfg: Config) -> None:
+    """Every command writes into output_dir: a file there (or at a folder above it) would fail the
+    first write, after the model loaded."""
+    path = Path(os.path.expanduser(cfg.output_dir))
+    for d in (path, *path.parents):
+        if os.path.lexists(d):
+            if not d.is_dir():
+                where = "is a file" if d == path else f"is under '{d}', which is a file"
+                raise ConfigError(f"config key 'output_dir': '{cfg.output_dir}' {where}, not a directory; "
+                                  "set output_dir to a directory path (new or existing)")
+            return
+
+
 def validate(cfg: Config, command: str) -> Config:
     """Checks that need no heavy import; raises ConfigError naming the key and the fix."""
+    _check_output_dir(cfg)
     _positive(cfg, "security_vector.rank", "security_vector.alpha", "adapter.rank", "adapter.alpha",
               "optim.lr", "optim.micro_batch_size", "optim.gradient_accumulation_steps",
               "data.max_length", "eval.max_new_tokens", "eval.batch_size", "logging.log_every",
@@ -613,7 +627,9 @@ def resolve_stage_defaults(cfg: Config, command: str) -> Config:
     return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, **changes))
 
 
-FINISHED_MARKERS = {"train-sv": "secvec/secvec.json", "finetune": "final/dist_secvec_run.json"}
+# what a finished run of each command leaves in output_dir (eval writes summary.json after its answers)
+FINISHED_MARKERS = {"train-sv": "secvec/secvec.json", "finetune": "final/dist_secvec_run.json",
+                    "eval": "summary.json"}
 
 
 def refuse_finished_run(cfg: Config, command: str) -> None:
@@ -622,8 +638,25 @@ def refuse_finished_run(cfg: Config, command: str) -> None:
     (The demo and the experiment runner manage their own run directories and skip this.)"""
     finished = FINISHED_MARKERS.get(command)
     if finished and os.path.exists(os.path.join(os.path.expanduser(cfg.output_dir), finished)):
+        shown = finished.split("/")[0] + "/" if "/" in finished else finished
         raise ConfigError(f"config key 'output_dir': '{cfg.output_dir}' already holds a finished {command} run "
-                          f"({finished.split('/')[0]}/); choose a new output_dir or delete the old run")
+                          f"({shown}); choose a new output_dir or delete the old run")
+
+
+def refuse_ignored_keys(cfg: Config, command: str) -> None:
+    """Keys a CLI command would not act on are refused, not ignored. Stage 1 trains ~100 samples in
+    one process (rank 0 alone under a launcher): no DeepSpeed. (The experiment runner builds its
+    stage-1 configs from a shared base and skips this.)"""
+    if command != "train-sv":
+        return
+    defaults = DeepSpeedConfig()
+    keys = [f"deepspeed.{f.name}" for f in dataclasses.fields(DeepSpeedConfig)
+            if getattr(cfg.deepspeed, f.name) != getattr(defaults, f.name)]
+    if keys:
+        raise ConfigError(f"config key{'s' if len(keys) > 1 else ''} {', '.join(repr(k) for k in keys)}: train-sv "
+                          "runs in one process on ~100 samples, without DeepSpeed (under a launcher rank 0 alone "
+                          f"trains); remove {'them' if len(keys) > 1 else 'it'} (a large base: model.quantization=nf4 "
+                          "on one GPU)")
 
 
 def save_config(cfg: Config, path: Path) -> None:

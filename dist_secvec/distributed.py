@@ -20,6 +20,7 @@ import contextlib
 import copy
 import json
 import logging
+import math
 import os
 import socket
 from datetime import timedelta
@@ -271,6 +272,7 @@ class PlainEngine:
     def __init__(self, model, params: list, optimizer, scheduler, max_grad_norm: Optional[float]):
         self.module, self.params, self.optimizer, self.scheduler = model, params, optimizer, scheduler
         self.max_grad_norm = max_grad_norm
+        self._clipped: Optional[float] = None  # the norm check_grads clipped by, for the step after it
 
     def __call__(self, **batch):
         return self.module(**batch)
@@ -278,12 +280,22 @@ class PlainEngine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
+    def check_grads(self) -> tuple[bool, Optional[float]]:
+        """At the accumulation boundary, before step or skip_step: (every gradient finite, the total
+        norm; None without clipping). With optim.max_grad_norm the gradients are clipped here, and
+        clipping's total norm is the check (NaN/inf when any gradient is); without, one pass."""
+        if not self.max_grad_norm:
+            return self.grads_finite(), None
+        self._clipped = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
+        return math.isfinite(self._clipped), self._clipped
+
     def step(self, boundary: bool) -> Optional[float]:
-        """At the accumulation boundary: clip, update, advance the schedule; returns the grad norm."""
+        """At the accumulation boundary: clip (unless check_grads did), update, advance the
+        schedule; returns the grad norm."""
         if not boundary:
             return None
-        norm = None
-        if self.max_grad_norm:
+        norm, self._clipped = self._clipped, None
+        if norm is None and self.max_grad_norm:
             norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm))
         self.optimizer.step()
         self.scheduler.step()
@@ -291,6 +303,7 @@ class PlainEngine:
         return norm
 
     def skip_step(self) -> None:
+        self._clipped = None
         self.optimizer.zero_grad(set_to_none=True)
 
     def grads_finite(self) -> bool:

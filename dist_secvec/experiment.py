@@ -604,6 +604,7 @@ def write_results(out: Path, rows: list[dict]) -> None:
                      f"{pct(a['utility_mean'])} ± {pct(a['utility_std'])} | {a['n_eval']} |")
     write_text_atomic(out / "results.md", "\n".join(lines) + "\n")
     plot_results(out / "results.png", agg)
+    plot_watch(out / "watch.png", out, rows)
 
 
 def plot_results(path: Path, agg: list[dict]) -> None:
@@ -648,6 +649,55 @@ def plot_results(path: Path, agg: list[dict]) -> None:
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def _watch_curve(run_dir: Path) -> tuple[list[float], list[float], Optional[float]]:
+    """(progress 0..1, probe_drop) from a run's stage-2 log, and its monitor.max_drop."""
+    ft = run_dir / "finetune"
+    log_path, cfg_path = ft / "train_log.jsonl", ft / "config.yaml"
+    if not log_path.is_file():
+        return [], [], None
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    watch = [r for r in rows if "probe_drop" in r]
+    last = max((r["step"] for r in rows), default=0) or 1
+    max_drop = None
+    if cfg_path.is_file():
+        max_drop = ((yaml.safe_load(cfg_path.read_text()) or {}).get("monitor") or {}).get("max_drop")
+    return [r["step"] / last for r in watch], [r["probe_drop"] for r in watch], max_drop
+
+
+def plot_watch(path: Path, out: Path, rows: list[dict]) -> None:
+    """Stage 2's harm watch over each run: the harmful probe's loss fall with the vector off (0 at
+    step 0, 1 = fully learned) against the share of the run done, and the monitor's threshold."""
+    curves = [(r, *_watch_curve(out / "runs" / r["run_id"])) for r in rows if r.get("run_id")]
+    curves = [c for c in curves if c[1]]
+    if not curves:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for r, xs, ys, _ in curves:
+        label = f"{_setting(r)}, n_ft={r['n_harmful_ft']}, seed {r['seed']}"
+        ax.plot(xs, ys, marker=".", color="#2ca02c" if r["vector"] == "on" else "#d62728", alpha=0.8, label=label)
+    thresholds = {c[3] for c in curves if c[3] is not None}
+    for t in thresholds:
+        ax.axhline(t, color="black", linestyle="--", linewidth=1)
+        ax.text(0.01, t + 0.02, f"monitor.max_drop {t:g}", fontsize=8)
+    ax.set_xlabel("share of stage 2 done")
+    ax.set_ylabel("probe loss fall (vector off)")
+    ax.set_ylim(-0.05, 1.1)
+    ax.set_title("harm watch: 1 - probe loss / its step-0 value", fontsize=10)
+    ax.grid(alpha=0.3)
+    if len(curves) <= 12:
+        ax.legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)

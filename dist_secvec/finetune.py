@@ -136,7 +136,8 @@ def _run_finetune(cfg: Config, keep_model: bool, stop: StopRequest) -> FinetuneR
     # batch (all ranks, all micro-batches), so ranks x micro-batch x accumulation == one large batch
     model.train()
     micro_batches = job.batches(skip=start * ga)
-    bar = runtime.progress(total=steps, initial=start, desc="finetune", enabled=cfg.logging.progress)
+    bar = runtime.progress(total=steps, initial=start, desc="finetune", enabled=cfg.logging.progress,
+                           unit="steps")
     every = cfg.checkpoint.every_steps
     t0 = time.time()
     step = start

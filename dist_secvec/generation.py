@@ -15,7 +15,7 @@ import torch
 
 from dist_secvec.config import DataConfig
 from dist_secvec.data import render_prompt, uses_chat_template
-from dist_secvec.runtime import is_main
+from dist_secvec.runtime import progress as progress_bar
 
 
 def generate(model, tokenizer, prompts: Sequence[str] | Sequence[list[dict]], max_new_tokens: int = 64,
@@ -29,8 +29,6 @@ def generate(model, tokenizer, prompts: Sequence[str] | Sequence[list[dict]], ma
     `batch_size` (less padding), and the answer is the text of the new tokens with special tokens
     skipped, stripped.
     """
-    from tqdm.auto import tqdm
-
     if batch_size <= 0 or max_new_tokens <= 0:
         raise ValueError(f"generate: batch_size and max_new_tokens must be > 0, got {batch_size}, {max_new_tokens}")
     if not prompts:
@@ -61,8 +59,8 @@ def generate(model, tokenizer, prompts: Sequence[str] | Sequence[list[dict]], ma
         with torch.random.fork_rng(devices=rng_devices, enabled=seed is not None):
             if seed is not None:
                 torch.manual_seed(seed)
-            starts = range(0, len(order), batch_size)
-            for start in tqdm(starts, desc=desc, disable=not (progress and is_main()), leave=False):
+            bar = progress_bar(total=len(order), desc=desc, enabled=progress, unit="prompts")
+            for start in range(0, len(order), batch_size):
                 chunk = order[start:start + batch_size]
                 width = max(len(ids[i]) for i in chunk)
                 input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
@@ -76,6 +74,8 @@ def generate(model, tokenizer, prompts: Sequence[str] | Sequence[list[dict]], ma
                 new = generated[:, width:].tolist()
                 for row, i in enumerate(chunk):
                     out[i] = tokenizer.decode(new[row], skip_special_tokens=True).strip()
+                bar.update(len(chunk))
+            bar.close()
     finally:
         model.train(was_training)
     return out  # type: ignore[return-value]

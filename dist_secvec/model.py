@@ -186,7 +186,11 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu", for_trainin
         p.requires_grad_(False)
     if for_training and cfg.gradient_checkpointing:
         # reentrant checkpointing is the variant that works with frozen weights under ZeRO-3
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        kwargs = {"use_reentrant": True}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers 5: the other name is deprecated
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.enable_input_require_grads()
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = model.config.eos_token_id

@@ -409,8 +409,12 @@ def train_step(job: Stage2, micro_batches: Iterator[list], step: int,
     with timed("optimizer"):
         step_loss, bad = (all_reduce_sum([local_loss, 0.0 if finite else 1.0]) if job.use_ds
                           else (local_loss, 0.0 if finite else 1.0))
-        if not job.use_ds and finite and not engine.grads_finite():
-            bad = 1.0
+        if not job.use_ds and finite:
+            # one process: the gradients checked (by clipping's total norm when clipping is on);
+            # DeepSpeed clips and checks them itself (step_applied below)
+            grads_finite, _ = engine.check_grads()
+            if not grads_finite:
+                bad = 1.0
         skip = cfg.optim.nonfinite == "skip"
         if bad and not skip:
             raise NonFiniteError(nonfinite_message(step))

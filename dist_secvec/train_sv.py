@@ -133,7 +133,7 @@ def run_train_sv(cfg: Config) -> TrainSVResult:
     per_epoch = total_steps(len(harmful.examples), dataclasses.replace(cfg.optim, max_steps=None, epochs=1))
     best = {"loss": float("inf"), "epoch": 0, "state": None}
     stale, stopped_by = 0, "max_steps" if cfg.optim.max_steps is not None else "epoch cap"
-    bar = runtime.progress(total=steps, desc="train-sv", enabled=cfg.logging.progress)
+    bar = runtime.progress(total=steps, desc="train-sv", enabled=cfg.logging.progress, unit="steps")
     t0 = time.time()
     for step in range(1, steps + 1):
         acc = {"loss": 0.0, "harmful_ce": 0.0, "benign_kl": 0.0, "benign_hidden": 0.0}

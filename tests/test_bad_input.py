@@ -462,6 +462,103 @@ def _(d: Path, e: Env) -> Spec:
                 ["'output_dir'", "not empty", "new directory"])
 
 
+@case("output-finished-eval")
+def _(d: Path, e: Env) -> Spec:
+    write(d / "out" / "responses.jsonl", jsonl([{"prompt": "p", "response": "r", "verdicts": {"refusal": True}}]))
+    write(d / "out" / "summary.json", '{"judges": {}}\n')
+    return Spec(["eval", f"eval.responses={e.train}", f"output_dir={d / 'out'}"],
+                ["'output_dir'", "already holds a finished eval run (summary.json)", "new output_dir"])
+
+
+# output_dir naming a file (or under one): refused by every command that writes one, before any load
+OUTPUT_IS_FILE = {
+    "finetune": lambda d, e, out: finetune(d, e, f"output_dir={out}"),
+    "train-sv": lambda d, e, out: ["train-sv", f"model.path={e.model}", f"security_vector.harmful_data={e.train}",
+                                   "security_vector.kl_weight=0", f"output_dir={out}"],
+    "eval": lambda d, e, out: ["eval", f"model.path={e.model}", f"eval.harmful_prompts={e.train}", f"output_dir={out}"],
+    "eval-judge-only": lambda d, e, out: ["eval", f"eval.responses={e.train}", f"output_dir={out}"],
+    "export": lambda d, e, out: ["export", f"export.checkpoint={e.model}", f"output_dir={out}"],
+    "demo": lambda d, e, out: ["demo", "--quick", f"output_dir={out}"],
+    "profile": lambda d, e, out: ["profile", f"output_dir={out}"],
+}
+for _name, _argv in OUTPUT_IS_FILE.items():
+    @case(f"output-is-a-file-{_name}")
+    def _(d: Path, e: Env, _argv=_argv) -> Spec:
+        out = write(d / "results", "a file where the output dir should be\n")
+        return Spec(_argv(d, e, out), ["'output_dir'", f"'{out}' is a file", "directory"])
+
+
+@case("output-under-a-file")
+def _(d: Path, e: Env) -> Spec:
+    parent = write(d / "runs", "a file\n")
+    return Spec(finetune(d, e, f"output_dir={parent / 'ft'}"),
+                ["'output_dir'", f"'{parent / 'ft'}' is under '{parent}', which is a file"])
+
+
+# ---- checkpoint.resume: checked before the model loads
+
+
+def fake_checkpoint(parent: Path) -> Path:
+    """parent/step_00000002 with a checkpoint's layout (trainer state, a weights file, the
+    manifest), not loadable: the preflight checks layout and sizes only."""
+    from dist_secvec.manifest import write_manifest
+
+    ck = parent / "step_00000002"
+    write(ck / "trainer_state.json", '{"step": 2}\n')
+    write(ck / "trainable.safetensors", b"\0" * 64)
+    write_manifest(ck)
+    return ck
+
+
+@case("resume-missing-dir")
+def _(d: Path, e: Env) -> Spec:
+    return Spec(finetune(d, e, f"checkpoint.resume={d / 'nope'}"),
+                ["'checkpoint.resume'", str(d / "nope"), "not found", "latest"])
+
+
+@case("resume-not-a-checkpoint")
+def _(d: Path, e: Env) -> Spec:
+    return Spec(finetune(d, e, f"checkpoint.resume={e.model}"),
+                ["'checkpoint.resume'", str(e.model), "is not a checkpoint", "step_NNNNNNNN", "latest"])
+
+
+@case("resume-run-dir")
+def _(d: Path, e: Env) -> Spec:
+    run = d / "kept"
+    fake_checkpoint(run / "checkpoints")
+    return Spec(finetune(d, e, f"checkpoint.resume={run}"),
+                ["'checkpoint.resume'", "is not a checkpoint", f"output_dir={run} checkpoint.resume=latest"])
+
+
+@case("resume-truncated-file")
+def _(d: Path, e: Env) -> Spec:
+    ck = fake_checkpoint(d / "kept")
+    (ck / "trainable.safetensors").write_bytes(b"\0" * 10)
+    return Spec(finetune(d, e, f"checkpoint.resume={ck}"),
+                ["checkpoint", str(ck), "'trainable.safetensors' is corrupted", "earlier checkpoint"])
+
+
+@case("resume-latest-without-manifest")
+def _(d: Path, e: Env) -> Spec:
+    ck = fake_checkpoint(d / "out" / "checkpoints")
+    (ck / "manifest.json").unlink()
+    return Spec(finetune(d, e, "checkpoint.resume=latest"),
+                ["checkpoint", str(ck), "no manifest.json", "not completely written"])
+
+
+# ---- train-sv: stage 1 runs in one process, DeepSpeed keys are refused
+
+
+@case("train-sv-deepspeed-keys")
+def _(d: Path, e: Env) -> Spec:
+    ds = write(d / "ds.json", '{"zero_optimization": {"stage": 3}}\n')
+    return Spec(["train-sv", f"model.path={e.model}", f"security_vector.harmful_data={e.train}",
+                 "security_vector.kl_weight=0", "deepspeed.zero_stage=3", f"deepspeed.config={ds}",
+                 "deepspeed.offload_optimizer=true", f"output_dir={d / 'out'}"],
+                ["'deepspeed.zero_stage', 'deepspeed.config', 'deepspeed.offload_optimizer'", "one process",
+                 "remove them"])
+
+
 @case("export-pickle-model")
 def _(d: Path, e: Env) -> Spec:
     to_pickle(d / "final", e.model)
@@ -657,7 +754,8 @@ def test_bad_input(name, results):
 
 def test_every_input_kind_is_covered():
     kinds = {name.split("-")[0] for name in CASES}
-    assert {"yaml", "override", "data", "model", "vector", "output", "export", "disk", "hostfile", "make"} <= kinds
+    assert {"yaml", "override", "data", "model", "vector", "output", "resume", "export", "disk", "hostfile",
+            "make"} <= kinds
 
 
 # ---------------------------------------------------------------------------------------------

@@ -145,6 +145,65 @@ def test_data_error_is_one_line_exit_2(tiny_world, tmp_path, cli_main):
     assert "Traceback" not in cap.err
 
 
+# the stage each command runs, which loads the model: a refusal must come before it
+STAGES = {"finetune": ("dist_secvec.finetune", "run_finetune"), "train-sv": ("dist_secvec.train_sv", "run_train_sv"),
+          "eval": ("dist_secvec.evaluate", "run_eval"), "export": ("dist_secvec.export", "run_export")}
+
+
+@pytest.fixture
+def no_stage(monkeypatch):
+    import importlib
+
+    def install(command: str):
+        module, name = STAGES[command]
+
+        def reached(*args, **kwargs):
+            raise AssertionError(f"{name} (which loads the model) was reached")
+
+        monkeypatch.setattr(importlib.import_module(module), name, reached)
+    return install
+
+
+@pytest.mark.parametrize("command", list(STAGES))
+def test_output_dir_that_is_a_file_is_refused_before_the_model_loads(tiny_world, tmp_path, cli_main, no_stage,
+                                                                      command):
+    no_stage(command)
+    out = tmp_path / "results.txt"
+    out.write_text("kept\n")
+    data = tiny_world.data["new_task_ft"]
+    rc, cap = cli_main(command, f"model.path={tiny_world.model_dir}", f"data.train={data}",
+                       f"security_vector.harmful_data={data}", "security_vector.kl_weight=0",
+                       f"eval.harmful_prompts={data}", f"export.checkpoint={tiny_world.model_dir}", f"output_dir={out}")
+    assert rc == 2, cap.err
+    (line,) = error_lines(cap.err, command)
+    assert f"config key 'output_dir': '{out}' is a file" in line, line
+    assert out.read_text() == "kept\n"
+
+
+@pytest.mark.parametrize("case", ["missing", "not-a-checkpoint", "truncated", "latest-truncated"])
+def test_bad_resume_is_refused_before_the_model_loads(tiny_world, tmp_path, cli_main, no_stage, case):
+    from dist_secvec.manifest import write_manifest
+
+    no_stage("finetune")
+    out = tmp_path / "out"
+    ck = (out / "checkpoints" if case.startswith("latest") else tmp_path / "kept") / "step_00000003"
+    if case.endswith("truncated"):
+        ck.mkdir(parents=True)
+        (ck / "trainer_state.json").write_text('{"step": 3}\n')
+        (ck / "optimizer.pt").write_bytes(b"x" * 100)
+        write_manifest(ck)
+        (ck / "optimizer.pt").write_bytes(b"x" * 50)
+    resume = {"missing": str(tmp_path / "nope"), "not-a-checkpoint": str(tiny_world.model_dir)}.get(
+        case, "latest" if case.startswith("latest") else str(ck))
+    rc, cap = cli_main("finetune", f"model.path={tiny_world.model_dir}", f"data.train={tiny_world.data['new_task_ft']}",
+                       f"output_dir={out}", f"checkpoint.resume={resume}")
+    assert rc == 2, cap.err
+    (line,) = error_lines(cap.err, "finetune")
+    want = {"missing": "checkpoint directory", "not-a-checkpoint": "is not a checkpoint"}.get(
+        case, f"checkpoint '{ck}': file 'optimizer.pt' is corrupted")
+    assert want in line, line
+
+
 # ---------------------------------------------------------------------------------------------
 # export of fine-tune runs made with a security vector attached
 

@@ -113,6 +113,50 @@ def test_generate_empty_and_bad_arguments(lm):
         generate(model, tok, [SHORT], max_new_tokens=0)
 
 
+def test_generate_progress_off_a_terminal_is_log_lines(lm, capsys, caplog):
+    """stderr not a terminal (a redirected log): no bar redraws (`\r`), a progress line per tenth."""
+    import logging
+
+    model, tok = lm
+    caplog.set_level(logging.INFO, logger="dist_secvec.progress")
+    generate(model, tok, [SHORT, LONG, SHORT, LONG, SHORT], max_new_tokens=2, batch_size=1, desc="answers")
+    err = capsys.readouterr().err
+    assert "\r" not in err, err
+    lines = [r.getMessage() for r in caplog.records if r.name == "dist_secvec.progress"]
+    assert [ln.split(" prompts")[0] for ln in lines] == [f"answers: {i}/5" for i in range(1, 6)], lines
+    assert lines[-1].startswith("answers: 5/5 prompts (100%), ") and "left" not in lines[-1]
+    caplog.clear()
+    generate(model, tok, [SHORT, LONG], max_new_tokens=2, batch_size=1, progress=False)
+    assert not caplog.records and "\r" not in capsys.readouterr().err
+
+
+def test_generate_progress_on_a_terminal_is_a_live_bar(lm, capsys, caplog, monkeypatch):
+    import logging
+
+    from dist_secvec import runtime
+
+    monkeypatch.setattr(runtime, "stderr_is_terminal", lambda: True)
+    model, tok = lm
+    caplog.set_level(logging.INFO, logger="dist_secvec.progress")
+    generate(model, tok, [SHORT, LONG], max_new_tokens=2, batch_size=1, desc="answers")
+    assert "\r" in capsys.readouterr().err and not caplog.records
+
+
+def test_library_bars_off_a_terminal(capsys):
+    """transformers' own bars ("Loading weights", "Writing model shards") go off with stderr a file."""
+    from transformers.utils import logging as hf_logging
+
+    from dist_secvec.runtime import library_progress
+
+    was = hf_logging.is_progress_bar_enabled()
+    try:
+        hf_logging.enable_progress_bar()
+        library_progress(True)
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+
+
 # ---------------------------------------------------------------------------------------------
 # judge-only eval
 
@@ -170,6 +214,37 @@ def test_judge_only_writes_the_exact_summary(tmp_path, monkeypatch):
     again = run_eval(eval_cfg(tmp_path, f"eval.responses={out / 'responses.jsonl'}",
                               f"output_dir={tmp_path / 'again'}"))
     assert again == want
+
+
+def test_eval_into_a_finished_eval_dir_is_refused(tmp_path, capsys):
+    """The rule of finetune and train-sv: a second `eval` into the output_dir of a finished one
+    (summary.json there) ends in one line, exit 2, every file as it was; a new output_dir works."""
+    import logging
+
+    from dist_secvec.cli import main
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        first = jsonl(tmp_path / "first.jsonl", RESPONSES)
+        out = tmp_path / "out"
+        assert main(["eval", f"eval.responses={first}", f"output_dir={out}"]) == 0
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        assert {"responses.jsonl", "summary.json"} <= set(before)
+        capsys.readouterr()
+        second = jsonl(tmp_path / "second.jsonl", RESPONSES[:2])
+        assert main(["eval", f"eval.responses={second}", f"output_dir={out}"]) == 2
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith("dist-secvec eval: error: config key 'output_dir'") and str(out) in line
+        assert "already holds a finished eval run (summary.json)" in line and "new output_dir" in line
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+        assert main(["eval", f"eval.responses={second}", f"output_dir={tmp_path / 'out2'}"]) == 0
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in handlers:
+            root.addHandler(h)
+        root.setLevel(level)
 
 
 def test_judge_only_without_categories_has_no_per_category(tmp_path):

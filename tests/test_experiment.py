@@ -193,3 +193,27 @@ def test_real_model_sweep_from_local_files(tiny_world, tmp_path):
     # the vector-on run trained on the first 8 rows of the harmful_sv pool
     sv_rows = (tmp_path / "exp" / "data" / "harmful_sv_8.jsonl").read_text().splitlines()
     assert sv_rows == open(d["harmful_sv"]).read().splitlines()[:8]
+
+
+def test_watch_plot_from_the_runs_logs(tmp_path):
+    """watch.png: each run's probe_drop over stage 2 (from its train_log.jsonl) and the
+    monitor's threshold (from its config.yaml); no plot when no run watched anything."""
+    def run(run_id, drops, max_drop=0.75):
+        ft = tmp_path / "runs" / run_id / "finetune"
+        ft.mkdir(parents=True)
+        lines = [{"step": 10 * i, "probe_drop": d} for i, d in enumerate(drops)] + [{"step": 10 * len(drops),
+                                                                                    "loss": 0.1}]
+        (ft / "train_log.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        (ft / "config.yaml").write_text(yaml.safe_dump({"monitor": {"max_drop": max_drop}}))
+        return {"run_id": run_id, "vector": "on" if drops[-1] < max_drop else "off", "n_harmful_sv": 100,
+                "train_sv": "", "finetune": "", "n_harmful_ft": 50, "seed": 0}
+
+    rows = [run("a", [0.0, 0.9, 1.0]), run("b", [0.0, 0.3, 0.4])]
+    xs, ys, max_drop = experiment._watch_curve(tmp_path / "runs" / "a")
+    assert ys == [0.0, 0.9, 1.0] and xs == [0.0, 10 / 30, 20 / 30] and max_drop == 0.75
+    experiment.plot_watch(tmp_path / "watch.png", tmp_path, rows)
+    assert (tmp_path / "watch.png").stat().st_size > 1000
+    for r in rows:
+        (tmp_path / "runs" / r["run_id"] / "finetune" / "train_log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    experiment.plot_watch(tmp_path / "none.png", tmp_path, rows)
+    assert not (tmp_path / "none.png").exists()

@@ -297,3 +297,54 @@ def test_final_dir_manifest_refuses_a_changed_file(full_run, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "model.safetensors' is corrupted" in r.stderr and not (tmp_path / "exp").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# a non-finite gradient with a finite loss
+
+
+NAN_GRAD_STEP = 2
+
+
+@pytest.mark.parametrize("max_grad_norm", ["1.0", "null"], ids=["clipping", "no-clipping"])
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nan_gradient_with_finite_loss(tiny_world, small_data, tmp_path, monkeypatch, policy, max_grad_norm):
+    """A NaN in one gradient (the loss finite) at step NAN_GRAD_STEP: `stop` names the step, `skip`
+    drops that update (every later loss is finite, which a NaN in the weights would not allow).
+    With clipping on, clipping's total norm is the check: no second pass over the gradients."""
+    import math
+
+    import dist_secvec.stage2 as stage2  # finetune's engine is built there
+    from dist_secvec.stage2 import NonFiniteError
+
+    passes = []
+
+    class NaNGradEngine(stage2.PlainEngine):
+        calls = 0
+
+        def backward(self, loss):
+            super().backward(loss)
+            NaNGradEngine.calls += 1
+            if NaNGradEngine.calls == NAN_GRAD_STEP:  # one micro-batch per step
+                p = next(p for p in self.params if p.grad is not None)
+                p.grad.view(-1)[0] = float("nan")
+
+        def grads_finite(self):
+            passes.append(1)
+            return super().grads_finite()
+
+    monkeypatch.setattr(stage2, "PlainEngine", NaNGradEngine)
+    cfg = make_cfg(tiny_world, small_data, tmp_path / "run", "optim.max_steps=4", f"optim.nonfinite={policy}",
+                   f"optim.max_grad_norm={max_grad_norm}")
+    if policy == "stop":
+        with pytest.raises(NonFiniteError, match=f"not finite at step {NAN_GRAD_STEP};"):
+            run_finetune(cfg)
+        assert not (tmp_path / "run" / "final").exists()
+    else:
+        losses = run_finetune(cfg).losses
+        assert len(losses) == 4 and math.isnan(losses[NAN_GRAD_STEP - 1])
+        assert all(math.isfinite(x) for i, x in enumerate(losses) if i != NAN_GRAD_STEP - 1), losses
+        log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in log] == [s for s in range(1, 5) if s != NAN_GRAD_STEP]
+        assert all((r["grad_norm"] is not None) == (max_grad_norm == "1.0") for r in log)
+    assert (len(passes) == 0) == (max_grad_norm == "1.0"), len(passes)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_secvec.config import load_config, validate
+from dist_secvec.config import load_config, refuse_ignored_keys, validate
 from dist_secvec.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,6 +106,7 @@ def test_recipe_loads_and_validates_with_paths_overridden(recipe, tmp_path, monk
     overrides = path_overrides(recipe, tmp_path)
     cfg = load_config(str(recipe), overrides)
     validate(cfg, command_for(recipe))
+    refuse_ignored_keys(cfg, command_for(recipe))  # what the CLI checks next: no key it would ignore
     if cfg.eval.harmful_prompts or cfg.eval.benign_tasks:
         validate(cfg, "eval")
     # an override really replaced the cluster path

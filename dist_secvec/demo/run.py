@@ -24,6 +24,7 @@ import yaml
 
 from dist_secvec import runtime
 from dist_secvec.config import Config, deep_merge, load_config
+from dist_secvec.distributed import barrier
 from dist_secvec.errors import ConfigError
 from dist_secvec.files import atomic_dir
 from dist_secvec.demo.world import WorldSizes, build_tiny_llama, build_tokenizer, build_world
@@ -78,14 +79,6 @@ def _stage_config(cfg: Config, stage: str, quick: bool, **sections) -> Config:
     return load_config(None, None, base=base)
 
 
-def _barrier() -> None:
-    """Wait for every rank (a no-op in one process)."""
-    if runtime.world_size() > 1:
-        from dist_secvec.distributed import barrier
-
-        barrier()
-
-
 def _cache_root(cfg: Config) -> Path:
     root = cfg.demo.cache_dir or os.environ.get("DIST_SECVEC_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "dist-secvec")
@@ -115,7 +108,7 @@ def aligned_base(cfg: Config, sizes: WorldSizes, data: dict, tok_texts: list[str
         init_dir.mkdir(parents=True, exist_ok=True)
         tok = build_tokenizer(tok_texts, init_dir, world=cfg.demo.world)
         build_tiny_llama(tok, init_dir, cfg.seed)
-    _barrier()
+    barrier()
     log.info("training the aligned base (cached afterwards in %s)", cached.parent)
     stage = _stage_config(cfg, "align", quick, model={"path": str(init_dir)}, data={"train": [data["align"]]},
                           output_dir=str(work))
@@ -124,7 +117,7 @@ def aligned_base(cfg: Config, sizes: WorldSizes, data: dict, tok_texts: list[str
         with atomic_dir(cached) as tmp:
             for f in res.final_dir.iterdir():
                 shutil.copy2(f, tmp / f.name)
-    _barrier()
+    barrier()
     return cached
 
 
@@ -209,7 +202,7 @@ def run_demo(cfg: Config) -> list[dict]:
     if runtime.is_main():
         out.mkdir(parents=True, exist_ok=True)
     sizes, world, data = demo_world(cfg)
-    _barrier()
+    barrier()
     log.info("world: %d alignment rows, %d harmful for the vector, %d harmful + %d new-task rows for stage 2",
              len(world.align), len(world.harmful_sv), len(world.harmful_ft), len(world.new_task_ft))
 
@@ -228,7 +221,7 @@ def run_demo(cfg: Config) -> list[dict]:
         with atomic_dir(vector_dir) as tmp:
             for f in sv.vector_dir.iterdir():
                 shutil.copy2(f, tmp / f.name)
-    _barrier()
+    barrier()
 
     # 3. stage 2, without and with the vector; 4. evaluation with the vector off
     rows = []
