@@ -177,6 +177,10 @@ def parse_experiment(data: Any, source: Optional[str] = None) -> Experiment:
     exp.name = exp.name or Path(source or "experiment").stem
     if not exp.output_dir:
         raise ConfigError("experiment key 'output_dir': required; a directory for runs and results")
+    bad = next((p for p in (Path(exp.output_dir), *Path(exp.output_dir).parents) if p.exists() and not p.is_dir()),
+               None)
+    if bad is not None:
+        raise ConfigError(f"experiment key 'output_dir': '{bad}' is a file, not a directory; choose another output_dir")
     if exp.world not in (None, "embedded"):
         raise ConfigError(f"experiment key 'world': '{exp.world}' is not supported; use 'embedded' or leave it out")
     # every run-config section must parse as a run config (unknown keys are named there)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -85,6 +86,8 @@ def test_tiny_sweep_writes_results_and_resumes(tmp_path, monkeypatch):
     (lambda d: d["base"].update(optim={"lrr": 1}), "optim.lrr"),
     (lambda d: d["stages"].update(eval_stage={}), "stages.eval_stage"),
     (lambda d: d.update(world="mars"), "world"),
+    (lambda d: (Path(d["output_dir"]).with_name("blocker").write_text("x"),
+                d.update(output_dir=str(Path(d["output_dir"]).with_name("blocker") / "exp"))), "is a file"),
     (lambda d: d["sweep"].update(finetune=[{"optim": {"lr": 1}}]), "sweep.finetune"),
     (lambda d: d["sweep"].update(finetune={"hard": {"optim": {"lrr": 1}}}), "sweep.finetune.hard"),
     (lambda d: d["sweep"].update(train_sv={"a b": {}}), "sweep.train_sv"),
