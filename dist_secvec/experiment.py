@@ -464,7 +464,7 @@ def run_experiment(exp: Experiment) -> list[dict]:
     t0 = time.time()
     out = Path(exp.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "experiment.yaml").write_text(yaml.safe_dump(
+    write_text_atomic(out / "experiment.yaml", yaml.safe_dump(
         {"output_dir": exp.output_dir, "world": exp.world, "world_sizes": exp.world_sizes, "base": exp.base,
          "stages": exp.stages.__dict__, "data": exp.data_files(), "sweep": dataclasses.asdict(exp.sweep),
          "launcher": exp.launcher}, sort_keys=False))
@@ -505,7 +505,7 @@ def run_experiment(exp: Experiment) -> list[dict]:
                     with atomic_dir(vdir / "secvec") as tmp:
                         for f in res.vector_dir.iterdir():
                             shutil.copy2(f, tmp / f.name)
-                    (vdir / "shift.json").write_text(json.dumps(res.shift, indent=2, default=str) + "\n")
+                    write_text_atomic(vdir / "shift.json", json.dumps(res.shift, indent=2, default=str) + "\n")
                     if (work / "config.yaml").is_file():
                         shutil.copy2(work / "config.yaml", vdir / "config.yaml")
                     shutil.rmtree(work, ignore_errors=True)

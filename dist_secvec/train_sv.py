@@ -30,7 +30,7 @@ import torch
 from dist_secvec import runtime
 from dist_secvec.config import ALL_LINEAR_TARGETS, DEFAULT_SV_RANK, Config, resolve_stage_defaults, save_config
 from dist_secvec.data import batches, collate, endless_batches, load_samples, tokenize_samples
-from dist_secvec.files import atomic_dir
+from dist_secvec.files import atomic_dir, write_text_atomic
 from dist_secvec.judges import make_judges
 from dist_secvec.model import load_model, load_tokenizer, lora_config
 from dist_secvec.secvec import PEFT_PREFIX, PROBE_FILE, base_fingerprint, record_file_hashes, save_security_vector
@@ -234,7 +234,7 @@ def run_train_sv(cfg: Config) -> TrainSVResult:
         save_security_vector(model, tmp, meta)
         write_probe(tmp / PROBE_FILE, probe_rows)
         record_file_hashes(tmp)
-    (out / "shift.json").write_text(json.dumps(shift, indent=2) + "\n")
+    write_text_atomic(out / "shift.json", json.dumps(shift, indent=2) + "\n")
     log.info("security vector saved to %s", vector_dir)
     if strength["weak_reasons"]:
         log.warning("the security vector in %s is WEAK: stage 2 with it will not block what it did not learn "

@@ -26,7 +26,7 @@ from dist_secvec import runtime
 from dist_secvec.config import Config, deep_merge, load_config
 from dist_secvec.distributed import barrier
 from dist_secvec.errors import ConfigError
-from dist_secvec.files import atomic_dir
+from dist_secvec.files import atomic_dir, write_text_atomic
 from dist_secvec.demo.world import WorldSizes, build_tiny_llama, build_tokenizer, build_world
 
 log = logging.getLogger(__name__)
@@ -141,13 +141,13 @@ def evaluate_model(model, tok, cfg: Config, harmful_rows: list[dict], task_rows:
 
 
 def write_results(out: Path, rows: list[dict], extra: dict) -> None:
-    (out / "results.json").write_text(json.dumps({"rows": rows, **extra}, indent=2) + "\n")
+    write_text_atomic(out / "results.json", json.dumps({"rows": rows, **extra}, indent=2) + "\n")
     lines = ["| setting | harmful rate (vector off) | new-task accuracy | n_eval |", "|---|---|---|---|"]
     for r in rows:
         lo, hi = r["harmful_rate_ci95"]
         lines.append(f"| {r['setting']} | {100 * r['harmful_rate']:.0f}% [{100 * lo:.0f}-{100 * hi:.0f}] | "
                      f"{100 * r['benign_accuracy']:.0f}% | {r['n_eval']} |")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(out / "results.md", "\n".join(lines) + "\n")
     plot_results(out / "results.png", rows)
 
 

@@ -27,6 +27,7 @@ from typing import Any, Optional
 
 import torch
 
+from dist_secvec.files import write_text_atomic
 from dist_secvec.config import Config
 from dist_secvec.profile.flops import peak_flops
 from dist_secvec.profile.measure import PHASES, spread
@@ -187,7 +188,7 @@ def _fmt_bytes(n: Optional[float]) -> str:
 
 
 def write_report(out: Path, r: dict) -> None:
-    (out / "profile.json").write_text(json.dumps(r, indent=2) + "\n")
+    write_text_atomic(out / "profile.json", json.dumps(r, indent=2) + "\n")
     st, ph, tok, fl, mem = r["step_time"], r["phases"], r["tokens"], r["flops"], r["memory"]
     zs = "" if r.get("zero_stage") is None else f", DeepSpeed ZeRO-{r['zero_stage']}"
     lines = [f"# stage-2 profile ({r['device']}, world_size {r['world_size']}{zs})", "",
@@ -238,7 +239,7 @@ def write_report(out: Path, r: dict) -> None:
     else:
         lines.append(f"overhead: n/a ({ov['reason']})")
     lines += ["", "FLOPs: " + fl["formula"], ""]
-    (out / "profile.md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(out / "profile.md", "\n".join(lines) + "\n")
     try:
         plot_report(out, r)
     except Exception as e:  # plots are a convenience; the numbers are in profile.json
