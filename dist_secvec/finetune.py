@@ -4,10 +4,11 @@ The recipe: load the base, add the trainable part (every weight, or a LoRA on a 
 attach the vector from `security_vector.path` (if any) as frozen SecVecLinear layers, train on
 `data.train` with the loss on response tokens, and save the result with the vector removed.
 Nothing of the vector is ever trained: it has requires_grad False, is left out of the optimizer,
-and its digest is checked before the first step, at every checkpoint and after the last. With a
-LoRA on a frozen unquantized base the vector is instead folded into the base weights once (no
-per-step cost) and the original weights are restored bit for bit before saving
-(`security_vector.fold`; under ZeRO-3 layer by layer, restored from the base's safetensors).
+and its digest is checked before the first step, at every checkpoint and after the last. By default
+it acts only on the rows it explains (`security_vector.gate`). With the gate off and a LoRA on a
+frozen unquantized base the vector is instead folded into the base weights once (no per-step
+cost) and the original weights are restored bit for bit before saving (`security_vector.fold`;
+under ZeRO-3 layer by layer, restored from the base's safetensors).
 
 The job itself (setup and one optimizer step) is dist_secvec.stage2's, shared with `profile`;
 here: the loop, checkpoints and resume (dist_secvec.checkpoint), the monitor, the train log and
