@@ -13,9 +13,6 @@ import sys
 import time
 from typing import Iterable, Optional
 
-from dist_secvec import files
-
-atomic_dir = files.atomic_dir  # dist_secvec.profile saves through runtime.atomic_dir
 
 
 def rank() -> int:

@@ -5,7 +5,7 @@ The base is frozen; only the vector (a peft LoRA) is trained, on
          + kl_weight * KL(p_base || p_vector) over the tokens of benign samples
 The KL term keeps the vector's effect confined to the harmful behaviour: without it the
 vector also distorts benign prompts, the core learns to compensate during stage 2, and that
-learning vanishes when the vector is switched off (METHOD.md: new task 3% instead of 98%).
+learning vanishes when the vector is switched off.
 After training, the shift on held-out benign samples is reported (mean KL, top-1 agreement).
 
 The vector's strength is measured on held-out harmful rows (security_vector.heldout_harmful_data,

@@ -143,7 +143,8 @@ if [[ $NGPU_SEEN -gt 0 ]]; then
     [[ -n $GPUS ]] && DS_ARGS+=(--num_gpus "$GPUS")
 else
     # CPU ranks: the deepspeed runner finds no device, so say how many ranks to start;
-    # one OpenMP thread per rank, or N ranks x all cores run ~10x slower (STACK.md).
+    # one OpenMP thread per rank, or N ranks x all cores run many times slower
+    # (their OpenMP threads spin against each other).
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
     ENV_ASSIGN+=("OMP_NUM_THREADS=$OMP_NUM_THREADS")
     # (with a hostfile its slots decide unless --gpus is given)

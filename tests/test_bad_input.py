@@ -1,4 +1,4 @@
-"""The bad-input suite (issue 8): for every user-facing input, the malformed cases a user really
+"""The bad-input suite: for every user-facing input, the malformed cases a user really
 produces, each run through the real CLI (or launch script) in a subprocess. Every case must:
 
 - exit with code 2 (a user error),

@@ -1,4 +1,4 @@
-"""Interruptions and faults in stage 2 (issue 8): nothing is lost beyond the last checkpoint, and
+"""Interruptions and faults in stage 2: nothing is lost beyond the last checkpoint, and
 every failure explains itself.
 
 - SIGKILL at random points (several seeds) of a real `python -m dist_secvec finetune` process,

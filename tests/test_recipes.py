@@ -220,7 +220,7 @@ def test_ds_json_valid_and_stage(path):
     zero = cfg["zero_optimization"]
     if path.name in EXPECTED_JSONS:
         assert zero["stage"] == EXPECTED_JSONS[path.name]
-    # the trainer passes a torch AdamW and its own LR schedule (no fused_adam build, STACK.md)
+    # the trainer passes a torch AdamW and its own LR schedule (no fused_adam build to compile)
     assert "optimizer" not in cfg and "scheduler" not in cfg
     # "auto" only where the trainer fills in values from the YAML config
     assert sorted(autos(cfg)) == sorted([*AUTO_KEYS, "bf16.enabled", "fp16.enabled"])

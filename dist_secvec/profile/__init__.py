@@ -33,6 +33,7 @@ from dist_secvec.config import Config, validate
 from dist_secvec.data import load_samples, tokenize_samples
 from dist_secvec.distributed import barrier, init_distributed, uses_deepspeed
 from dist_secvec.errors import UserError
+from dist_secvec.files import atomic_dir
 from dist_secvec.model import load_tokenizer
 from dist_secvec.profile.flops import flops_per_token, peak_flops
 from dist_secvec.profile.measure import PHASES, StepRunner, aggregate, gather, measure_jobs, run_steps, spread
@@ -73,7 +74,7 @@ def default_job_config(cfg: Config) -> Config:
         sv = run_train_sv(sv_cfg)
         import shutil
 
-        with runtime.atomic_dir(vec_dir) as tmp:
+        with atomic_dir(vec_dir) as tmp:
             for f in sv.vector_dir.iterdir():
                 shutil.copy2(f, tmp / f.name)
     barrier()
