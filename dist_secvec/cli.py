@@ -183,6 +183,10 @@ def _run(args) -> int:
     if args.command in ONE_RANK_COMMANDS and world_size() > 1 and rank() != 0:
         log.warning("%s runs on rank 0 only; rank %d has nothing to do", args.command, rank())
         return 0
+    if cfg.model.gguf_file and args.command != "demo":
+        from dist_secvec.model import resolve_gguf
+
+        resolve_gguf(cfg.model)  # once, before the checks: every later step loads the converted directory
     if args.command == "finetune":
         from dist_secvec.interrupt import StopRequest
 

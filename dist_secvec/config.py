@@ -31,6 +31,9 @@ DATA_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet")
 @dataclass
 class ModelConfig:
     path: str = ""  # local model directory or hub id
+    # a GGUF checkpoint (.gguf file; relative to model.path when that is set): converted once to a
+    # safetensors directory in the cache ($DIST_SECVEC_CACHE/gguf), which model.path then names
+    gguf_file: Optional[str] = None
     tokenizer: Optional[str] = None  # defaults to `path`
     dtype: str = "float32"  # float32 | bfloat16 | float16
     quantization: str = "none"  # none | nf4 | fp4 | int8 (bitsandbytes)
@@ -494,6 +497,23 @@ def _check_files(key: str, names: list[str], what: str) -> None:
             raise ConfigError(f"config key '{key}': {what} '{name}' not found: fix the path")
 
 
+def _check_gguf(cfg: Config) -> None:
+    """model.gguf_file names an existing .gguf file; model.path, when set, is the directory holding it
+    (transformers' convention), and gguf_file becomes the full path."""
+    g = os.path.expanduser(cfg.model.gguf_file)
+    if cfg.model.path and not os.path.isabs(g):
+        if not os.path.isdir(os.path.expanduser(cfg.model.path)):
+            raise ConfigError(f"config key 'model.path': with model.gguf_file it is the directory holding the "
+                              f"file; '{cfg.model.path}' is not a directory")
+        g = os.path.join(os.path.expanduser(cfg.model.path), g)
+    if not g.lower().endswith(".gguf"):
+        raise ConfigError(f"config key 'model.gguf_file': '{cfg.model.gguf_file}' is not a .gguf file; name the "
+                          "GGUF checkpoint (a model directory goes in model.path)")
+    if not os.path.isfile(g):
+        raise ConfigError(f"config key 'model.gguf_file': GGUF file '{g}' not found: fix the path")
+    cfg.model.gguf_file = g
+
+
 def _positive(cfg: Config, *keys: str) -> None:
     for key in keys:
         value = _get(cfg, key)
@@ -569,7 +589,9 @@ def validate(cfg: Config, command: str) -> Config:
 
     if command in ("train-sv", "finetune", "eval", "profile"):
         needs_model = command != "eval" or cfg.eval.responses is None
-        if needs_model and not cfg.model.path:
+        if cfg.model.gguf_file:
+            _check_gguf(cfg)
+        elif needs_model and not cfg.model.path:
             raise ConfigError("config key 'model.path': required; set it to a local model directory or hub id")
         if cfg.model.path and looks_local(cfg.model.path) and not os.path.isdir(os.path.expanduser(cfg.model.path)):
             raise ConfigError(f"config key 'model.path': model directory '{cfg.model.path}' not found")

@@ -121,6 +121,31 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 
 
 # ---------------------------------------------------------------------------------------------
+# the cache shared by runs
+
+def cache_root() -> Path:
+    """Where runs share what they build once (the demo's aligned base, converted GGUF checkpoints,
+    the real-model world's files): $DIST_SECVEC_CACHE, else ~/.cache/dist-secvec."""
+    return Path(os.environ.get("DIST_SECVEC_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dist-secvec"))
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` (created if missing), held for the block: ranks and concurrent
+    runs that build the same cache entry take turns, and the first one builds it."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------------------------------------
 # hashes
 
 def sha256_file(path: Path) -> str:

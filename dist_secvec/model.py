@@ -132,6 +132,60 @@ def check_model_dir(path: str, key: str = "model.path", need_weights: bool = Tru
                             "re-copy or re-download the model")
 
 
+GGUF_VERSION = 1  # bump when the conversion below changes what it writes
+
+
+def gguf_model_dir(gguf_file: str) -> Path:
+    """The safetensors model directory converted from a GGUF checkpoint: transformers reads the
+    file (its tokenizer and chat template included) and dequantizes the weights to float32; the
+    result is saved once per file content under the cache and reused by every later stage, rank
+    and run, which then load an ordinary model directory (and fingerprint the base from it)."""
+    import json
+
+    from dist_secvec.files import atomic_dir, cache_root, file_lock, sha256_file
+
+    src = Path(os.path.expanduser(gguf_file)).resolve()
+    digest = sha256_file(src)
+    out = cache_root() / "gguf" / f"{src.stem}-{digest[:16]}"
+    with file_lock(out.parent / f"{out.name}.lock"):
+        if (out / "gguf_source.json").exists():
+            return out
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+        log.info("converting GGUF checkpoint %s to a safetensors model directory in %s (once)", src, out)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+            # dequantize: a plain dense model, which ZeRO, LoRA and the vector's layers expect
+            model = AutoModelForCausalLM.from_pretrained(
+                str(src.parent), gguf_file=src.name, dtype=torch.float32,
+                quantization_config=GgufConfig(gguf_file=str(src), dequantize=True))
+        except Exception as e:
+            raise UserError(f"config key 'model.gguf_file': cannot load GGUF checkpoint '{gguf_file}' "
+                            f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}); transformers "
+                            "reads GGUF files of the architectures it lists as GGUF-supported") from e
+        model.hf_quantizer = None
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            (tmp / "gguf_source.json").write_text(json.dumps(
+                {"gguf_file": str(src), "sha256": digest, "size": src.stat().st_size,
+                 "conversion": GGUF_VERSION}, indent=1) + "\n")
+    return out
+
+
+def resolve_gguf(cfg: ModelConfig) -> None:
+    """With model.gguf_file set: model.path becomes the converted directory (gguf_model_dir) and
+    gguf_file is cleared, so the run's saved config loads that directory directly."""
+    if not cfg.gguf_file:
+        return
+    out = gguf_model_dir(cfg.gguf_file)
+    log.info("model.gguf_file %s: loading the converted model directory %s", cfg.gguf_file, out)
+    cfg.path, cfg.gguf_file = str(out), None
+
+
 def load_tokenizer(cfg: ModelConfig):
     """The tokenizer, with a pad token (the EOS token when the model has none)."""
     from transformers import AutoTokenizer

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -80,9 +79,9 @@ def _stage_config(cfg: Config, stage: str, quick: bool, **sections) -> Config:
 
 
 def _cache_root(cfg: Config) -> Path:
-    root = cfg.demo.cache_dir or os.environ.get("DIST_SECVEC_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "dist-secvec")
-    return Path(root) / "demo"
+    from dist_secvec.files import cache_root
+
+    return (Path(cfg.demo.cache_dir) if cfg.demo.cache_dir else cache_root()) / "demo"
 
 
 def aligned_base(cfg: Config, sizes: WorldSizes, data: dict, tok_texts: list[str], quick: bool) -> Path:
