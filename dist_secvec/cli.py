@@ -5,6 +5,7 @@
     dist-secvec finetune  --config FILE [key.sub=value ...]   stage 2: fine-tune with the vector on
     dist-secvec eval      --config FILE [key.sub=value ...]   generate (vector off) and judge
     dist-secvec export    --config FILE [key.sub=value ...]   write the model without the vector
+    dist-secvec audit     --config FILE [key.sub=value ...]   flag the rows the vector explains
 
 Config errors end in one line and exit code 2 before anything heavy is imported. The deepspeed
 launcher's --local_rank=N is accepted (the rank itself comes from the environment).
@@ -25,6 +26,8 @@ COMMANDS = {
     "finetune": "stage 2: fine-tune with the security vector active and frozen (or plain SFT without one)",
     "eval": "generate with the vector off and judge harmfulness and utility (or judge given responses)",
     "export": "write the fine-tuned model or adapter for inference, with no trace of the vector",
+    "audit": "score every row of data.train with the vector off and on and flag those it explains "
+             "(audit.jsonl, summary, histogram)",
     "profile": "time, tokens/s, FLOPs/MFU and memory of the stage-2 job, and the vector's overhead "
                "(no --config: the demo's job)",
     "experiment": "run or resume a sweep (harmful samples x vector off/on x vector size x seeds) from "
@@ -125,14 +128,14 @@ def preflight(cfg, command: str) -> None:
     repeat the full checks on what they load."""
     from dist_secvec.config import looks_local
 
-    needs_model = command in ("train-sv", "finetune") or (command == "eval" and cfg.eval.responses is None)
+    needs_model = command in ("train-sv", "finetune", "audit") or (command == "eval" and cfg.eval.responses is None)
     if needs_model and cfg.model.path and looks_local(cfg.model.path):
         from dist_secvec.model import check_model_dir
 
         check_model_dir(cfg.model.path)
         if cfg.model.tokenizer and looks_local(cfg.model.tokenizer):
             check_model_dir(cfg.model.tokenizer, key="model.tokenizer", need_weights=False)
-    if command == "finetune" and cfg.security_vector.path:
+    if command in ("finetune", "audit") and cfg.security_vector.path:
         from dist_secvec.finetune import check_vector_config
         from dist_secvec.secvec import check_fingerprint_on_disk, load_security_vector
 
@@ -140,6 +143,10 @@ def preflight(cfg, command: str) -> None:
         check_vector_config(cfg, sv)  # security_vector.rank / target_modules, when set, match the vector
         if cfg.model.path:
             check_fingerprint_on_disk(sv, cfg.model.path)
+        if command == "audit" or cfg.data.audit != "off":
+            from dist_secvec.audit import resolve_threshold
+
+            resolve_threshold(cfg, sv)  # a vector that can place no threshold, refused before the model loads
     if command == "finetune":
         from dist_secvec.checkpoint import check_resume
 
@@ -216,6 +223,10 @@ def _run(args) -> int:
         from dist_secvec.export import run_export
 
         run_export(cfg)
+    elif args.command == "audit":
+        from dist_secvec.audit import run_audit
+
+        run_audit(cfg)
     return 0
 
 

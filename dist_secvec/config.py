@@ -57,6 +57,9 @@ class DataConfig:
     mask_prompt: bool = True  # labels -100 on prompt tokens: loss only on the response
     shuffle: bool = True  # shuffle rows every epoch (seeded by `seed`)
     max_samples: Optional[int] = None  # use only the first N training rows
+    # stage 2: score every row with the vector off and on before the first step (as
+    # `dist-secvec audit` does) and flag those the vector explains (audit.threshold):
+    audit: str = "off"  # off | report (written to output_dir/audit) | drop (flagged rows left out) | downweight
 
 
 @dataclass
@@ -174,6 +177,9 @@ class EvalConfig:
     classifier_max_length: int = 512  # tokens of prompt + answer the classifier reads
     utility_match: str = "exact"  # exact | contains | choice (case and whitespace normalised)
     utility_loss: bool = True  # also report mean loss / perplexity of the expected answers
+    # held-out general text (.txt, one passage per line): mean token loss / perplexity, a utility
+    # measure beyond the task (what fine-tuning cost the model elsewhere)
+    general_text: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -195,6 +201,20 @@ class ExportConfig:
     checkpoint: Optional[str] = None  # a finetune run's final/ directory (or the run directory)
     merge: bool = True  # LoRA: merge into the base and write a full model; false: the adapter alone
     dtype: str = "bfloat16"  # dtype of the merged model's weights
+
+
+@dataclass
+class AuditConfig:
+    """`dist-secvec audit` and stage 2's data.audit: rows whose answer loss the vector removes."""
+
+    # flag a row when loss_off - loss_on (nats per answer token) reaches this; None = placed between
+    # the harmful and benign scores stage 1 recorded (secvec.json), or for an older vector half
+    # its held-out harmful rows' score
+    threshold: Optional[float] = None
+    weight: float = 0.1  # data.audit=downweight: the factor on a flagged row's loss
+    batch_size: int = 16  # rows per forward (length-sorted)
+    prompt_chars: int = 80  # audit.jsonl: the prompt's first N characters
+    one_forward: bool = False  # the batch doubled in one forward (vector on / off per row) instead of two forwards
 
 
 @dataclass
@@ -251,6 +271,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
     output_dir: str = "runs/default"  # where the run writes config.yaml, train_log.jsonl, final/ and checkpoints/
     seed: int = 42  # seeds data order, initialisation and sampling
     source: Optional[str] = None  # the YAML file this came from (set by load_config)
@@ -266,6 +287,7 @@ CHOICES = {
     "model.quant_storage": ("float32", "bfloat16", "float16", "uint8"),
     "data.format": ("auto", "prompt_response", "alpaca", "chat"),
     "data.template": ("auto", "chat", "plain"),
+    "data.audit": ("off", "report", "drop", "downweight"),
     "security_vector.backend": ("auto", "torch", "triton"),
     "adapter.type": ("none", "lora"),
     "optim.schedule": ("constant", "linear", "cosine"),
@@ -587,7 +609,8 @@ def validate(cfg: Config, command: str) -> Config:
         raise ConfigError("config key 'model.quant_storage': ZeRO-3 needs a float storage dtype for 4-bit "
                           "weights; set model.quant_storage=bfloat16")
 
-    if command in ("train-sv", "finetune", "eval", "profile"):
+    _check_audit(cfg, command)
+    if command in ("train-sv", "finetune", "eval", "profile", "audit"):
         needs_model = command != "eval" or cfg.eval.responses is None
         if cfg.model.gguf_file:
             _check_gguf(cfg)
@@ -629,9 +652,32 @@ def validate(cfg: Config, command: str) -> Config:
                 raise ConfigError(f"config key 'eval.responses': responses file '{cfg.eval.responses}' not found")
         _check_files("eval.harmful_prompts", cfg.eval.harmful_prompts, "data file")
         _check_files("eval.benign_tasks", cfg.eval.benign_tasks, "data file")
+        _check_files("eval.general_text", cfg.eval.general_text, "text file")
     if command in ("train-sv", "finetune", "profile"):
         return resolve_stage_defaults(cfg, command)
     return cfg
+
+
+def _check_audit(cfg: Config, command: str) -> None:
+    """`dist-secvec audit` needs a vector and rows with answers; stage 2's data.audit a vector."""
+    a = cfg.audit
+    _positive(cfg, "audit.batch_size", "audit.prompt_chars")
+    if not 0.0 <= a.weight <= 1.0:
+        raise ConfigError(f"config key 'audit.weight': must be in [0, 1], got {a.weight}")
+    if command == "finetune" and cfg.data.audit != "off" and not cfg.security_vector.path:
+        raise ConfigError(f"config key 'data.audit': {cfg.data.audit} scores rows with the security vector; set "
+                          "security_vector.path or data.audit=off")
+    if command != "audit":
+        return
+    if not cfg.security_vector.path:
+        raise ConfigError("config key 'security_vector.path': required; the audit scores rows with the vector "
+                          "(a directory written by `dist-secvec train-sv`)")
+    if not os.path.isdir(os.path.expanduser(cfg.security_vector.path)):
+        raise ConfigError(f"config key 'security_vector.path': vector directory '{cfg.security_vector.path}' not "
+                          "found (train one with `dist-secvec train-sv`)")
+    if not cfg.data.train:
+        raise ConfigError("config key 'data.train': name at least one file of rows to audit")
+    _check_files("data.train", cfg.data.train, "data file")
 
 
 # What optim.lr / optim.epochs mean when unset. Stage 1 trains ~1k parameters per layer on ~100
@@ -651,7 +697,7 @@ def resolve_stage_defaults(cfg: Config, command: str) -> Config:
 
 # what a finished run of each command leaves in output_dir (eval writes summary.json after its answers)
 FINISHED_MARKERS = {"train-sv": "secvec/secvec.json", "finetune": "final/dist_secvec_run.json",
-                    "eval": "summary.json"}
+                    "eval": "summary.json", "audit": "audit/summary.json"}
 
 
 def refuse_finished_run(cfg: Config, command: str) -> None:

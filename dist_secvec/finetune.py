@@ -182,7 +182,7 @@ def _run_finetune(cfg: Config, keep_model: bool, stop: StopRequest) -> FinetuneR
             "security_vector": cfg.security_vector.path, "adapter": cfg.adapter.type,
             "base_model": cfg.model.path, "world_size": job.world, "zero_stage": stage, "partition": job.partition,
             "security_vector_mode": "folded" if folded else "attached" if sv_layers else None,
-            "security_vector_paths": paths, "security_vector_gate": job.gate_info,
+            "security_vector_paths": paths, "security_vector_gate": job.gate_info, "data_audit": job.audit_info,
             "security_vector_path_choice": job.path_choice}
     final = out / "final"
     state_dict = gathered_state_dict(engine, cfg.adapter.type == "lora")

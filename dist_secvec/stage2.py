@@ -11,6 +11,7 @@ monitor and logging around them; profile times them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import os
@@ -32,7 +33,7 @@ from dist_secvec.secvec import (PROBE_FILE, PathOptions, attach_security_vector,
                                 detach_security_vector, fold_partitioned, fold_security_vector, load_security_vector,
                                 path_calls, row_gate, security_vector_off, unfold_from_disk, unfold_security_vector,
                                 vector_digest)
-from dist_secvec.strength import describe, explained_rows
+from dist_secvec.strength import describe, explained_share, score_rows
 from dist_secvec.training import build_optimizer, pick_device, to_device, total_steps
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ def fold_choice(cfg: Config, sv=None) -> tuple[bool, str]:
         return False, "security_vector.fold=false"
     if sv is not None and gates(cfg, sv):
         return False, "security_vector.gate switches the vector per row"
+    if sv is not None and cfg.data.audit != "off":
+        return False, "data.audit scores every row with the vector off and on"
     if cfg.adapter.type != "lora":
         return False, "full fine-tuning trains the base weights"
     if cfg.model.quantization != "none":
@@ -145,6 +148,8 @@ class Stage2:
     partition: list  # partition_report per rank
     gate: Optional[dict] = None  # {id(example): 1.0 vector on | 0.0 off}; None = every row on
     gate_info: Optional[dict] = None
+    row_weight: Optional[dict] = None  # data.audit=downweight: {id(example): weight of its loss}; None = all 1
+    audit_info: Optional[dict] = None  # data.audit: what was flagged and done (run info)
     ds: Optional[dict] = None  # the DeepSpeed config; None = one plain process
     rank: int = 0
     world: int = 1
@@ -232,6 +237,7 @@ def setup_stage2(cfg: Config, *, monitor: bool = False, tok=None, train: Optiona
     rows = None
     if train is None:  # bad rows: before any load
         rows = load_samples(cfg.data.train, cfg.data.format, cfg.data.split, cfg.data.max_samples)
+    audit_rows = audit_threshold = None
     sv = None
     if cfg.security_vector.path:  # files, hashes and shape checked before the model loads
         sv = load_security_vector(cfg.security_vector.path)
@@ -241,12 +247,23 @@ def setup_stage2(cfg: Config, *, monitor: bool = False, tok=None, train: Optiona
         if weak:
             log.warning("the security vector %s is WEAK: stage 2 will teach the core what it does not explain; "
                         "retrain it (train-sv, see strength.weak_reasons in its secvec.json)", cfg.security_vector.path)
+        if cfg.data.audit != "off":
+            from dist_secvec.audit import resolve_threshold
+
+            audit_threshold = resolve_threshold(cfg, sv)  # a vector that places none: refused before the model loads
     probe_rows, eval_rows = monitor_rows(cfg) if monitor else ([], [])
     if tok is None:
         tok = load_tokenizer(cfg.model)
-    if train is None:
+    if train is None and audit_threshold is not None:  # the report names each row's file and line
+        from dist_secvec.audit import tokenize_rows
+
+        train, *audit_rows = tokenize_rows(tok, rows, cfg.data)
+        log.info(train.report("train data"))
+    elif train is None:
         train = tokenize_samples(tok, rows, cfg.data)
         log.info(train.report("train data"))
+    elif cfg.data.audit != "off":
+        log.info("data.audit=%s: not applied to rows passed in without their files", cfg.data.audit)
     probe = evalset = None
     if monitor:
         probe = monitor_set(tok, probe_rows, cfg, "harmful probe")
@@ -310,16 +327,59 @@ def setup_stage2(cfg: Config, *, monitor: bool = False, tok=None, train: Optiona
                                                  if not p.requires_grad and id(p) not in sv_ids]})
     if use_ds:
         log.info("rank 0 holds %s", ", ".join(f"{k} {v['held']}/{v['total']}" for k, v in job.partition[0].items()))
+    # one scoring of every row (vector off and on, the untrained core) for the gate and data.audit
+    memo: dict = {}
+
+    def scores() -> tuple[list, list]:
+        if "scores" not in memo:
+            memo["scores"] = score_rows(model, job.train.examples, tok.pad_token_id, device, cfg.audit.batch_size,
+                                        lambda: security_vector_off(model),
+                                        progress={"desc": "scoring rows", "enabled": cfg.logging.progress})
+        return memo["scores"]
+
+    if audit_rows is not None and sv_layers:
+        from dist_secvec.audit import stage2_audit
+
+        memo["scores"], flagged, job.audit_info = stage2_audit(cfg, sv, audit_rows[0], audit_rows[1], train.examples,
+                                                               scores, audit_threshold)
+        apply_audit(job, flagged, memo)
     if sv_layers and cfg.security_vector.gate:
-        job.gate, job.gate_info = gate_rows(cfg, sv, model, sv_layers, train.examples, tok.pad_token_id, device)
+        job.gate, job.gate_info = gate_rows(cfg, sv, model, sv_layers, job.train.examples, tok.pad_token_id, device,
+                                            scores)
     elif sv_layers:
         log.info("security_vector.gate=false: every row trains with the vector on")
     return job
 
 
-def gate_rows(cfg: Config, sv, model, sv_layers: list, examples: list, pad_id: int, device) -> tuple[dict, dict]:
+def apply_audit(job: Stage2, flagged: list, memo: dict) -> None:
+    """data.audit=drop: the flagged rows out of the data (and the schedule rebuilt for the rows left);
+    downweight: their loss weighted audit.weight; report: nothing changes."""
+    cfg, examples = job.cfg, job.train.examples
+    if cfg.data.audit == "downweight":
+        job.row_weight = {id(e): cfg.audit.weight for e, f in zip(examples, flagged) if f}
+    elif cfg.data.audit == "drop" and any(flagged):
+        keep = [i for i, f in enumerate(flagged) if not f]
+        off, on = memo["scores"]
+        memo["scores"] = ([off[i] for i in keep], [on[i] for i in keep])  # the gate's, for the rows kept
+        job.train = dataclasses.replace(job.train, examples=[examples[i] for i in keep])
+        job.steps = total_steps(len(job.train.examples), cfg.optim, job.world)
+        # a fresh schedule over the steps left, on the same optimizer (no step has run yet)
+        from transformers import get_scheduler
+
+        job.scheduler = get_scheduler(cfg.optim.schedule, job.optimizer, num_warmup_steps=cfg.optim.warmup_steps,
+                                      num_training_steps=job.steps)
+        job.engine.scheduler = job.scheduler
+        if job.use_ds:
+            job.engine.engine.lr_scheduler = job.scheduler  # DeepSpeed steps the schedule it holds
+        job.audit_info["rows_trained"] = len(keep)
+        log.info("data.audit=drop: %d rows left to train on, %d optimizer steps", len(keep), job.steps)
+
+
+def gate_rows(cfg: Config, sv, model, sv_layers: list, examples: list, pad_id: int, device,
+              scores: Optional[Callable[[], tuple[list, list]]] = None) -> tuple[dict, dict]:
     """security_vector.gate: {id(example): 1.0 (vector on) or 0.0 (off)} from each row's explained
-    share, scored once with the untrained core, and what was decided (for the run info)."""
+    share, scored once with the untrained core, and what was decided (for the run info).
+    `scores`: the rows' (loss_off, loss_on), shared with data.audit (strength.score_rows)."""
     strength = sv.meta.get("strength") or {}
     threshold = cfg.security_vector.gate_threshold
     if threshold is None:
@@ -329,9 +389,11 @@ def gate_rows(cfg: Config, sv, model, sv_layers: list, examples: list, pad_id: i
                         "security_vector.gate_threshold (e.g. 0.4) to gate", sv.path)
             return None, {"threshold": None, "rows_vector_on": len(examples), "rows_vector_off": 0}
         threshold = 0.5 * strength["explained"]
-    scores = explained_rows(model, examples, pad_id, device, cfg.eval.batch_size,
-                            lambda: security_vector_off(model))
-    gate = {id(e): 1.0 if sc >= threshold else 0.0 for e, sc in zip(examples, scores)}
+    if scores is None:
+        off, on = score_rows(model, examples, pad_id, device, cfg.audit.batch_size, lambda: security_vector_off(model))
+    else:
+        off, on = scores()
+    gate = {id(e): 1.0 if explained_share(f, a) >= threshold else 0.0 for e, f, a in zip(examples, off, on)}
     n_on = int(sum(gate.values()))
     log.info("security_vector.gate: %d of %d rows are explained by the vector (share >= %.2f) and train with it "
              "on; %d train with it off", n_on, len(examples), threshold, len(examples) - n_on)
@@ -374,6 +436,20 @@ class StepResult:
     counts: list  # label tokens of each of them
 
 
+def weighted_micro_loss(engine, batch: dict, n: int, weights: torch.Tensor) -> torch.Tensor:
+    """micro_loss with each row's token losses times its weight (data.audit=downweight), still
+    divided by all n label tokens: the other rows' gradients are what they would be without it."""
+    import torch.nn.functional as F
+
+    from dist_secvec.data import IGNORE_INDEX
+
+    logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE_INDEX
+    ce = F.cross_entropy(logits.float().transpose(1, 2), labels.clamp_min(0), reduction="none") * mask
+    return (ce.sum(1) * weights.to(ce.device, ce.dtype)).sum() / max(n, 1)
+
+
 def _untimed(phase: str) -> ContextManager:
     return contextlib.nullcontext()
 
@@ -395,9 +471,13 @@ def train_step(job: Stage2, micro_batches: Iterator[list], step: int,
     local_loss, finite = 0.0, True
     for i, (b, n) in enumerate(zip(group, counts)):
         rows = torch.tensor([job.gate[id(e)] for e in raw[i]]) if job.gate is not None else None
+        weights = [job.row_weight.get(id(e), 1.0) for e in raw[i]] if job.row_weight else None
         with row_gate(job.sv_layers, rows):  # forward and backward: checkpointing recomputes there
             with timed("forward"):
-                loss = micro_loss(engine, b, n)  # mean over this micro-batch's n label tokens
+                if weights is None or all(w == 1.0 for w in weights):
+                    loss = micro_loss(engine, b, n)  # mean over this micro-batch's n label tokens
+                else:
+                    loss = weighted_micro_loss(engine, b, n, torch.tensor(weights))
                 finite = finite and bool(torch.isfinite(loss.detach()))
             with timed("backward"):
                 engine.backward(loss * loss_weight(n, world, n_tokens))

@@ -86,25 +86,110 @@ def row_losses(model, examples: list[dict], pad_id: int, device, batch_size: int
     return out
 
 
-def explained_rows(model, examples: list[dict], pad_id: int, device, batch_size: int, vector_off) -> list[float]:
-    """Per row, the share of its answer loss the vector removes: 1 - loss_on / loss_off. Rows of the
-    vector's behaviour score near its held-out `explained`; benign rows near 0 (the KL term). Under
-    several ranks each scores a shard and the scores are summed over ranks (collective: every rank
-    runs the same number of forwards, as ZeRO-3 needs)."""
+def _logits_to_keep_ok(model) -> bool:
+    """Whether the model's forward takes `logits_to_keep` (transformers' causal LMs): then the output
+    layer runs on the answer positions only, not on the prompt's."""
+    import inspect
+
+    m = model
+    for _ in range(4):  # through peft's and DeepSpeed's wrappers to the transformers model
+        params = inspect.signature(type(m).forward).parameters
+        if "logits_to_keep" in params:
+            return True
+        inner = getattr(m, "get_base_model", None)
+        m = inner() if callable(inner) else getattr(m, "module", None)
+        if m is None:
+            return False
+    return False
+
+
+def _row_means(model, batch: dict, device, keep_ok: bool, gate_layers=None) -> torch.Tensor:
+    """Mean answer loss per row of a collated batch; with gate_layers, the batch doubled in one
+    forward: the first copy with the vector on, the second off (returns 2B values)."""
+    from dist_secvec.secvec import row_gate
+
+    ids, att, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    if gate_layers is not None:
+        ids, att, labels = ids.repeat(2, 1), att.repeat(2, 1), labels.repeat(2, 1)
+    answer = (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero()
+    start = int(answer[0]) if len(answer) else 0  # the first position that predicts an answer token
+    kwargs = {"logits_to_keep": ids.shape[1] - start} if keep_ok else {}
+    gate = None
+    if gate_layers is not None:
+        n = ids.shape[0] // 2
+        gate = torch.cat([torch.ones(n), torch.zeros(n)])
+    with row_gate(gate_layers or [], gate):
+        logits = model(input_ids=ids.to(device), attention_mask=att.to(device), **kwargs).logits
+    if not keep_ok:
+        logits = logits[:, start:]
+    target = labels[:, start + 1:].to(device)
+    mask = target != IGNORE_INDEX
+    ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target.clamp_min(0), reduction="none") * mask
+    return ce.sum(1) / mask.sum(1).clamp_min(1)
+
+
+@torch.no_grad()
+def score_rows(model, examples: list[dict], pad_id: int, device, batch_size: int, vector_off,
+               progress: Optional[dict] = None, gate_layers=None) -> tuple[list[float], list[float]]:
+    """Per row, in order, its mean answer loss with the vector off and with it on: the one scoring
+    of rows (stage 2's gate, `dist-secvec audit`, stage 1's reference scores).
+
+    Rows are sorted by length and batched, so padding is small; the output layer runs only from the
+    first answer position on. Two forwards per batch, the vector toggled by `vector_off()`; with
+    `gate_layers` (attached SecVecLinear layers) one forward of the batch doubled, the vector on for
+    one copy and off for the other. Under several ranks each rank scores every world-th row of the
+    sorted order, so all ranks get batches of about the same width, and the results are summed over
+    ranks (collective: every rank runs the same number of forwards, as ZeRO-3 needs). `progress`:
+    runtime.progress's keyword arguments for a bar over the batches (rank 0 shows it)."""
     from dist_secvec import runtime
     from dist_secvec.distributed import all_reduce_sum
 
+    n = len(examples)
+    if n == 0:
+        return [], []
     rank, world = runtime.rank(), runtime.world_size()
-    per = -(-len(examples) // world)
-    mine = list(range(rank * per, min((rank + 1) * per, len(examples))))
-    shard = [examples[i] for i in mine] + [examples[0]] * (per - len(mine))  # equal forwards on every rank
-    on = row_losses(model, shard, pad_id, device, batch_size)
-    with vector_off():
-        off = row_losses(model, shard, pad_id, device, batch_size)
-    scores = [0.0] * len(examples)
-    for i, a, b in zip(mine, on, off):
-        scores[i] = 1.0 - a / b if b > 0 else 0.0
-    return all_reduce_sum(scores) if world > 1 else scores
+    order = sorted(range(n), key=lambda i: -len(examples[i]["input_ids"]))  # longest first: memory fails early
+    mine = order[rank::world]
+    per = -(-n // world)
+    shard = mine + [order[-1]] * (per - len(mine))  # equal forwards on every rank (the shortest row again)
+    keep_ok = _logits_to_keep_ok(model)
+    n_batches = -(-len(shard) // batch_size)
+    bar = runtime.progress(total=n_batches, unit="batches", **(progress or {"enabled": False}))
+    off = [0.0] * n
+    on = [0.0] * n
+    with eval_mode(model):
+        for k in range(0, len(shard), batch_size):
+            idx = shard[k:k + batch_size]
+            b = collate([examples[i] for i in idx], pad_id)
+            if gate_layers is not None:
+                both = _row_means(model, b, device, keep_ok, gate_layers).tolist()
+                row_on, row_off = both[:len(idx)], both[len(idx):]
+            else:
+                row_on = _row_means(model, b, device, keep_ok).tolist()
+                with vector_off():
+                    row_off = _row_means(model, b, device, keep_ok).tolist()
+            for j, (i, a, f) in enumerate(zip(idx, row_on, row_off)):
+                if k + j < len(mine):  # the padding rows count nowhere
+                    on[i], off[i] = a, f
+            bar.update(1)
+    bar.close()
+    if world > 1:
+        both = all_reduce_sum(off + on)  # each row is scored on exactly one rank, zero elsewhere
+        off, on = both[:n], both[n:]
+    return off, on
+
+
+def explained_share(loss_off: float, loss_on: float) -> float:
+    """1 - loss_on / loss_off: the share of a row's answer loss the vector removes."""
+    return 1.0 - loss_on / loss_off if loss_off > 0 else 0.0
+
+
+def explained_rows(model, examples: list[dict], pad_id: int, device, batch_size: int, vector_off) -> list[float]:
+    """Per row, the share of its answer loss the vector removes: 1 - loss_on / loss_off. Rows of the
+    vector's behaviour score near its held-out `explained`; benign rows near 0 (the KL term).
+    Collective under several ranks (score_rows)."""
+    off, on = score_rows(model, examples, pad_id, device, batch_size, vector_off)
+    return [explained_share(f, a) for f, a in zip(off, on)]
 
 
 def judged_rate(model, tok, samples, cfg, judges) -> dict:

@@ -214,6 +214,15 @@ def run_train_sv(cfg: Config) -> TrainSVResult:
     log.info("security vector strength on held-out harmful rows:\n%s", strength_table(strength))
     for reason in strength["weak_reasons"]:
         log.warning("weak security vector: %s", reason)
+    # the score distributions `dist-secvec audit` places its default threshold between
+    from dist_secvec.audit import reference_record
+
+    audit_ref = reference_record(model, {
+        "harmful_heldout": probe.examples if probe_rows is not harmful_rows else [],
+        "harmful_train": harmful.examples, "benign_heldout": heldout.examples if heldout else [],
+        "benign_kl": benign.examples if benign else []}, pad_id, device, cfg.audit.batch_size, model.disable_adapter)
+    if "threshold" in audit_ref:
+        log.info("audit threshold for this vector: score %.3g (%s)", audit_ref["threshold"], audit_ref["rule"])
 
     # ---- save in peft's adapter format + metadata (fingerprint of the base it was trained on)
     modules = sorted({n[len(PEFT_PREFIX):] for n, m in model.named_modules()
@@ -227,7 +236,7 @@ def run_train_sv(cfg: Config) -> TrainSVResult:
         "n_benign_samples": len(benign.examples) if benign else 0,
         "rank": sv_cfg.rank, "alpha": sv_cfg.alpha, "target_modules": sv_cfg.target_modules, "layers": sv_cfg.layers,
         "kl_weight": sv_cfg.kl_weight, "steps": len(losses), "final_loss": losses[-1], "shift": shift,
-        "strength": strength,
+        "strength": strength, "audit": audit_ref,
     }
     vector_dir = out / "secvec"
     with atomic_dir(vector_dir) as tmp:

@@ -1,0 +1,362 @@
+"""`dist-secvec audit`: which training rows does the security vector already explain?
+
+The vector was trained (stage 1) so that with it on the model gives the harmful answers, while a
+KL term keeps it from changing anything else. So on a row of the behaviour it learned, the answer
+loss with the vector on is far below the loss with it off; on benign rows the two are equal. Per
+row (strength.score_rows, the same scoring stage 2's gate uses):
+
+    loss_off, loss_on   mean per-token loss of the row's answer, vector off / on
+    score               loss_off - loss_on (nats per answer token): what the vector explains
+    explained           1 - loss_on / loss_off: the same, as a share of the row's loss
+
+A row is flagged when score >= the threshold. The default threshold needs no labels: stage 1
+records in secvec.json (`audit`) the scores of its own harmful rows and benign rows
+(`reference_record`), and `resolve_threshold` places the threshold between them. Outputs go to
+output_dir/audit/ (audit.jsonl, summary.json, summary.md, scores.png), written atomically.
+
+Stage 2 (`data.audit: report | drop | downweight`) uses the same scores, computed once before the
+first step and cached in output_dir/audit/ by a key of the data, the vector and the base
+(`stage2_audit`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from dist_secvec import runtime
+from dist_secvec.config import Config
+from dist_secvec.errors import ConfigError, DataError, UserError
+
+log = logging.getLogger(__name__)
+
+AUDIT_DIR = "audit"  # under output_dir, for the command and for stage 2 alike
+QUANTILES = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0)
+SCORE_DEFINITION = "loss_off - loss_on: mean answer loss per token with the vector off minus with it on (nats)"
+# the stage-1 quantiles the default threshold lies between: nearly every benign row below,
+# nearly every held-out harmful row above
+BENIGN_Q, HARMFUL_Q = "q99", "q05"
+
+
+# ---------------------------------------------------------------------------------------------
+# scores and their distribution
+
+
+def score(loss_off: float, loss_on: float) -> float:
+    return loss_off - loss_on
+
+
+def quantiles(values: list[float]) -> dict:
+    """{"n", "mean", "q00", "q01", ..., "q100"}: linear interpolation between order statistics."""
+    v = sorted(values)
+    out: dict = {"n": len(v)}
+    if not v:
+        return out
+    out["mean"] = sum(v) / len(v)
+    for q in QUANTILES:
+        pos = q * (len(v) - 1)
+        lo, hi = math.floor(pos), math.ceil(pos)
+        out[f"q{round(100 * q):02d}"] = v[lo] + (v[hi] - v[lo]) * (pos - lo)
+    return out
+
+
+def reference_record(model, sets: dict, pad_id: int, device, batch_size: int, vector_off) -> dict:
+    """Stage 1's record for secvec.json: the score quantiles of each named set of its own rows
+    (harmful_heldout, harmful_train, benign_heldout, benign_kl; empty sets left out)."""
+    from dist_secvec.strength import score_rows
+
+    rec: dict = {"score": SCORE_DEFINITION}
+    for name, examples in sets.items():
+        if examples:
+            off, on = score_rows(model, examples, pad_id, device, batch_size, vector_off)
+            rec[name] = quantiles([score(f, a) for f, a in zip(off, on)])
+    t = threshold_from_record(rec)
+    if t is not None:
+        rec["threshold"], rec["rule"] = t
+    return rec
+
+
+def threshold_from_record(rec: dict) -> Optional[tuple[float, str]]:
+    """(threshold, rule) from stage 1's recorded distributions, or None when they lack a side."""
+    harm_name = "harmful_heldout" if "harmful_heldout" in rec else "harmful_train"
+    ben_name = "benign_heldout" if "benign_heldout" in rec else "benign_kl"
+    harm, ben = rec.get(harm_name), rec.get(ben_name)
+    if not (isinstance(harm, dict) and isinstance(ben, dict) and HARMFUL_Q in harm and BENIGN_Q in ben):
+        return None
+    lo, hi = ben[BENIGN_Q], harm[HARMFUL_Q]
+    if lo < hi:
+        return (lo + hi) / 2, (f"halfway between the 99th percentile of stage 1's {ben_name} rows ({lo:.3g}) and "
+                               f"the 5th percentile of its {harm_name} rows ({hi:.3g})")
+    mid = (ben["q50"] + harm["q50"]) / 2
+    return mid, (f"stage 1's {ben_name} and {harm_name} scores overlap (99th percentile {lo:.3g} >= 5th percentile "
+                 f"{hi:.3g}): halfway between their medians; the vector separates them poorly")
+
+
+def resolve_threshold(cfg: Config, sv) -> tuple[float, str, str]:
+    """(threshold, source, rule): audit.threshold, else stage 1's recorded distributions, else (a
+    vector from before they were recorded) half the score of its held-out harmful rows, as stage 2's
+    gate places its threshold. A vector that records neither is refused (before any model loads)."""
+    if cfg.audit.threshold is not None:
+        return cfg.audit.threshold, "audit.threshold", "set in the config (audit.threshold)"
+    rec = sv.meta.get("audit")
+    found = threshold_from_record(rec) if isinstance(rec, dict) else None
+    if found is not None:
+        return found[0], "stage-1 distribution", found[1]
+    s = sv.meta.get("strength") or {}
+    if isinstance(s.get("loss_vector_off"), (int, float)) and isinstance(s.get("loss_vector_on"), (int, float)):
+        held = s["loss_vector_off"] - s["loss_vector_on"]
+        return 0.5 * held, "fallback: held-out strength", (
+            f"fallback for a vector without recorded score distributions (from an older train-sv): half the score "
+            f"of its {s.get('n', '?')} held-out harmful rows ({held:.3g}, token mean); retrain it for a threshold "
+            "placed between its harmful and benign rows")
+    raise ConfigError(f"config key 'audit.threshold': the security vector '{sv.path}' records neither score "
+                      "distributions nor its strength (not written by this train-sv), so no default threshold can "
+                      "be placed; set audit.threshold (a score in nats per answer token, e.g. 1.0)")
+
+
+# ---------------------------------------------------------------------------------------------
+# rows
+
+
+def tokenize_rows(tok, samples: list, data_cfg) -> tuple:
+    """(TokenizedSet, the samples of its examples, the samples dropped): as data.tokenize_samples,
+    keeping which sample each example came from, for the report."""
+    from dist_secvec.data import IGNORE_INDEX, TokenizedSet, tokenize_sample
+
+    examples, kept, dropped, n_trunc = [], [], [], 0
+    for s in samples:
+        ex, truncated = tokenize_sample(tok, s, data_cfg)
+        if all(label == IGNORE_INDEX for label in ex["labels"]):
+            dropped.append(s)
+            continue
+        n_trunc += truncated
+        examples.append(ex)
+        kept.append(s)
+    if not examples:
+        first = f" (e.g. '{dropped[0].source}' row {dropped[0].row})" if dropped else ""
+        raise DataError(f"data: every row was dropped: each prompt alone fills data.max_length="
+                        f"{data_cfg.max_length} tokens{first}; raise data.max_length or shorten the prompts")
+    names = [f"'{s.source}' row {s.row}" for s in dropped[:3]]
+    return TokenizedSet(examples, n_trunc, len(dropped), names), kept, dropped
+
+
+def row_records(samples: list, off: list, on: list, threshold: float, prompt_chars: int,
+                dropped: list = ()) -> list[dict]:
+    """audit.jsonl's records: the scored rows, then those that could not be scored."""
+    from dist_secvec.strength import explained_share
+
+    out = []
+    for s, f, a in zip(samples, off, on):
+        sc = score(f, a)
+        out.append({"source": s.source, "row": s.row, "prompt": s.prompt[:prompt_chars], "loss_off": f,
+                    "loss_on": a, "score": sc, "explained": explained_share(f, a), "flagged": sc >= threshold})
+    for s in dropped:
+        out.append({"source": s.source, "row": s.row, "prompt": s.prompt[:prompt_chars], "loss_off": None,
+                    "loss_on": None, "score": None, "explained": None, "flagged": False,
+                    "note": "not scored: the prompt alone fills data.max_length"})
+    return out
+
+
+def summarize(records: list[dict], threshold: float, source: str, rule: str, sv, extra: dict) -> dict:
+    scored = [r for r in records if r["score"] is not None]
+    flagged = [r for r in scored if r["flagged"]]
+    scores = [r["score"] for r in scored]
+    return {"rows": len(records), "scored": len(scored), "not_scored": len(records) - len(scored),
+            "flagged": len(flagged), "flagged_share": len(flagged) / max(len(scored), 1),
+            "threshold": threshold, "threshold_source": source, "threshold_rule": rule, "score": SCORE_DEFINITION,
+            "scores": quantiles(scores), "scores_flagged": quantiles([r["score"] for r in flagged]),
+            "scores_unflagged": quantiles([r["score"] for r in scored if not r["flagged"]]),
+            "explained": quantiles([r["explained"] for r in scored]),
+            "security_vector": sv.path, "stage1_reference": sv.meta.get("audit"), **extra}
+
+
+def summary_markdown(summary: dict) -> str:
+    def q(d: dict) -> str:
+        return " | ".join(f"{d[k]:.3g}" if k in d else "-" for k in ("q05", "q25", "q50", "q75", "q95"))
+
+    lines = ["# Audit", "",
+             f"{summary['flagged']} of {summary['scored']} scored rows flagged "
+             f"({100 * summary['flagged_share']:.1f}%); {summary['not_scored']} rows not scored.", "",
+             f"Threshold: score >= {summary['threshold']:.4g} ({summary['threshold_source']}: "
+             f"{summary['threshold_rule']}).", "",
+             f"Score: {summary['score']}.", "",
+             "| rows | n | q05 | q25 | q50 | q75 | q95 |", "|---|---|---|---|---|---|---|"]
+    for name, key in (("all scored", "scores"), ("flagged", "scores_flagged"), ("not flagged", "scores_unflagged")):
+        lines.append(f"| {name} | {summary[key]['n']} | {q(summary[key])} |")
+    ref = summary.get("stage1_reference") or {}
+    for name in ("harmful_heldout", "harmful_train", "benign_heldout", "benign_kl"):
+        if isinstance(ref.get(name), dict):
+            lines.append(f"| stage 1: {name} | {ref[name]['n']} | {q(ref[name])} |")
+    lines += ["", f"Security vector: `{summary['security_vector']}`; data: "
+              + ", ".join(f"`{d}`" for d in summary.get("data", [])), ""]
+    return "\n".join(lines)
+
+
+def plot_scores(path: Path, records: list[dict], threshold: float, ref: Optional[dict]) -> None:
+    """A histogram of the scores, the threshold marked (and stage 1's reference medians)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scores = [r["score"] for r in records if r["score"] is not None]
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    lo, hi = min(scores + [threshold, 0.0]), max(scores + [threshold])
+    bins = [lo + (hi - lo) * i / 60 for i in range(61)] if hi > lo else 10
+    ax.hist([s for s in scores if s < threshold], bins=bins, color="#4c78a8", label="not flagged")
+    ax.hist([s for s in scores if s >= threshold], bins=bins, color="#d62728", label="flagged")
+    ax.axvline(threshold, color="black", linestyle="--", label=f"threshold {threshold:.3g}")
+    ref = ref or {}
+    for names, color in ((("benign_heldout", "benign_kl"), "#2ca02c"), (("harmful_heldout", "harmful_train"), "#ff7f0e")):
+        name = next((n for n in names if isinstance(ref.get(n), dict) and "q50" in ref[n]), None)
+        if name:
+            ax.axvline(ref[name]["q50"], color=color, linestyle=":", label=f"stage 1 {name} median")
+    ax.set_xlabel("score: loss off - loss on (nats / answer token)")
+    ax.set_ylabel("rows")
+    ax.set_yscale("symlog", linthresh=1)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(out_dir: Path, records: list[dict], summary: dict) -> Path:
+    """output_dir/audit/ as one atomic directory: a reader sees the old report or the whole new one."""
+    from dist_secvec.files import atomic_dir
+
+    final = Path(out_dir) / AUDIT_DIR
+    with atomic_dir(final) as tmp:
+        (tmp / "audit.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        plot_scores(tmp / "scores.png", records, summary["threshold"], summary.get("stage1_reference"))
+        (tmp / "summary.md").write_text(summary_markdown(summary))
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return final
+
+
+# ---------------------------------------------------------------------------------------------
+# the cache stage 2 (and a rerun) reads
+
+
+def cache_key(examples: list[dict], sv, model_cfg) -> str:
+    """The scores depend on the rows as tokenized, the vector, the base and its numerics."""
+    from dist_secvec.files import sha256_file
+    from dist_secvec.secvec import ADAPTER_WEIGHTS
+
+    h = hashlib.sha256()
+    for e in examples:
+        h.update(json.dumps([e["input_ids"], e["labels"]]).encode())
+    key = {"data": h.hexdigest(), "vector": sha256_file(Path(sv.path) / ADAPTER_WEIGHTS),
+           "base": sv.meta.get("base_fingerprint"), "dtype": model_cfg.dtype, "quantization": model_cfg.quantization}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def cached_scores(out_dir: Path, key: str, n: int) -> Optional[tuple[list, list]]:
+    """(loss_off, loss_on) from a report in output_dir/audit with this key, else None."""
+    d = Path(out_dir) / AUDIT_DIR
+    try:
+        summary = json.loads((d / "summary.json").read_text())
+        if summary.get("cache_key") != key:
+            return None
+        recs = [json.loads(line) for line in (d / "audit.jsonl").read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return None
+    recs = [r for r in recs if r.get("score") is not None]
+    if len(recs) != n:
+        return None
+    return [r["loss_off"] for r in recs], [r["loss_on"] for r in recs]
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 2: data.audit
+
+
+def stage2_audit(cfg: Config, sv, samples: list, dropped: list, examples: list,
+                 score_fn: Callable[[], tuple[list, list]], threshold: tuple[float, str, str]) -> tuple:
+    """data.audit in stage 2: (scores (loss_off, loss_on), flagged per example, info). Every rank
+    calls it (score_fn is collective); rank 0 writes the report into output_dir/audit."""
+    from dist_secvec.distributed import all_reduce_sum
+
+    key = cache_key(examples, sv, cfg.model)
+    cached = cached_scores(Path(cfg.output_dir), key, len(examples))
+    # every rank must take the same branch: score_fn is collective
+    hit = all_reduce_sum([0.0 if cached is None else 1.0])[0] == runtime.world_size()
+    if hit:
+        off, on = cached
+        log.info("data.audit: scores from the cache in %s", Path(cfg.output_dir) / AUDIT_DIR)
+    else:
+        off, on = score_fn()
+    t, source, rule = threshold
+    records = row_records(samples, off, on, t, cfg.audit.prompt_chars, dropped)
+    flagged = [r["flagged"] for r in records[:len(examples)]]
+    info = {"mode": cfg.data.audit, "threshold": t, "threshold_source": source, "rows": len(examples),
+            "flagged": int(sum(flagged)), "cached": hit}
+    if cfg.data.audit == "downweight":
+        info["weight"] = cfg.audit.weight
+    if runtime.is_main():
+        summary = summarize(records, t, source, rule, sv, {"data": list(cfg.data.train), "mode": cfg.data.audit,
+                                                           "cache_key": key})
+        info["report"] = str(write_report(Path(cfg.output_dir), records, summary))
+    what = {"report": "reported only", "drop": "left out of training",
+            "downweight": f"their loss weighted {cfg.audit.weight:g}"}[cfg.data.audit]
+    log.info("data.audit=%s: %d of %d rows flagged (score >= %.3g, %s): %s", cfg.data.audit, info["flagged"],
+             len(examples), t, source, what)
+    if cfg.data.audit == "drop" and info["flagged"] == len(examples):
+        raise UserError(f"data.audit=drop: every one of the {len(examples)} rows of data.train is flagged "
+                        f"(score >= {t:.3g}); nothing is left to train on. Check the data, or set audit.threshold "
+                        f"(see {Path(cfg.output_dir) / AUDIT_DIR / 'summary.md'})")
+    return (off, on), flagged, info
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+
+
+def run_audit(cfg: Config) -> dict:
+    """`dist-secvec audit`: every rank scores its share of data.train (data parallel under a
+    launcher), rank 0 writes output_dir/audit/. Returns the summary (on rank 0; {} elsewhere)."""
+    from dist_secvec.data import load_samples
+    from dist_secvec.distributed import barrier, init_distributed
+    from dist_secvec.model import load_model, load_tokenizer
+    from dist_secvec.secvec import (PathOptions, attach_security_vector, check_fingerprint, load_security_vector,
+                                    security_vector_off)
+    from dist_secvec.strength import score_rows
+    from dist_secvec.training import pick_device
+
+    t0 = time.time()
+    # everything that can be refused is, before the model loads
+    rows = load_samples(cfg.data.train, cfg.data.format, cfg.data.split, cfg.data.max_samples)
+    sv = load_security_vector(cfg.security_vector.path)
+    threshold = resolve_threshold(cfg, sv)
+    if runtime.world_size() > 1:
+        init_distributed(cfg)
+    tok = load_tokenizer(cfg.model)
+    data, samples, dropped = tokenize_rows(tok, rows, cfg.data)
+    log.info(data.report("audit data"))
+    device = pick_device()
+    model = load_model(cfg.model, device)
+    check_fingerprint(sv, model, cfg.model.path)
+    v = cfg.security_vector
+    layers = attach_security_vector(model, sv, PathOptions(
+        backend=v.backend, fused_lora=False, weight_delta=v.weight_delta, gated=cfg.audit.one_forward,
+        rows_per_call=cfg.audit.batch_size * cfg.data.max_length))
+    off, on = score_rows(model, data.examples, tok.pad_token_id, device, cfg.audit.batch_size,
+                         lambda: security_vector_off(model),
+                         progress={"desc": "audit", "enabled": cfg.logging.progress},
+                         gate_layers=layers if cfg.audit.one_forward else None)
+    summary: dict = {}
+    if runtime.is_main():
+        t, source, rule = threshold
+        records = row_records(samples, off, on, t, cfg.audit.prompt_chars, dropped)
+        summary = summarize(records, t, source, rule, sv, {
+            "data": list(cfg.data.train), "model": cfg.model.path, "cache_key": cache_key(data.examples, sv, cfg.model),
+            "ranks": runtime.world_size(), "seconds": round(time.time() - t0, 1)})
+        final = write_report(Path(cfg.output_dir), records, summary)
+        log.info("audit: %d of %d rows flagged (score >= %.3g; %s); report in %s", summary["flagged"],
+                 summary["scored"], t, source, final)
+    barrier()
+    return summary

@@ -1,0 +1,327 @@
+"""`dist-secvec audit` and stage 2's data.audit (dist_secvec.audit) on the tests' tiny world.
+
+The scores must be the rows' own answer losses with the vector off and on, whatever the batching;
+the threshold follows its stated rules; the command writes its report and refuses bad input in one
+line before the model loads; stage 2 drops or down-weights the flagged rows from one scoring,
+cached. The slow test trains a real vector and checks that the score separates the harmful rows
+it learned from the benign task.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import plain_base, write_random_vector
+from dist_secvec.audit import quantiles, resolve_threshold, threshold_from_record
+from dist_secvec.cli import main
+from dist_secvec.config import load_config
+from dist_secvec.data import load_samples, tokenize_samples
+from dist_secvec.errors import ConfigError
+from dist_secvec.model import load_tokenizer
+
+
+def auroc(pos, neg) -> float:
+    return sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
+
+
+def mixed_rows(tw, tmp_path: Path, n_harmful: int = 6, n_benign: int = 6) -> tuple[Path, int]:
+    """A file of harmful rows then benign rows (the first n_harmful are harmful)."""
+    harm = Path(tw.data["harmful_sv"]).read_text().splitlines()[:n_harmful]
+    ben = Path(tw.data["new_task_ft"]).read_text().splitlines()[:n_benign]
+    p = tmp_path / "mixed.jsonl"
+    p.write_text("\n".join(harm + ben) + "\n")
+    return p, n_harmful
+
+
+def cli(*argv) -> int:
+    return main([*argv, "logging.progress=false"])
+
+
+# ---------------------------------------------------------------------------------------------
+# the threshold
+
+
+def test_quantiles_interpolate_between_order_statistics():
+    q = quantiles([3.0, 1.0, 2.0, 4.0, 5.0])
+    assert (q["n"], q["q00"], q["q50"], q["q100"], q["mean"]) == (5, 1.0, 3.0, 5.0, 3.0)
+    assert q["q25"] == pytest.approx(2.0) and q["q05"] == pytest.approx(1.2)
+    assert quantiles([]) == {"n": 0}
+
+
+def test_threshold_rules_in_order_override_record_fallback_refusal():
+    ben, harm = quantiles([0.0, 0.01, 0.02, 0.05]), quantiles([4.0, 5.0, 6.0, 8.0])
+    t, rule = threshold_from_record({"benign_kl": ben, "harmful_heldout": harm})
+    assert t == pytest.approx((ben["q99"] + harm["q05"]) / 2) and "halfway" in rule
+    # a held-out benign set is preferred to the KL rows
+    t2, rule2 = threshold_from_record({"benign_kl": ben, "benign_heldout": quantiles([1.0, 1.0]),
+                                       "harmful_heldout": harm})
+    assert t2 == pytest.approx((1.0 + harm["q05"]) / 2) and "benign_heldout" in rule2
+    # overlapping sides: between the medians, said so
+    t3, rule3 = threshold_from_record({"benign_kl": quantiles([0.0, 5.0]), "harmful_train": quantiles([1.0, 2.0])})
+    assert t3 == pytest.approx((2.5 + 1.5) / 2) and "overlap" in rule3
+    assert threshold_from_record({"benign_kl": ben}) is None
+
+    cfg = load_config()
+    rec = {"benign_kl": ben, "harmful_heldout": harm}
+    sv = SimpleNamespace(path="sv", meta={"audit": rec, "strength": {"loss_vector_off": 9.0, "loss_vector_on": 1.0}})
+    assert resolve_threshold(cfg, sv)[:2] == (pytest.approx(t), "stage-1 distribution")
+    assert resolve_threshold(load_config(None, ["audit.threshold=0.7"]), sv)[:2] == (0.7, "audit.threshold")
+    old = SimpleNamespace(path="sv", meta={"strength": {"loss_vector_off": 9.0, "loss_vector_on": 1.0, "n": 10}})
+    t4, source, rule4 = resolve_threshold(cfg, old)
+    assert t4 == pytest.approx(4.0) and source.startswith("fallback") and "older train-sv" in rule4
+    with pytest.raises(ConfigError, match="audit.threshold"):
+        resolve_threshold(cfg, SimpleNamespace(path="sv", meta={}))
+
+
+# ---------------------------------------------------------------------------------------------
+# the scores
+
+
+@pytest.fixture(scope="module")
+def scored_setup(tiny_world, random_vector):
+    from dist_secvec.secvec import PathOptions, attach_security_vector, load_security_vector
+
+    cfg = load_config(None, [f"model.path={tiny_world.model_dir}"])
+    tok = load_tokenizer(cfg.model)
+    rows = load_samples([tiny_world.data["harmful_sv"], tiny_world.data["new_task_ft"]])[:14]
+    examples = tokenize_samples(tok, rows, cfg.data).examples
+    sv = load_security_vector(str(random_vector))
+    two = plain_base(tiny_world.model_dir)
+    attach_security_vector(two, sv, PathOptions())
+    one = plain_base(tiny_world.model_dir)
+    one_layers = attach_security_vector(one, sv, PathOptions(gated=True))
+    return tok, examples, two, one, one_layers
+
+
+def test_scores_are_each_rows_own_losses_whatever_the_batching(scored_setup):
+    from dist_secvec.secvec import security_vector_off
+    from dist_secvec.strength import row_losses, score_rows
+
+    tok, examples, two, one, one_layers = scored_setup
+    assert len({len(e["input_ids"]) for e in examples}) > 1  # rows of several lengths: sorting matters
+    ref_on = row_losses(two, examples, tok.pad_token_id, "cpu", batch_size=1)  # full logits, one row at a time
+    with security_vector_off(two):
+        ref_off = row_losses(two, examples, tok.pad_token_id, "cpu", batch_size=1)
+    assert max(abs(a - b) for a, b in zip(ref_on, ref_off)) > 1e-3  # the vector changes the losses
+    for bs in (3, 16):
+        off, on = score_rows(two, examples, tok.pad_token_id, "cpu", bs, lambda: security_vector_off(two))
+        assert off == pytest.approx(ref_off, abs=1e-5) and on == pytest.approx(ref_on, abs=1e-5)
+    # one forward of the doubled batch, the vector gated per copy, gives the same losses
+    off1, on1 = score_rows(one, examples, tok.pad_token_id, "cpu", 4, None, gate_layers=one_layers)
+    assert off1 == pytest.approx(ref_off, abs=1e-5) and on1 == pytest.approx(ref_on, abs=1e-5)
+
+
+def test_scores_on_two_ranks_are_those_of_one(scored_setup, monkeypatch):
+    """Each rank scores every other row of the length order; summing over ranks restores them all."""
+    import dist_secvec.distributed as distributed
+    from dist_secvec.secvec import security_vector_off
+    from dist_secvec.strength import score_rows
+
+    tok, examples, two, _, _ = scored_setup
+    full = score_rows(two, examples, tok.pad_token_id, "cpu", 4, lambda: security_vector_off(two))
+    parts = []
+    for r in (0, 1):
+        monkeypatch.setenv("RANK", str(r))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setattr(distributed, "all_reduce_sum", lambda v: parts.append(v) or v)
+        score_rows(two, examples, tok.pad_token_id, "cpu", 4, lambda: security_vector_off(two))
+    summed = [a + b for a, b in zip(*parts)]
+    n = len(examples)
+    assert summed[:n] == pytest.approx(full[0], abs=1e-5) and summed[n:] == pytest.approx(full[1], abs=1e-5)
+    assert all(sum(1 for v in p[:n] if v != 0) in (n // 2, n - n // 2) for p in parts)
+
+
+def test_weighted_loss_is_the_plain_loss_with_unit_weights_and_drops_a_zero_row(scored_setup):
+    from dist_secvec.data import collate
+    from dist_secvec.stage2 import weighted_micro_loss
+
+    tok, examples, two, _, _ = scored_setup
+    b = collate(examples[:4], tok.pad_token_id)
+    n = int((b["labels"][:, 1:] != -100).sum())
+    with torch.no_grad():
+        plain = two(**b).loss
+        assert weighted_micro_loss(two, b, n, torch.ones(4)) == pytest.approx(float(plain), rel=1e-5)
+        rest = collate(examples[1:4], tok.pad_token_id)
+        n_rest = int((rest["labels"][:, 1:] != -100).sum())
+        # row 0 at weight 0: the other rows' loss, still divided by all n tokens
+        w = weighted_micro_loss(two, b, n, torch.tensor([0.0, 1, 1, 1]))
+        assert float(w) == pytest.approx(float(two(**rest).loss) * n_rest / n, rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# the command
+
+
+def test_audit_writes_its_report_and_refuses_a_finished_output_dir(tiny_world, random_vector, tmp_path, capsys):
+    data, n_harm = mixed_rows(tiny_world, tmp_path)
+    out = tmp_path / "audit"
+    args = ["audit", f"model.path={tiny_world.model_dir}", f"security_vector.path={random_vector}",
+            f"data.train={data}", f"output_dir={out}", "audit.threshold=0.0", "audit.batch_size=5"]
+    assert cli(*args) == 0
+    d = out / "audit"
+    assert sorted(p.name for p in d.iterdir()) == ["audit.jsonl", "scores.png", "summary.json", "summary.md"]
+    recs = [json.loads(line) for line in (d / "audit.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    assert [r["row"] for r in recs] == list(range(1, len(rows) + 1)) and {r["source"] for r in recs} == {str(data)}
+    for rec, row in zip(recs, rows):
+        assert rec["prompt"] == row["prompt"][:80]
+        assert rec["score"] == pytest.approx(rec["loss_off"] - rec["loss_on"])
+        assert rec["explained"] == pytest.approx(1 - rec["loss_on"] / rec["loss_off"])
+        assert rec["flagged"] == (rec["score"] >= 0.0)
+    s = json.loads((d / "summary.json").read_text())
+    assert s["rows"] == s["scored"] == len(rows) and s["flagged"] == sum(r["flagged"] for r in recs)
+    assert s["threshold"] == 0.0 and s["threshold_source"] == "audit.threshold"
+    assert s["scores"]["q00"] == pytest.approx(min(r["score"] for r in recs))
+    assert "threshold" in (d / "summary.md").read_text().lower()
+    capsys.readouterr()
+    assert cli(*args) == 2  # finetune's rule: a finished run in output_dir is never overwritten
+    assert "already holds a finished audit run" in capsys.readouterr().err
+
+
+def other_base(tiny_world, root: Path) -> Path:
+    from transformers import AutoTokenizer
+
+    from dist_secvec.demo.world import build_tiny_llama
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_world.model_dir))
+    d = root / "other_model"
+    d.mkdir(parents=True)
+    tok.save_pretrained(str(d))
+    build_tiny_llama(tok, d, seed=7, hidden=32, layers=2)
+    return d
+
+
+def test_bad_input_is_one_line_exit_2_before_the_model_loads(tiny_world, random_vector, tmp_path, capsys,
+                                                              monkeypatch):
+    import dist_secvec.model as model_mod
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(model_mod, "load_model", no_load)
+    data, _ = mixed_rows(tiny_world, tmp_path)
+    no_answer = tmp_path / "no_answer.jsonl"
+    no_answer.write_text(json.dumps({"prompt": "hi ?", "response": "ok ."}) + "\n"
+                         + json.dumps({"prompt": "what is the capital of x ?"}) + "\n")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    other_vec = write_random_vector(other_base(tiny_world, tmp_path), tmp_path / "other_sv")
+    base = ["audit", f"model.path={tiny_world.model_dir}", f"output_dir={tmp_path / 'out'}", "audit.threshold=1"]
+    cases = [
+        ([f"data.train={data}"], "security_vector.path"),
+        ([f"data.train={data}", f"security_vector.path={tmp_path / 'nope'}"], "not found"),
+        ([f"security_vector.path={random_vector}"], "data.train"),
+        ([f"data.train={no_answer}", f"security_vector.path={random_vector}"], "row 2"),
+        ([f"data.train={empty}", f"security_vector.path={random_vector}"], "is empty"),
+        ([f"data.train={data}", f"security_vector.path={other_vec}"], "another base model"),
+        # a vector that records no strength cannot place a default threshold
+        ([f"data.train={data}", f"security_vector.path={random_vector}", "audit.threshold=null"], "audit.threshold"),
+    ]
+    for extra, needle in cases:
+        capsys.readouterr()
+        assert cli(*base, *extra) == 2, extra
+        errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+        assert len(errors) == 1 and needle in errors[0], (extra, errors)
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 2: data.audit
+
+
+def stage2_cfg(tw, data: Path, vector, out: Path, *extra: str):
+    return load_config(None, [f"model.path={tw.model_dir}", f"data.train={data}", f"security_vector.path={vector}",
+                              f"output_dir={out}", "optim.micro_batch_size=2", "optim.epochs=1",
+                              "logging.progress=false", "monitor.rule=none", "seed=0", *extra])
+
+
+def test_stage2_drop_and_downweight_use_one_cached_scoring(tiny_world, random_vector, tmp_path, monkeypatch):
+    import dist_secvec.stage2 as stage2
+    from dist_secvec.stage2 import setup_stage2
+
+    data, _ = mixed_rows(tiny_world, tmp_path)
+    out = tmp_path / "ft"
+    calls = []
+    real = stage2.score_rows
+    monkeypatch.setattr(stage2, "score_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    job = setup_stage2(stage2_cfg(tiny_world, data, random_vector, out, "data.audit=report", "audit.threshold=0"))
+    assert len(calls) == 1 and job.audit_info["cached"] is False and job.mode == "attached"
+    recs = [json.loads(line) for line in (out / "audit" / "audit.jsonl").read_text().splitlines()]
+    scores = sorted(r["score"] for r in recs)
+    t = (scores[len(scores) // 2 - 1] + scores[len(scores) // 2]) / 2  # half the rows above it
+    n_flag = sum(s >= t for s in scores)
+    assert len(job.train.examples) == len(recs) == 12 and job.steps == 6
+
+    job = setup_stage2(stage2_cfg(tiny_world, data, random_vector, out, "data.audit=drop", f"audit.threshold={t}"))
+    assert len(calls) == 1 and job.audit_info["cached"] is True  # the same data, vector and base: no new forwards
+    assert len(job.train.examples) == 12 - n_flag and job.steps == -(-(12 - n_flag) // 2)
+    assert job.scheduler is job.engine.scheduler and job.scheduler.lr_lambdas  # the schedule of the rows left
+    report = [json.loads(line) for line in (out / "audit" / "audit.jsonl").read_text().splitlines()]
+    flagged_rows = {r["row"] for r in report if r["flagged"]}
+    assert len(flagged_rows) == n_flag
+    # the rows left out are exactly the flagged ones
+    kept = {tuple(e["input_ids"]) for e in job.train.examples}
+    full = tokenize_samples(job.tok, load_samples([str(data)]), job.cfg.data).examples
+    assert {i + 1 for i, e in enumerate(full) if tuple(e["input_ids"]) not in kept} == flagged_rows
+
+    job = setup_stage2(stage2_cfg(tiny_world, data, random_vector, out, "data.audit=downweight",
+                                  f"audit.threshold={t}", "audit.weight=0.25"))
+    assert len(job.train.examples) == 12 and sorted(job.row_weight.values()) == [0.25] * n_flag
+    from dist_secvec.stage2 import train_step
+
+    res = train_step(job, job.batches(), 1)  # a step with weighted rows runs
+    assert res.loss == res.loss and not res.skipped
+
+
+def test_data_audit_needs_a_vector(tiny_world, tmp_path, capsys):
+    data, _ = mixed_rows(tiny_world, tmp_path)
+    assert cli("finetune", f"model.path={tiny_world.model_dir}", f"data.train={data}", "data.audit=drop",
+               f"output_dir={tmp_path / 'o'}") == 2
+    assert "data.audit" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# a trained vector separates the rows it learned from benign ones
+
+
+@pytest.mark.slow
+def test_a_trained_vector_separates_harmful_from_benign_rows(tiny_world, tmp_path):
+    import dataclasses
+
+    from dist_secvec.finetune import run_finetune
+    from dist_secvec.train_sv import run_train_sv
+
+    common = [f"output_dir={tmp_path / 'x'}", "logging.progress=false", "seed=0", "eval.judges=[demo]",
+              "eval.max_new_tokens=8", "monitor.rule=none"]
+    base = run_finetune(load_config(None, [*common, f"model.path={tiny_world.model_dir}",
+                                           f"output_dir={tmp_path / 'base'}", f"data.train={tiny_world.data['align']}",
+                                           "optim.lr=1e-2", "optim.epochs=6", "optim.micro_batch_size=16"]))
+    tw = dataclasses.replace(tiny_world, model_dir=base.final_dir)
+    # the 2-layer model cannot generalise the harmful family, so it is measured on the rows it learns
+    sv = run_train_sv(load_config(None, [
+        *common, f"model.path={tw.model_dir}", f"output_dir={tmp_path / 'sv'}",
+        f"security_vector.harmful_data={tw.data['harmful_sv']}", f"security_vector.benign_data={tw.data['kl_benign']}",
+        f"security_vector.heldout_harmful_data={tw.data['harmful_sv']}", "security_vector.rank=8",
+        "security_vector.alpha=16", "optim.lr=1e-2", "optim.epochs=30", "optim.micro_batch_size=4"]))
+    rec = json.loads((sv.vector_dir / "secvec.json").read_text())["audit"]
+    assert {"harmful_heldout", "harmful_train", "benign_kl", "threshold"} <= set(rec)
+    assert rec["benign_kl"]["q99"] < rec["harmful_heldout"]["q05"]
+
+    data, n_harm = mixed_rows(tw, tmp_path, n_harmful=20, n_benign=20)
+    out = tmp_path / "audit"
+    assert cli("audit", f"model.path={tw.model_dir}", f"security_vector.path={sv.vector_dir}", f"data.train={data}",
+               f"output_dir={out}") == 0
+    recs = [json.loads(line) for line in (out / "audit" / "audit.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "audit" / "summary.json").read_text())
+    assert summary["threshold_source"] == "stage-1 distribution"
+    assert summary["threshold"] == pytest.approx(rec["threshold"])
+    pos, neg = [r["score"] for r in recs[:n_harm]], [r["score"] for r in recs[n_harm:]]
+    assert auroc(pos, neg) > 0.95
+    flagged = [r["flagged"] for r in recs]
+    tp = sum(flagged[:n_harm])
+    assert tp / max(sum(flagged), 1) >= 0.9 and tp / n_harm >= 0.9  # precision and recall at the default threshold
