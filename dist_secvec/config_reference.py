@@ -118,7 +118,7 @@ def _yaml_text(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_yaml_text(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {_yaml_text(v)}" for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{_yaml_text(k)}: {_yaml_text(v)}" for k, v in value.items()) + "}"
     return repr(value)
 
 
@@ -178,15 +178,41 @@ def reference_markdown(root: Optional[type] = None) -> str:
     lines = [HEADER]
     if root is None:
         lines.append(_stage_defaults())
-    lines += ["| key | type | default | description |", "|---|---|---|---|"]
-    for r in rows(root):
-        lines.append(f"| `{r.key}` | {r.type} | {_code(r.default)} | {md_escape(r.description)} |")
+    lines += _table(rows(root))
+    if root is None:
+        lines += ["", EXPERIMENT_HEADER] + _table(experiment_rows())
     return "\n".join(lines) + "\n"
+
+
+EXPERIMENT_HEADER = """\
+## Experiment files (`dist-secvec experiment --config FILE`)
+
+An experiment file (see `configs/experiments/` and docs/experiments.md) has its own top-level
+keys; `base`, `stages.*` and the variants under `sweep.finetune` / `sweep.train_sv` hold run-config
+keys from the table above. Overrides on the command line work the same way (`sweep.seeds=[0]`).
+"""
+EXPERIMENT_INTERNAL = {"source"}  # set by the loader, not a key a file writes
+
+
+def experiment_rows() -> list[Row]:
+    from dist_secvec.experiment import Experiment
+
+    return [r for r in _rows(Experiment, "", {}) if r.key not in EXPERIMENT_INTERNAL]
+
+
+def _table(rows_: Iterator[Row] | list[Row]) -> list[str]:
+    lines = ["| key | type | default | description |", "|---|---|---|---|"]
+    for r in rows_:
+        lines.append(f"| `{r.key}` | {r.type} | {_code(r.default)} | {md_escape(r.description)} |")
+    return lines
 
 
 def undescribed(root: Optional[type] = None) -> list[str]:
     """The keys whose field has no comment in the source."""
-    return [r.key for r in rows(root) if r.description == NO_DESCRIPTION]
+    keys = [r.key for r in rows(root) if r.description == NO_DESCRIPTION]
+    if root is None:
+        keys += [f"experiment {r.key}" for r in experiment_rows() if r.description == NO_DESCRIPTION]
+    return keys
 
 
 def main() -> int:

@@ -47,8 +47,12 @@ def _row(markdown: str, key: str) -> str:
     return found[0]
 
 
+def _run_config_part(markdown: str) -> str:
+    return markdown.split("## Experiment files")[0]
+
+
 def test_every_field_has_one_row():
-    md = reference_markdown()
+    md = _run_config_part(reference_markdown())
     keys = _leaf_keys(config.Config)
     assert len(keys) > 50
     for key in keys:
@@ -61,7 +65,7 @@ def test_every_field_has_one_row():
 def test_comments_appear_on_their_rows():
     """Read independently of the generator (line by line): a field's trailing comment, and the
     comment lines directly above it, are in that field's row."""
-    md = reference_markdown()
+    md = _run_config_part(reference_markdown())
     checked = 0
     for prefix, cls in _sections():
         hints = typing.get_type_hints(cls)
@@ -157,3 +161,16 @@ def test_a_field_without_a_comment_is_marked(fake_root):
     assert "| `[a, b]` |" in _row(md, "names")
     assert NO_DESCRIPTION in _row(md, "top")  # a blank line separates it from anything above
     assert NO_DESCRIPTION not in _row(md, "inner.described")
+
+
+def test_experiment_keys_have_rows_with_their_comments():
+    """Every key an experiment file takes (experiment.Experiment, nested sections walked) has one
+    row in the experiment section, described."""
+    from dist_secvec.experiment import Experiment
+
+    part = reference_markdown().split("## Experiment files")[1]
+    keys = [k for k in _leaf_keys(Experiment) if k != "source"]
+    for key in keys:
+        row = _row(part, key)
+        assert NO_DESCRIPTION not in row, row
+    assert "smollm2" in _row(part, "world") and "harmful rows hidden" in _row(part, "sweep.n_harmful_ft")
