@@ -80,7 +80,7 @@ def run_eval(cfg: Config, model=None, tokenizer=None) -> dict:
         harmful = _read_sets([ec.responses], "auto", ec, require_response=True)
         header = f"responses: `{ec.responses}` (judge-only, no generation)"
     else:
-        if not ec.harmful_prompts and not ec.benign_tasks:
+        if not ec.harmful_prompts and not ec.benign_tasks and not ec.general_text:
             raise ConfigError("config keys 'eval.harmful_prompts' and 'eval.benign_tasks' are both empty: name "
                               "an eval file, or set eval.responses=FILE.jsonl to judge existing responses")
         harmful = _read_sets(ec.harmful_prompts, ec.harmful_format, ec, require_response=False)
@@ -115,6 +115,9 @@ def run_eval(cfg: Config, model=None, tokenizer=None) -> dict:
     if "utility" in summary:
         u = summary["utility"]
         log.info("utility accuracy (%s): %.1f%% of %d", ec.utility_match, 100 * u["accuracy"], u["n"])
+    if "general_text" in summary:
+        g = summary["general_text"]
+        log.info("general text: loss %.4f, perplexity %.2f over %d tokens", g["loss"], g["perplexity"], g["n_tokens"])
     return summary
 
 
@@ -148,7 +151,27 @@ def score(cfg: Config, model, tokenizer, harmful: list[dict], benign: list[dict]
         summary["judges"][name] = rate_summary(vs, categories)
     if utility is not None:
         summary["utility"] = utility
+    if generate and ec.general_text:
+        summary["general_text"] = _general_text_loss(cfg, model, tokenizer)
     return summary, verdicts
+
+
+def _general_text_loss(cfg: Config, model, tokenizer) -> dict:
+    """eval.general_text: the model's loss on held-out plain text (the vector off, as shipped)."""
+    from dist_secvec.metrics import text_loss
+
+    texts = []
+    for path in cfg.eval.general_text:
+        try:
+            texts += [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"config key 'eval.general_text': cannot read '{path}' ({type(e).__name__}); "
+                            "give UTF-8 text files, one passage per line") from e
+    if not texts:
+        raise DataError(f"config key 'eval.general_text': {', '.join(cfg.eval.general_text)} holds no text")
+    with _vector_state(model, cfg.eval.with_secvec):
+        res = text_loss(model, tokenizer, texts, cfg.data.max_length, batch_size=cfg.eval.batch_size)
+    return {**res, "n_texts": len(texts)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,4 +269,9 @@ def summary_markdown(summary: dict, header: str, match: str) -> str:
         lines += ["## Utility", "", f"Benign tasks, answer matched by '{match}' (case and whitespace "
                   "normalised); loss is the mean cross-entropy of the expected answers.", "",
                   "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols), "| " + " | ".join(vals) + " |", ""]
+    g = summary.get("general_text")
+    if g is not None:
+        lines += ["## General text", "", "Mean cross-entropy over every token of held-out plain text (eval.general_text).",
+                  "", "| texts | tokens | loss | perplexity |", "|---|---|---|---|",
+                  f"| {g['n_texts']} | {g['n_tokens']} | {g['loss']:.4f} | {g['perplexity']:.3f} |", ""]
     return "\n".join(lines)

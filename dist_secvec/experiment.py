@@ -62,8 +62,12 @@ log = logging.getLogger(__name__)
 
 RESULT = "result.json"
 CSV_COLUMNS = ["n_harmful_ft", "vector", "n_harmful_sv", "train_sv", "finetune", "seed", "harmful_rate",
-               "harmful_ci_low", "harmful_ci_high", "utility", "n_eval", "vector_weak", "probe_drop", "run_id"]
+               "harmful_ci_low", "harmful_ci_high", "utility", "general_loss", "n_eval", "vector_weak", "probe_drop",
+               "run_id"]
 STAGE_KEYS = ("train_sv", "finetune")
+# embedded: the demo's tiny world; smollm2: a real model and real harmful prompts, built offline
+# (dist_secvec.worlds.smollm2); None: the model and data files the experiment names
+WORLDS = (None, "embedded", "smollm2")
 
 
 @dataclass
@@ -100,7 +104,9 @@ class Experiment:
     """An experiment file (dist-secvec experiment --config), parsed by the run configs' own rules."""
 
     output_dir: str = ""  # required: where runs, vectors and the results go
-    world: Optional[str] = None  # embedded (the demo's tiny world) | null (a real model: base.model.path, data)
+    # embedded (the demo's tiny world) | smollm2 (SmolLM2-135M-Instruct and Do-Not-Answer, built
+    # offline) | null (your own model and data: base.model.path, data)
+    world: Optional[str] = None
     world_sizes: dict = field(default_factory=dict)  # embedded: WorldSizes fields (n_align_benign, n_eval, ...)
     base: dict = field(default_factory=dict)  # a run config shared by every stage (the keys of any --config file)
     stages: Stages = field(default_factory=Stages)
@@ -181,8 +187,9 @@ def parse_experiment(data: Any, source: Optional[str] = None) -> Experiment:
                None)
     if bad is not None:
         raise ConfigError(f"experiment key 'output_dir': '{bad}' is a file, not a directory; choose another output_dir")
-    if exp.world not in (None, "embedded"):
-        raise ConfigError(f"experiment key 'world': '{exp.world}' is not supported; use 'embedded' or leave it out")
+    if exp.world not in WORLDS:
+        raise ConfigError(f"experiment key 'world': '{exp.world}' is not supported; use 'embedded', 'smollm2' "
+                          "or leave it out")
     # every run-config section must parse as a run config (unknown keys are named there)
     for label, d in [("base", exp.base)] + [(f"stages.{k}", exp.stage(k)) for k in STAGE_KEYS]:
         try:
@@ -207,6 +214,11 @@ def parse_experiment(data: Any, source: Optional[str] = None) -> Experiment:
             setattr(sw, stage, _variants(getattr(sw, stage), stage, exp.stage(stage)))
     if exp.launcher is not None and not exp.launch_command:
         raise ConfigError("experiment key 'launcher': expected a command such as \"launch/deepspeed.sh --gpus 8 --\"")
+    if exp.world == "smollm2":
+        given = [k for k in exp.data_files()] + (["base.model.path"] if (exp.base.get("model") or {}).get("path") else [])
+        if given:
+            raise ConfigError(f"experiment key '{given[0] if given[0].startswith('base.') else 'data.' + given[0]}': "
+                              "world: smollm2 builds its own model and data; leave it out")
     if exp.world is None:
         if not (exp.base.get("model") or {}).get("path"):
             raise ConfigError("experiment key 'base.model.path': required without world: embedded")
@@ -309,6 +321,7 @@ class _Embedded:
         self.data_dir = out / "data"
         self.data = self.world.write(self.data_dir)
         self.base_dir = aligned_base(self.cfg, self.sizes, self.data, self.world.texts(), self.quick)
+        self.measured: dict = {}
         self.identity = {"world": "embedded", "seed": self.cfg.seed, "sizes": self.sizes.__dict__,
                          "base_dir": self.base_dir.name}
 
@@ -351,6 +364,7 @@ class _RealModel:
         self.data_dir = out / "data"
         self.identity = {"world": None, "base": exp.base, "data": exp.data_files()}
         self._pools: dict = {}
+        self.measured: dict = {}
 
     def _pool_prefix(self, key: str, n: int) -> list[dict]:
         from dist_secvec.data import _read_rows
@@ -397,7 +411,24 @@ class _RealModel:
         lo, hi = js["harmful_rate_ci95"]
         u = s.get("utility") or {}
         return {"harmful_rate": js["harmful_rate"], "harmful_ci_low": lo, "harmful_ci_high": hi,
-                "utility": u.get("accuracy"), "n_eval": js["n"], "judge": judge}
+                "utility": u.get("accuracy"), "n_eval": js["n"], "judge": judge,
+                "general_loss": (s.get("general_text") or {}).get("loss")}
+
+
+class _SmolLM2(_RealModel):
+    """SmolLM2-135M-Instruct on Do-Not-Answer: the world's files, data and (aligned) base are built
+    by dist_secvec.worlds.smollm2 from `base.seed`; the runs then go as for any real model."""
+
+    def __init__(self, exp: Experiment, out: Path):
+        from dist_secvec.worlds.smollm2 import prepare
+
+        w = prepare(out, int(exp.base.get("seed", 0)), exp.base)
+        exp = copy.deepcopy(exp)
+        exp.base = deep_merge(exp.base, {"model": {"path": w["model_dir"]}, "eval": w["eval"]})
+        for k, v in w["data"].items():
+            setattr(exp.data, k, v)
+        super().__init__(exp, out)
+        self.identity, self.measured = w["identity"], w["measured"]
 
 
 def _finetune(cfg):
@@ -469,7 +500,9 @@ def run_experiment(exp: Experiment) -> list[dict]:
          "stages": exp.stages.__dict__, "data": exp.data_files(), "sweep": dataclasses.asdict(exp.sweep),
          "launcher": exp.launcher}, sort_keys=False))
     runs = plan_runs(exp)
-    env = _Embedded(exp, out) if exp.world == "embedded" else _RealModel(exp, out)
+    env = {"embedded": _Embedded, "smollm2": _SmolLM2}.get(exp.world, _RealModel)(exp, out)
+    if env.measured:  # the base before any stage 2: the first row of the paper's table
+        write_text_atomic(out / "base.json", json.dumps(env.measured, indent=2) + "\n")
     common = {"identity": env.identity, "base": exp.base, "stages": {k: v for k, v in exp.stages.__dict__.items() if v}}
     rows, done, vectors = [], 0, {}
     for i, spec in enumerate(runs):
@@ -606,6 +639,11 @@ def write_results(out: Path, rows: list[dict]) -> None:
         lines.append(f"| {a['setting']} | {a['n_harmful_ft']} | {a['n_seeds']} | {pct(a['harmful_mean'])} ± "
                      f"{pct(a['harmful_std'])} [{pct(a['harmful_min'])}-{pct(a['harmful_max'])}] | "
                      f"{pct(a['utility_mean'])} ± {pct(a['utility_std'])} | {a['n_eval']} |")
+    if (out / "base.json").is_file():
+        b = json.loads((out / "base.json").read_text())
+        lines += ["", f"Before stage 2, the shipped model answered {pct(b['shipped_harmful_rate'])} of the held-out "
+                  "harmful prompts harmfully" + (f"; the aligned base every run starts from, {pct(b['aligned_harmful_rate'])}."
+                                                 if b.get("aligned") else " (the base every run starts from).")]
     write_text_atomic(out / "results.md", "\n".join(lines) + "\n")
     plot_results(out / "results.png", agg)
     plot_watch(out / "watch.png", out, rows)

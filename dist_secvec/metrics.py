@@ -150,3 +150,17 @@ def benign_loss(model, tokenizer, samples, data_cfg, batch_size: int = 8) -> dic
     examples = tokenize_samples(tokenizer, samples, cfg).examples
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return mean_loss(model, (collate(b, pad) for b in batches(examples, batch_size, shuffle=False)))
+
+
+def text_loss(model, tokenizer, texts: Sequence[str], max_length: int, batch_size: int = 8) -> dict:
+    """Mean loss / perplexity over every token of plain texts (no template, nothing masked), each
+    cut to `max_length` tokens."""
+    from dist_secvec.data import batches, collate
+
+    examples = []
+    for t in texts:
+        ids = tokenizer(t, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"]
+        if len(ids) > 1:
+            examples.append({"input_ids": ids, "labels": list(ids)})
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return mean_loss(model, (collate(b, pad) for b in batches(examples, batch_size, shuffle=False)))

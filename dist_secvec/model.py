@@ -155,11 +155,12 @@ def gguf_model_dir(gguf_file: str) -> Path:
 
         log.info("converting GGUF checkpoint %s to a safetensors model directory in %s (once)", src, out)
         try:
-            tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
-            # dequantize: a plain dense model, which ZeRO, LoRA and the vector's layers expect
-            model = AutoModelForCausalLM.from_pretrained(
-                str(src.parent), gguf_file=src.name, dtype=torch.float32,
-                quantization_config=GgufConfig(gguf_file=str(src), dequantize=True))
+            with _gguf_bar_off():
+                tok = AutoTokenizer.from_pretrained(str(src.parent), gguf_file=src.name)
+                # dequantize: a plain dense model, which ZeRO, LoRA and the vector's layers expect
+                model = AutoModelForCausalLM.from_pretrained(
+                    str(src.parent), gguf_file=src.name, dtype=torch.float32,
+                    quantization_config=GgufConfig(gguf_file=str(src), dequantize=True))
         except Exception as e:
             raise UserError(f"config key 'model.gguf_file': cannot load GGUF checkpoint '{gguf_file}' "
                             f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}); transformers "
@@ -174,6 +175,23 @@ def gguf_model_dir(gguf_file: str) -> Path:
                 {"gguf_file": str(src), "sha256": digest, "size": src.stat().st_size,
                  "conversion": GGUF_VERSION}, indent=1) + "\n")
     return out
+
+
+def _gguf_bar_off():
+    """transformers' GGUF reader draws its own tqdm bar, which no progress switch reaches: off
+    except on rank 0's terminal, so a redirected log gets no redraws."""
+    import contextlib
+    import functools
+    from unittest import mock
+
+    from dist_secvec.runtime import is_main, stderr_is_terminal
+
+    if is_main() and stderr_is_terminal():
+        return contextlib.nullcontext()
+    import transformers.modeling_gguf_pytorch_utils as reader
+    from tqdm.auto import tqdm
+
+    return mock.patch.object(reader, "tqdm", functools.partial(tqdm, disable=True))
 
 
 def resolve_gguf(cfg: ModelConfig) -> None:

@@ -87,7 +87,7 @@ def tiny_gguf(tmp_path_factory) -> Path:
     return write_tiny_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
 
 
-def test_converted_once_and_loads_as_the_gguf_does(tiny_gguf, cache, caplog):
+def test_converted_once_and_loads_as_the_gguf_does(tiny_gguf, cache, caplog, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from dist_secvec.model import check_model_dir, gguf_model_dir, load_model, load_tokenizer
@@ -96,6 +96,7 @@ def test_converted_once_and_loads_as_the_gguf_does(tiny_gguf, cache, caplog):
     with caplog.at_level(logging.INFO, logger="dist_secvec.model"):
         out = gguf_model_dir(str(tiny_gguf))
     assert out.parent == cache / "gguf" and any("converting GGUF" in r.message for r in caplog.records)
+    assert "GGUF tensors" not in capsys.readouterr().err  # the reader's own bar: not off a terminal
     check_model_dir(str(out))  # safetensors weights, config.json: an ordinary model directory
     source = json.loads((out / "gguf_source.json").read_text())
     assert source["gguf_file"] == str(tiny_gguf) and len(source["sha256"]) == 64
