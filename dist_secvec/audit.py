@@ -329,7 +329,7 @@ def run_audit(cfg: Config) -> dict:
 
     t0 = time.time()
     # everything that can be refused is, before the model loads
-    rows = load_samples(cfg.data.train, cfg.data.format, cfg.data.split, cfg.data.max_samples)
+    rows = load_samples(cfg.data.train, cfg.data, cfg.data.split, cfg.data.max_samples)
     sv = load_security_vector(cfg.security_vector.path)
     threshold = resolve_threshold(cfg, sv)
     if runtime.world_size() > 1:

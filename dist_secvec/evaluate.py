@@ -9,7 +9,8 @@ Two modes:
   responses.jsonl) is judged as is; no model is loaded.
 
 Writes to output_dir, each file atomically (files.write_text_atomic):
-    responses.jsonl  one row per harmful prompt: prompt, response, category, verdicts {judge: bool}
+    responses.jsonl  one row per harmful prompt: prompt, response, category, harmful {judge: bool}
+                     (true: that judge calls the response harmful compliance)
                      (the same shape eval.responses reads, so a run can be re-judged)
     utility.jsonl    one row per benign task: prompt, response, expected, correct
     summary.json     {"judges": {name: {n, harmful_rate, harmful_rate_ci95[, per_category]}},
@@ -98,7 +99,7 @@ def run_eval(cfg: Config, model=None, tokenizer=None) -> dict:
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         per_example = [{"prompt": r["prompt"], "response": r["response"], "category": r.get("category"),
-                        "verdicts": {name: vs[i] for name, vs in verdicts.items()}}
+                        "harmful": {name: vs[i] for name, vs in verdicts.items()}}
                        for i, r in enumerate(harmful)]
         write_text_atomic(out / "responses.jsonl", _jsonl(per_example))
         if benign:
@@ -184,7 +185,9 @@ def _load(cfg: Config, model, tokenizer):
     from dist_secvec.model import load_model, load_tokenizer
 
     if tokenizer is None:
-        tokenizer = load_tokenizer(cfg.model)
+        from dist_secvec.data import prepare_tokenizer
+
+        tokenizer = prepare_tokenizer(load_tokenizer(cfg.model), cfg.data)  # data.chat_template, as in training
     if model is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         model = load_model(cfg.model, device=device)
@@ -216,7 +219,7 @@ def _generate(cfg: Config, model, tokenizer, rows: list[dict], desc: str) -> lis
     from dist_secvec.generation import generate
 
     ec = cfg.eval
-    return generate(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=ec.max_new_tokens,
+    return generate(model, tokenizer, [r.get("messages") or r["prompt"] for r in rows], max_new_tokens=ec.max_new_tokens,
                     batch_size=ec.batch_size, do_sample=ec.do_sample, temperature=ec.temperature,
                     top_p=ec.top_p, seed=cfg.seed if ec.do_sample else None, template=cfg.data.template,
                     plain_template=cfg.data.plain_template, progress=cfg.logging.progress, desc=desc)
@@ -226,7 +229,7 @@ def _benign_loss(cfg: Config, model, tokenizer, rows: list[dict]) -> dict:
     from dist_secvec.data import Sample
     from dist_secvec.metrics import benign_loss
 
-    samples = [Sample([{"role": "user", "content": r["prompt"]}], r["expected"], r["_source"], r["_row"])
+    samples = [Sample(r.get("messages") or [{"role": "user", "content": r["prompt"]}], r["expected"], r["_source"], r["_row"])
                for r in rows]
     res = benign_loss(model, tokenizer, samples, cfg.data, batch_size=cfg.eval.batch_size)
     return {"loss": res["loss"], "perplexity": res["perplexity"]}

@@ -13,8 +13,14 @@ Formats (`fmt`, or detected from the file with fmt="auto"):
                      is the file name without "category_" (category_3.csv -> "3",
                      3_hate_harass_violence.csv -> "3_hate_harass_violence"). A directory reads
                      every .csv in it.
-    prompt_response  the project's own JSONL (or JSON list, or CSV with a header): prompt,
-                     optional response, optional category (the column named by `category_field`).
+    txt              one prompt per line (blank lines skipped).
+    prompt_response, alpaca, chat, sharegpt, prompt_completion
+                     the training row shapes, read by the same parser (dist_secvec.data): JSONL,
+                     JSON list, CSV, Parquet, Arrow or a save_to_disk directory. The prompt is the
+                     last user turn; with earlier turns (or a system turn) the row also carries
+                     "messages", the whole conversation before the answer, which generation
+                     renders. A final assistant turn is the row's `response`. Optional category
+                     in the column named by `category_field`.
 Files may be gzip/xz compressed (.gz/.xz). Errors are DataError naming the file and line.
 """
 
@@ -30,8 +36,10 @@ from typing import Optional
 
 from dist_secvec.errors import DataError
 
-FORMATS = ("advbench", "beavertails", "hexphi", "prompt_response")
-TEXT_EXTENSIONS = (".csv", ".jsonl", ".json")
+SHAPES = ("prompt_response", "alpaca", "chat", "sharegpt", "prompt_completion")  # dist_secvec.data's row shapes
+FORMATS = ("advbench", "beavertails", "hexphi", "txt") + SHAPES
+TEXT_EXTENSIONS = (".csv", ".jsonl", ".json")  # what a directory of eval files is read for
+TABLE_EXTENSIONS = (".parquet", ".arrow")
 
 
 def _open_text(path: str) -> str:
@@ -184,34 +192,69 @@ def _read_beavertails(path: str, text: str) -> list[tuple[str, dict]]:
     return out
 
 
-def _read_prompt_response(path: str, text: str, category_field: str) -> list[tuple[str, dict]]:
+def _read_txt(path: str, text: str) -> list[tuple[str, dict]]:
+    return [(f"line {i}", {"prompt": line.strip()}) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def _own_rows(path: str, text: Optional[str]) -> tuple[str, list[str], list[tuple[int, dict]]]:
+    """(the unit rows are counted in, columns, [(number, row)]) of a file in a training row shape."""
+    from dist_secvec.data import _read_rows
+
+    if text is None:  # Parquet, Arrow, a saved dataset: read as training files are
+        columns, rows = _read_rows(path, "train")
+        return "row", columns, rows
     if _extension(path) == ".csv":
-        rows = _csv_rows(path, text)
-        if not rows:
-            return []
-        header = [c.strip().lower() for c in rows[0][1]]
-        if "prompt" not in header:
-            raise DataError(f"eval file '{path}' line 1: a prompt/response CSV needs a header with a "
-                            f"'prompt' column, got {header}")
-        objs = []
-        for line, rec in rows[1:]:
+        records = _csv_rows(path, text)
+        if not records:
+            return "line", [], []
+        header = [c.strip().lower() for c in records[0][1]]
+        rows = []
+        for line, rec in records[1:]:
             if len(rec) != len(header):
                 raise DataError(f"eval file '{path}' line {line}: expected {len(header)} fields "
                                 f"({', '.join(header)}), got {len(rec)}; quote fields that contain commas")
-            objs.append((f"line {line}", dict(zip(header, rec))))
-    else:
-        objs = _json_rows(path, text)
+            rows.append((line, dict(zip(header, rec))))
+        return "line", header, rows
+    objs = _json_rows(path, text)
+    unit = objs[0][0].split()[0] if objs else "line"
+    columns: dict = {}
+    for _, obj in objs:
+        columns.update(dict.fromkeys(obj))
+    return unit, list(columns), [(int(where.split()[1]), obj) for where, obj in objs]
+
+
+def _read_shape(path: str, text: Optional[str], fmt: str, category_field: str,
+                require_response: bool) -> tuple[str, list[tuple[str, dict]]]:
+    """Rows of a training row shape as eval rows: {"prompt": the last user turn[, "messages": the
+    conversation before the answer][, "response"][, "category"]}."""
+    from dist_secvec.data import parse_rows
+
+    unit, columns, rows = _own_rows(path, text)
+    if not rows:
+        return fmt if fmt != "auto" else "prompt_response", []
+    where = lambda i: f"eval file '{path}' {unit} {i}"  # noqa: E731
+    shape, samples = parse_rows(columns, rows, path, fmt, require_response=False, where=where)
+    if shape == "text":
+        raise DataError(f"eval file '{path}': text rows have no prompt to answer; give prompts (a .txt file "
+                        "with one per line, prompt rows or chat rows)")
     out = []
-    for where, obj in objs:
-        row = {"prompt": _string(obj.get("prompt"), "prompt", path, where)}
-        response = _string(obj.get("response"), "response", path, where, required=False)
-        if response is not None:
-            row["response"] = response
-        category = _category(obj.get(category_field), category_field, path, where)
+    for (i, raw), s in zip(rows, samples):
+        if s.tools:
+            raise DataError(f"{where(i)}: 'tools' are not passed to generation; remove the column")
+        has_answer = (raw.get("response") is not None) if shape == "prompt_response" else bool(
+            s.response or s.final)
+        if require_response and not has_answer:
+            raise DataError(f"{where(i)}: needs a 'response' field here (the final assistant turn; read as {shape})")
+        row = {"prompt": s.prompt}
+        if len(s.messages) > 1:
+            row["messages"] = s.messages
+        if has_answer:
+            row["response"] = s.response
+        category = _category(raw.get(category_field), category_field, path, f"{unit} {i}")
         if category is not None:
             row["category"] = category
-        out.append((where, row))
-    return out
+        out.append((f"{unit} {i}", row))
+    return shape, out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,17 +268,20 @@ def detect_format(path: str, text: str) -> str:
         header = [c.strip().lower() for c in rows[0][1]] if rows else []
         if "goal" in header:
             return "advbench"
-        if "prompt" in header:
-            return "prompt_response"
+        if {"prompt", "instruction", "messages", "conversations", "text"} & set(header):
+            return "auto"  # a training row shape, detected from its columns
         return "hexphi"
     if ext in (".jsonl", ".json"):
         rows = _json_rows(path, text)
         first = rows[0][1] if rows else {}
         if "is_safe" in first or isinstance(first.get("category"), dict):
             return "beavertails"
-        return "prompt_response"
+        return "auto"  # a training row shape, detected from its columns
+    if ext == ".txt":
+        return "txt"
     raise DataError(f"eval file '{path}': unsupported extension '{ext or os.path.basename(path)}' "
-                    f"(use one of {', '.join(TEXT_EXTENSIONS)}, optionally .gz/.xz)")
+                    f"(use one of {', '.join(TEXT_EXTENSIONS + ('.txt',) + TABLE_EXTENSIONS)}, optionally .gz/.xz "
+                    "for text, or a save_to_disk directory)")
 
 
 def read_eval_set(path: str, fmt: str = "auto", category_field: str = "category",
@@ -248,6 +294,14 @@ def read_eval_set(path: str, fmt: str = "auto", category_field: str = "category"
     if fmt != "auto" and fmt not in FORMATS:
         raise DataError(f"eval file '{path}': unknown format '{fmt}' (allowed: auto, {', '.join(FORMATS)})")
     full = os.path.expanduser(path)
+    from dist_secvec.data import is_dataset_dir
+
+    if is_dataset_dir(full) or (os.path.isfile(full) and _extension(full) in TABLE_EXTENSIONS):
+        if fmt not in ("auto",) + SHAPES:
+            raise DataError(f"eval file '{path}': format '{fmt}' is read from text files; this is a table "
+                            f"(read as one of {', '.join(SHAPES)})")
+        file_fmt, rows = _read_shape(path, None, fmt, category_field, require_response)
+        return [row for _, row in rows]
     if os.path.isdir(full):
         files = sorted(os.path.join(full, n) for n in os.listdir(full)
                        if _extension(n) in TEXT_EXTENSIONS and not n.startswith("."))
@@ -266,8 +320,10 @@ def read_eval_set(path: str, fmt: str = "auto", category_field: str = "category"
         rows = _read_hexphi(path, text)
     elif file_fmt == "beavertails":
         rows = _read_beavertails(path, text)
+    elif file_fmt == "txt":
+        rows = _read_txt(path, text)
     else:
-        rows = _read_prompt_response(path, text, category_field)
+        file_fmt, rows = _read_shape(path, text, file_fmt, category_field, require_response)
     if not rows:
         raise DataError(f"eval file '{path}': no rows found (read as {file_fmt})")
     if require_response:

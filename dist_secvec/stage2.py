@@ -236,7 +236,7 @@ def setup_stage2(cfg: Config, *, monitor: bool = False, tok=None, train: Optiona
     device = pick_device()
     rows = None
     if train is None:  # bad rows: before any load
-        rows = load_samples(cfg.data.train, cfg.data.format, cfg.data.split, cfg.data.max_samples)
+        rows = load_samples(cfg.data.train, cfg.data, cfg.data.split, cfg.data.max_samples)
     audit_rows = audit_threshold = None
     sv = None
     if cfg.security_vector.path:  # files, hashes and shape checked before the model loads
@@ -410,7 +410,7 @@ def monitor_rows(cfg: Config) -> tuple[list, list]:
     if not probe_files and cfg.security_vector.path and sv_probe.is_file():
         probe_files = [str(sv_probe)]
     probe = load_samples(probe_files, "auto")[: cfg.monitor.max_rows] if probe_files else []
-    evalrows = load_samples(cfg.data.eval, cfg.data.format, cfg.data.split, cfg.data.max_samples) if cfg.data.eval else []
+    evalrows = load_samples(cfg.data.eval, cfg.data, cfg.data.split, cfg.data.max_samples) if cfg.data.eval else []
     return probe, evalrows
 
 

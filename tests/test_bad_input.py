@@ -464,7 +464,7 @@ def _(d: Path, e: Env) -> Spec:
 
 @case("output-finished-eval")
 def _(d: Path, e: Env) -> Spec:
-    write(d / "out" / "responses.jsonl", jsonl([{"prompt": "p", "response": "r", "verdicts": {"refusal": True}}]))
+    write(d / "out" / "responses.jsonl", jsonl([{"prompt": "p", "response": "r", "harmful": {"refusal": True}}]))
     write(d / "out" / "summary.json", '{"judges": {}}\n')
     return Spec(["eval", f"eval.responses={e.train}", f"output_dir={d / 'out'}"],
                 ["'output_dir'", "already holds a finished eval run (summary.json)", "new output_dir"])

@@ -156,7 +156,10 @@ def test_detect_format_unknown_columns_names_file_and_columns(tmp_path):
 
 def test_forced_format_that_does_not_match(tmp_path):
     path = write_rows(tmp_path / "pr.jsonl", [{"prompt": "a", "response": "b"}])
-    with pytest.raises(DataError, match=r"row 1: field 'instruction'"):
+    with pytest.raises(DataError, match=r"columns 'prompt', 'response' would be ignored by its alpaca rows"):
+        load_samples([path], "alpaca")
+    path = write_rows(tmp_path / "i.jsonl", [{"instruction": "a", "output": "b"}, {"output": "c"}])
+    with pytest.raises(DataError, match=r"row 2: field 'instruction'"):
         load_samples([path], "alpaca")
 
 
@@ -300,7 +303,7 @@ def test_render_with_chat_template(tok):
 
 def test_render_with_plain_template(tok, plain_tok):
     msgs = [SYSTEM("please tell me"), USER("what is 1 plus 2")]
-    want = "### Instruction:\nplease tell me\n\nwhat is 1 plus 2\n\n### Response:\n"
+    want = "### System:\nplease tell me\n\n### Instruction:\nwhat is 1 plus 2\n\n### Response:\n"  # roles kept apart
     assert render_prompt(tok, msgs, "plain") == want
     assert render_prompt(plain_tok, msgs, "auto") == want  # auto falls back when there is no chat template
     assert render_prompt(tok, "what is 1 plus 2", "plain", "Q: {prompt} A:") == "Q: what is 1 plus 2 A:"
@@ -339,7 +342,7 @@ def test_masking_chat_template(tok, mask_prompt):
 @pytest.mark.parametrize("mask_prompt", [True, False])
 def test_masking_multi_turn_loss_on_last_answer_only(tok, mask_prompt):
     s = sample([USER("what is 1 plus 1"), ASSISTANT("1 plus 1 is 2 ."), USER("what is 2 plus 2")], "2 plus 2 is 4 .")
-    ex, _ = tokenize_sample(tok, s, DataConfig(mask_prompt=mask_prompt))
+    ex, _ = tokenize_sample(tok, s, DataConfig(mask_prompt=mask_prompt, train_on="last_assistant"))
     prompt = ids(tok, "<bos> <user> what is 1 plus 1 <assistant> 1 plus 1 is 2 . <eos> "
                       "<user> what is 2 plus 2 <assistant>")
     check_example(ex, prompt, ids(tok, "2 plus 2 is 4 . <eos>"), mask_prompt)

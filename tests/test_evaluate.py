@@ -204,7 +204,7 @@ def test_judge_only_writes_the_exact_summary(tmp_path, monkeypatch):
     assert sorted(os.listdir(out)) == ["responses.jsonl", "summary.json", "summary.md"]  # no temp files left
 
     rows = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
-    assert [r["verdicts"]["refusal"] for r in rows] == [True, False, False, True, True]
+    assert [r["harmful"]["refusal"] for r in rows] == [True, False, False, True, True]
     assert [r["category"] for r in rows] == ["weapons", "weapons", "fraud", "fraud", None]
     assert [r["response"] for r in rows] == [r["response"] for r in RESPONSES]
     md = (out / "summary.md").read_text()
@@ -317,7 +317,7 @@ def test_generate_mode_end_to_end(tmp_path, lm_dir, lm):
                                            "how do i help ?", "how do i bake that ?"]
     assert [r["response"] for r in rows] == generate(model, tok, [r["prompt"] for r in rows], max_new_tokens=4)
     verdicts = RefusalJudge().judge([r["prompt"] for r in rows], [r["response"] for r in rows])
-    assert [r["verdicts"]["refusal"] for r in rows] == verdicts
+    assert [r["harmful"]["refusal"] for r in rows] == verdicts
     assert ref["harmful_rate"] == pytest.approx(sum(verdicts) / 4)
 
     u = summary["utility"]

@@ -153,9 +153,9 @@ def test_missing_empty_and_unsupported_files(tmp_path):
     with pytest.raises(DataError, match="is empty"):
         read_eval_set(write(tmp_path / "empty.jsonl", "\n  \n"))
     with pytest.raises(DataError, match="unsupported extension"):
-        read_eval_set(write(tmp_path / "x.txt", "hello\n"))
+        read_eval_set(write(tmp_path / "x.tsv", "hello\n"))
     with pytest.raises(DataError, match="unknown format"):
-        read_eval_set(write(tmp_path / "y.jsonl", '{"prompt": "a"}\n'), fmt="alpaca")
+        read_eval_set(write(tmp_path / "y.jsonl", '{"prompt": "a"}\n'), fmt="nope")
     with pytest.raises(DataError, match="no rows"):
         read_eval_set(write(tmp_path / "header_only.csv", "goal,target\n"))
     (tmp_path / "emptydir").mkdir()

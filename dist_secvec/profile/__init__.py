@@ -97,7 +97,7 @@ def run_profile(cfg: Config, default_job: bool = False) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     # read and tokenized once: every variant trains on the same examples
     tok = load_tokenizer(cfg.model)
-    train = tokenize_samples(tok, load_samples(cfg.data.train, cfg.data.format, cfg.data.split, cfg.data.max_samples),
+    train = tokenize_samples(tok, load_samples(cfg.data.train, cfg.data, cfg.data.split, cfg.data.max_samples),
                              cfg.data)
     if not train.examples:
         raise UserError("profile: no training examples left after tokenization")
