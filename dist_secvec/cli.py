@@ -6,6 +6,7 @@
     dist-secvec eval      --config FILE [key.sub=value ...]   generate (vector off) and judge
     dist-secvec export    --config FILE [key.sub=value ...]   write the model without the vector
     dist-secvec audit     --config FILE [key.sub=value ...]   flag the rows the vector explains
+    dist-secvec recipes   [copy NAME [DEST]]                  list the shipped recipes, or copy one out
 
 Config errors end in one line and exit code 2 before anything heavy is imported. The deepspeed
 launcher's --local_rank=N is accepted (the rank itself comes from the environment).
@@ -34,6 +35,9 @@ COMMANDS = {
                   "configs/experiments/*.yaml; results.csv/.md/.png",
 }
 
+RECIPES_HELP = ("list the recipes shipped with the package (configs/), or copy one with the DeepSpeed JSONs it "
+                "names into a directory")
+
 # under a launcher with several ranks these run on rank 0 alone (the others exit 0 at once):
 # stage 1 trains on ~100 samples, and eval and export read a finished, whole model
 ONE_RANK_COMMANDS = ("train-sv", "eval", "export")
@@ -56,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "profile":
             p.add_argument("--steps", type=int, default=None, help="measured steps (profile.steps)")
             p.add_argument("--warmup", type=int, default=None, help="unmeasured warmup steps (profile.warmup)")
+    # no config of its own: positional words, not overrides
+    p = sub.add_parser("recipes", help=RECIPES_HELP, description=RECIPES_HELP)
+    p.add_argument("words", nargs="*", metavar="copy NAME [DEST]",
+                   help="copy recipe NAME (and the DeepSpeed JSONs it names) into DEST (default: the cwd)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(overrides=[], config=None)
     return parser
 
 
@@ -63,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # overrides may sit on both sides of a flag (`profile output_dir=X --steps 3 optim.lr=1e-4`)
     args, extra = parser.parse_known_args(argv)
-    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or args.command == "recipes"]
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     args.overrides = list(args.overrides) + extra
@@ -158,6 +169,16 @@ def _run(args) -> int:
     from dist_secvec.runtime import library_progress
 
     library_progress(True)  # off a terminal none, for every command (profile and experiment return below)
+    if not args.debug:
+        import warnings
+
+        # peft asks transformers' deprecated is_gradient_checkpointing on every LoRA wrap (stage 1,
+        # QLoRA): a library's note to itself, not something the user can act on
+        warnings.filterwarnings("ignore", message=r".*`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    if args.command == "recipes":
+        from dist_secvec.recipes import main as recipes_main
+
+        return recipes_main(args.words[0] if args.words else None, args.words[1:])
     if args.command == "demo":
         from dist_secvec.demo.run import demo_defaults
 
@@ -179,12 +200,6 @@ def _run(args) -> int:
     from dist_secvec.runtime import rank, setup_logging, world_size
 
     setup_logging("debug" if args.debug else cfg.logging.level)
-    if not args.debug:
-        import warnings
-
-        # peft asks transformers' deprecated is_gradient_checkpointing on every LoRA wrap (stage 1,
-        # QLoRA): a library's note to itself, not something the user can act on
-        warnings.filterwarnings("ignore", message=r".*`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     library_progress(cfg.logging.progress)
     log = logging.getLogger("dist_secvec")
     if args.command in ONE_RANK_COMMANDS and world_size() > 1 and rank() != 0:

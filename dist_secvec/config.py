@@ -25,7 +25,7 @@ from dist_secvec.errors import ConfigError
 # The projections of Llama-style blocks: all attention and MLP linears.
 ALL_LINEAR_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULT_SV_RANK = 8  # stage 1's vector rank when security_vector.rank is not set
-DATA_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet")
+DATA_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet", ".arrow", ".txt")
 
 
 @dataclass
@@ -42,19 +42,27 @@ class ModelConfig:
     double_quant: bool = True  # 4-bit: quantize the quantization constants too (bitsandbytes double quant)
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory, ~30% more compute)
     trust_remote_code: bool = False  # let transformers run the model directory's own modelling code
+    # the attention kernel from_pretrained gets: auto (transformers' choice, sdpa where the model has
+    # it) | eager | sdpa | flash_attention_2 (needs the flash_attn package, a CUDA GPU and a 16-bit
+    attn_implementation: str = "auto"  # model.dtype); the run info records the one used
 
 
 @dataclass
 class DataConfig:
-    train: list[str] = field(default_factory=list)  # local JSON/JSONL/CSV/Parquet files or hub names
+    train: list[str] = field(default_factory=list)  # local JSON/JSONL/CSV/Parquet/Arrow files, save_to_disk directories or hub names
     # stage 2: rows whose loss (vector off and on) is logged at each monitor check
     eval: list[str] = field(default_factory=list)
     split: str = "train"  # split of a hub dataset
-    format: str = "auto"  # auto | prompt_response | alpaca | chat
+    format: str = "auto"  # auto | prompt_response | alpaca | chat | sharegpt | prompt_completion | text
+    # field -> the column (or message key) holding it in the files, e.g. {prompt: question, response: answer}
+    columns: dict[str, str] = field(default_factory=dict)
+    roles: dict[str, str] = field(default_factory=dict)  # role name in the files -> system | user | assistant | tool
+    train_on: str = "all_assistant"  # loss on: all_assistant (every assistant turn) | last_assistant | all (every token)
     template: str = "auto"  # auto (tokenizer's chat template when it has one) | chat | plain
-    plain_template: str = "### Instruction:\n{prompt}\n\n### Response:\n"  # template=plain: the text before the response
-    max_length: int = 512  # tokens per row; longer rows are truncated (the response kept) or dropped, and counted
-    mask_prompt: bool = True  # labels -100 on prompt tokens: loss only on the response
+    chat_template: Optional[str] = None  # a Jinja file used instead of the tokenizer's chat template
+    plain_template: str = "### Instruction:\n{prompt}\n\n### Response:\n"  # no chat template: the text before each answer ({prompt}: the user turn)
+    max_length: int = 512  # tokens per row; longer rows lose their end (counted); rows left with no supervised token are dropped
+    mask_prompt: bool = True  # false: loss on every token, as data.train_on=all
     shuffle: bool = True  # shuffle rows every epoch (seeded by `seed`)
     max_samples: Optional[int] = None  # use only the first N training rows
     # stage 2: score every row with the vector off and on before the first step (as
@@ -167,8 +175,10 @@ class EvalConfig:
     temperature: float = 1.0  # sampling temperature (do_sample)
     top_p: float = 1.0  # nucleus sampling (do_sample)
     with_secvec: bool = False  # generate with the vector active (only for diagnosis)
-    harmful_format: str = "auto"  # auto | advbench | beavertails | hexphi | prompt_response
-    benign_format: str = "auto"  # same choices; benign rows need the expected answer in `response`
+    # auto | advbench | beavertails | hexphi | txt (one prompt per line) | a training row shape
+    # (prompt_response, alpaca, chat, sharegpt, prompt_completion: the last user turn is the prompt)
+    harmful_format: str = "auto"
+    benign_format: str = "auto"  # same choices; benign rows need the expected answer (`response`, the final assistant turn)
     category_field: str = "category"  # column holding a row's harm category (own JSONL/CSV)
     max_samples: Optional[int] = None  # first N rows of each eval set
     classifier_path: Optional[str] = None  # local AutoModelForSequenceClassification directory
@@ -222,6 +232,10 @@ class LoggingConfig:
     log_every: int = 10  # optimizer steps between log lines and train_log.jsonl entries
     progress: bool = True  # rank 0: a live bar on a terminal, else a log line per ~10% (or minute)
     level: str = "info"  # debug | info | warning
+    # experiment trackers that also get every train_log record (rank 0; train-sv and finetune):
+    # tensorboard (event files in output_dir/tensorboard) | wandb (needs the wandb package) | none.
+    report_to: list[str] = field(default_factory=list)  # [] = train_log.jsonl only
+    project: Optional[str] = None  # wandb: the project (None = wandb's default); the run is named after output_dir
 
 
 @dataclass
@@ -285,15 +299,19 @@ CHOICES = {
     "model.quantization": ("none", "nf4", "fp4", "int8"),
     "model.compute_dtype": ("float32", "bfloat16", "float16"),
     "model.quant_storage": ("float32", "bfloat16", "float16", "uint8"),
-    "data.format": ("auto", "prompt_response", "alpaca", "chat"),
+    "model.attn_implementation": ("auto", "eager", "sdpa", "flash_attention_2"),
+    "data.format": ("auto", "prompt_response", "alpaca", "chat", "sharegpt", "prompt_completion", "text"),
+    "data.train_on": ("all_assistant", "last_assistant", "all"),
     "data.template": ("auto", "chat", "plain"),
     "data.audit": ("off", "report", "drop", "downweight"),
     "security_vector.backend": ("auto", "torch", "triton"),
     "adapter.type": ("none", "lora"),
     "optim.schedule": ("constant", "linear", "cosine"),
     "optim.nonfinite": ("stop", "skip"),
-    "eval.harmful_format": ("auto", "advbench", "beavertails", "hexphi", "prompt_response"),
-    "eval.benign_format": ("auto", "advbench", "beavertails", "hexphi", "prompt_response"),
+    "eval.harmful_format": ("auto", "advbench", "beavertails", "hexphi", "prompt_response", "alpaca", "chat",
+                            "sharegpt", "prompt_completion", "txt"),
+    "eval.benign_format": ("auto", "advbench", "beavertails", "hexphi", "prompt_response", "alpaca", "chat",
+                           "sharegpt", "prompt_completion", "txt"),
     "eval.utility_match": ("exact", "contains", "choice"),
     "export.dtype": ("float32", "bfloat16", "float16"),
     "logging.level": ("debug", "info", "warning", "error"),
@@ -592,9 +610,11 @@ def validate(cfg: Config, command: str) -> Config:
     if ds.zero_stage is not None and ds.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"config key 'deepspeed.zero_stage': {ds.zero_stage} is not one of 0, 1, 2, 3")
     if isinstance(ds.config, str):
-        _check_files("deepspeed.config", [ds.config], "DeepSpeed JSON")
-        if not os.path.exists(ds.config):
-            raise ConfigError(f"config key 'deepspeed.config': DeepSpeed JSON '{ds.config}' not found")
+        found = resolve_recipe_file(ds.config, cfg.source)
+        if found is None:
+            raise ConfigError(f"config key 'deepspeed.config': DeepSpeed JSON '{ds.config}' not found (looked in the "
+                              "current directory, next to the recipe and in the shipped configs/): fix the path")
+        ds.config = found  # absolute: config.yaml names the file the run read, wherever it is rerun from
     elif ds.config is not None and not isinstance(ds.config, dict):
         raise ConfigError("config key 'deepspeed.config': expected a path to a JSON file or an inline mapping")
 
@@ -610,6 +630,9 @@ def validate(cfg: Config, command: str) -> Config:
                           "weights; set model.quant_storage=bfloat16")
 
     _check_audit(cfg, command)
+    _check_tracking(cfg)
+    if command != "export":  # export only merges weights: no attention runs
+        _check_attention(cfg)
     if command in ("train-sv", "finetune", "eval", "profile", "audit"):
         needs_model = command != "eval" or cfg.eval.responses is None
         if cfg.model.gguf_file:
@@ -656,6 +679,74 @@ def validate(cfg: Config, command: str) -> Config:
     if command in ("train-sv", "finetune", "profile"):
         return resolve_stage_defaults(cfg, command)
     return cfg
+
+
+# where the shipped recipes and DeepSpeed JSONs live inside the package (`configs/` in the repository)
+PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def resolve_recipe_file(name: str, source: Optional[str]) -> Optional[str]:
+    """The absolute path of a file a recipe names (deepspeed.config), or None when it is nowhere.
+
+    A relative name that does not exist relative to the current directory is looked up next to the
+    recipe file (`source`), then in the package's configs directory (`configs/ds_zero3.json` or
+    `ds_zero3.json`), so a shipped or copied recipe runs from any directory."""
+    path = os.path.expanduser(name)
+    if os.path.isabs(path):
+        return path if os.path.isfile(path) else None
+    candidates = [Path(path)]
+    if source:
+        candidates.append(Path(os.path.expanduser(source)).absolute().parent / path)
+    parts = Path(path).parts
+    candidates.append(PACKAGE_CONFIGS.joinpath(*parts[1:]) if len(parts) > 1 and parts[0] == "configs"
+                      else PACKAGE_CONFIGS / path)
+    for c in candidates:
+        if c.is_file():
+            return os.path.abspath(c)
+    return None
+
+
+TRACKERS = ("tensorboard", "wandb", "none")
+
+
+def _check_tracking(cfg: Config) -> None:
+    """logging.report_to names known trackers whose package is importable (checked without importing it)."""
+    import importlib.util
+
+    names = cfg.logging.report_to
+    for name in names:
+        if name not in TRACKERS:
+            raise ConfigError(f"config key 'logging.report_to': {name!r} is not one of {', '.join(TRACKERS)}")
+    if "none" in names and len(set(names)) > 1:
+        raise ConfigError(f"config key 'logging.report_to': 'none' cannot go with a tracker ({names}); write [] "
+                          "for none, or only the trackers")
+    if cfg.logging.project is not None and "wandb" not in names:
+        raise ConfigError("config key 'logging.project': names a wandb project, but logging.report_to has no wandb; "
+                          "add wandb to logging.report_to or remove logging.project")
+    for name, pip in (("tensorboard", "tensorboard"), ("wandb", "wandb")):
+        if name in names and importlib.util.find_spec(name) is None:
+            raise ConfigError(f"config key 'logging.report_to': {name} needs the {name} package, which is not "
+                              f"installed (pip install {pip}); install it or remove {name} from the list")
+
+
+def _check_attention(cfg: Config) -> None:
+    """flash_attention_2 only where it can run: refused before the model loads instead of deep
+    inside from_pretrained."""
+    if cfg.model.attn_implementation != "flash_attention_2":
+        return
+    import importlib.util
+
+    what = "config key 'model.attn_implementation': flash_attention_2"
+    if importlib.util.find_spec("flash_attn") is None:
+        raise ConfigError(f"{what} needs the flash_attn package, which is not installed (pip install flash-attn "
+                          "--no-build-isolation); use sdpa or auto")
+    import torch  # only here: flash_attn is installed, so torch is too, and CUDA decides
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{what} needs a CUDA GPU and none is visible; use sdpa or auto")
+    if cfg.model.dtype == "float32":
+        raise ConfigError("config keys 'model.attn_implementation=flash_attention_2' and 'model.dtype=float32': "
+                          "flash attention runs in 16 bits only; set model.dtype=bfloat16 (or float16), or use sdpa")
 
 
 def _check_audit(cfg: Config, command: str) -> None:
@@ -713,8 +804,12 @@ def refuse_finished_run(cfg: Config, command: str) -> None:
 
 def refuse_ignored_keys(cfg: Config, command: str) -> None:
     """Keys a CLI command would not act on are refused, not ignored. Stage 1 trains ~100 samples in
-    one process (rank 0 alone under a launcher): no DeepSpeed. (The experiment runner builds its
-    stage-1 configs from a shared base and skips this.)"""
+    one process (rank 0 alone under a launcher): no DeepSpeed. eval, export and audit train nothing:
+    no tracker. (The experiment runner builds its stage configs from a shared base and skips this.)"""
+    tracked = [t for t in cfg.logging.report_to if t != "none"]
+    if tracked and command in ("eval", "export", "audit"):
+        raise ConfigError(f"config key 'logging.report_to': {command} logs no training steps to track; remove "
+                          f"{', '.join(tracked)} (train-sv and finetune report to trackers)")
     if command != "train-sv":
         return
     defaults = DeepSpeedConfig()

@@ -30,16 +30,17 @@ from typing import Any, Optional
 from dist_secvec import runtime
 from dist_secvec.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from dist_secvec.config import Config, save_config
-from dist_secvec.distributed import barrier, gathered, is_partitioned
+from dist_secvec.distributed import all_reduce_sum, barrier, gathered, is_partitioned
 from dist_secvec.errors import SecurityVectorError, Stopped
 from dist_secvec.files import atomic_dir, write_text_atomic
 from dist_secvec.interrupt import StopRequest
 from dist_secvec.manifest import write_manifest
+from dist_secvec.model import attn_implementation
 from dist_secvec.secvec import fold_weight, security_vector_off, unfold_from_disk, unfold_security_vector
 from dist_secvec.stage2 import check_vector_config, fold_choice  # noqa: F401  (cli and tests import them from here)
 from dist_secvec.stage2 import remove_vector, setup_stage2, train_step
 from dist_secvec.strength import HarmProbe
-from dist_secvec.training import append_jsonl
+from dist_secvec.tracking import RunLog
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def _run_finetune(cfg: Config, keep_model: bool, stop: StopRequest) -> FinetuneR
         if cfg.monitor.generate and probe_samples:
             rec["probe_harmful_rate"] = _probe_generate(model, tok, probe_samples, cfg, off)
         if runtime.is_main():
-            append_jsonl(log_path, rec)
+            runlog.write(rec, "watch")
             log.info("step %d/%d watch (vector off): %s", step, steps,
                      ", ".join(f"{k} {v:.4g}" for k, v in rec.items() if k != "step"))
         if not monitor.fired(rec):
@@ -142,11 +143,15 @@ def _run_finetune(cfg: Config, keep_model: bool, stop: StopRequest) -> FinetuneR
     every = cfg.checkpoint.every_steps
     t0 = time.time()
     step = start
-    with stop.training():
+    window = {"tokens": 0.0, "s": 0.0}  # this rank's non-pad input tokens and train-step seconds since the last record
+    with stop.training(), RunLog(log_path, cfg, start, enabled=runtime.is_main()) as runlog:
         if monitor is not None and start == 0:
             watch(0)
         for step in range(start + 1, steps + 1):
+            t_step = time.perf_counter()
             res = train_step(job, micro_batches, step)
+            window["s"] += time.perf_counter() - t_step
+            window["tokens"] += sum(int(b["attention_mask"].sum()) for b in res.batches)
             if res.skipped:
                 log.warning("step %d: non-finite loss or gradient; step skipped (optim.nonfinite=skip)", step)
                 losses.append(float("nan"))
@@ -155,11 +160,17 @@ def _run_finetune(cfg: Config, keep_model: bool, stop: StopRequest) -> FinetuneR
                 losses.append(res.loss)
                 bar.update(1)
                 bar.set_postfix(loss=f"{res.loss:.4f}")
-                if runtime.is_main() and (step % cfg.logging.log_every == 0 or step == steps):
-                    rec = {"step": step, "loss": res.loss, "lr": engine.lr(), "grad_norm": res.grad_norm,
-                           "tokens": int(res.n_tokens), "elapsed_s": round(time.time() - t0, 2)}
-                    append_jsonl(log_path, rec)
-                    log.info("step %d/%d loss %.4f lr %.3g", step, steps, res.loss, rec["lr"])
+                if step % cfg.logging.log_every == 0 or step == steps:
+                    # every rank: the global batch's input tokens (a collective under DeepSpeed)
+                    seen = all_reduce_sum([window["tokens"]])[0]
+                    tps = round(seen / window["s"], 1) if window["s"] > 0 else None
+                    window = {"tokens": 0.0, "s": 0.0}
+                    if runtime.is_main():
+                        rec = {"step": step, "loss": res.loss, "lr": engine.lr(), "grad_norm": res.grad_norm,
+                               "tokens": int(res.n_tokens), "tokens_per_s": tps,
+                               "elapsed_s": round(time.time() - t0, 2)}
+                        runlog.write(rec, "train")
+                        log.info("step %d/%d loss %.4f lr %.3g", step, steps, res.loss, rec["lr"])
             if monitor is not None and (step % every_check == 0 or step == steps):
                 watch(step)
             if (every and (step % every == 0 or step == steps)) or stop.requested(step):
@@ -183,7 +194,7 @@ def _run_finetune(cfg: Config, keep_model: bool, stop: StopRequest) -> FinetuneR
             "base_model": cfg.model.path, "world_size": job.world, "zero_stage": stage, "partition": job.partition,
             "security_vector_mode": "folded" if folded else "attached" if sv_layers else None,
             "security_vector_paths": paths, "security_vector_gate": job.gate_info, "data_audit": job.audit_info,
-            "security_vector_path_choice": job.path_choice}
+            "security_vector_path_choice": job.path_choice, "attn_implementation": attn_implementation(model)}
     final = out / "final"
     state_dict = gathered_state_dict(engine, cfg.adapter.type == "lora")
     if runtime.is_main():

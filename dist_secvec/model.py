@@ -244,6 +244,8 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu", for_trainin
     check_model_dir(cfg.path)
     # weights from safetensors only: a pickle checkpoint can run code when loaded
     kwargs = dict(dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code, use_safetensors=True)
+    if cfg.attn_implementation != "auto":  # auto: transformers picks (sdpa where the model supports it)
+        kwargs["attn_implementation"] = cfg.attn_implementation
     qcfg = quantization_config(cfg)
     if qcfg is not None:
         kwargs["quantization_config"] = qcfg
@@ -267,6 +269,12 @@ def load_model(cfg: ModelConfig, device: str | torch.device = "cpu", for_trainin
     if model.generation_config is not None and model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = model.config.eos_token_id
     return model
+
+
+def attn_implementation(model) -> str | None:
+    """The attention kernel the loaded model runs (what model.attn_implementation=auto chose)."""
+    config = getattr(unwrap_base(model), "config", None)
+    return getattr(config, "_attn_implementation", None)
 
 
 def lora_config(cfg: AdapterConfig | None = None, *, rank: int = 8, alpha: float = 16.0,

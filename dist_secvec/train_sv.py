@@ -29,14 +29,14 @@ import torch
 
 from dist_secvec import runtime
 from dist_secvec.config import ALL_LINEAR_TARGETS, DEFAULT_SV_RANK, Config, resolve_stage_defaults, save_config
-from dist_secvec.data import batches, collate, endless_batches, load_samples, tokenize_samples
+from dist_secvec.data import batches, collate, endless_batches, load_samples, refuse_text_rows, tokenize_samples
 from dist_secvec.files import atomic_dir, write_text_atomic
 from dist_secvec.judges import make_judges
 from dist_secvec.model import load_model, load_tokenizer, lora_config
 from dist_secvec.secvec import PEFT_PREFIX, PROBE_FILE, base_fingerprint, record_file_hashes, save_security_vector
 from dist_secvec.strength import answer_stats, judged_rate, strength_table, weak_reasons, write_probe
-from dist_secvec.training import (append_jsonl, build_optimizer, masked_kl, pick_device, to_device,
-                                  total_steps)
+from dist_secvec.tracking import RunLog
+from dist_secvec.training import build_optimizer, masked_kl, pick_device, to_device, total_steps
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +92,10 @@ def run_train_sv(cfg: Config) -> TrainSVResult:
     device = pick_device()
     out = Path(cfg.output_dir)
     # every file is read (and a bad row reported) before the tokenizer and the model load
-    harmful_rows = load_samples(sv_cfg.harmful_data, cfg.data.format)
-    benign_rows = load_samples(sv_cfg.benign_data, cfg.data.format) if sv_cfg.kl_weight > 0 else None
-    heldout_rows = load_samples(sv_cfg.heldout_benign_data, cfg.data.format) if sv_cfg.heldout_benign_data else None
+    # the same row shapes and data.columns / data.roles as stage 2; the harmful rows are also answered
+    harmful_rows = refuse_text_rows(load_samples(sv_cfg.harmful_data, cfg.data), "security_vector.harmful_data")
+    benign_rows = load_samples(sv_cfg.benign_data, cfg.data) if sv_cfg.kl_weight > 0 else None
+    heldout_rows = load_samples(sv_cfg.heldout_benign_data, cfg.data) if sv_cfg.heldout_benign_data else None
     harmful_rows, probe_rows, probe_source = split_heldout(harmful_rows, cfg)
     judges = make_judges(cfg.eval.judges, cfg.eval)  # an unknown judge fails before the model loads
     tok = load_tokenizer(cfg.model)
@@ -125,6 +126,7 @@ def run_train_sv(cfg: Config) -> TrainSVResult:
     save_config(cfg, out / "config.yaml")
     log_path = out / "train_sv_log.jsonl"
     log_path.write_text("")
+    runlog = RunLog(log_path, cfg)  # one process (rank 0 under a launcher): train_sv_log.jsonl and the trackers
 
     # ---- the training loop: harmful CE + weighted KL on benign tokens; after each epoch the
     # held-out harmful loss with the vector on decides whether to go on (early_stop)
@@ -135,16 +137,20 @@ def run_train_sv(cfg: Config) -> TrainSVResult:
     stale, stopped_by = 0, "max_steps" if cfg.optim.max_steps is not None else "epoch cap"
     bar = runtime.progress(total=steps, desc="train-sv", enabled=cfg.logging.progress, unit="steps")
     t0 = time.time()
+    window = {"tokens": 0, "s": 0.0}  # non-pad input tokens (harmful + benign) and step seconds since the last record
     for step in range(1, steps + 1):
+        t_step = time.perf_counter()
         acc = {"loss": 0.0, "harmful_ce": 0.0, "benign_kl": 0.0, "benign_hidden": 0.0}
         for _ in range(ga):
             h = to_device(collate(next(harm_batches), pad_id), device)
+            window["tokens"] += int(h["attention_mask"].sum())
             ce = model(**h).loss
             loss = ce
             kl = hid = torch.zeros((), device=device)
             b = next(benign_batches)
             if b is not None:
                 b = to_device(collate(b, pad_id), device)
+                window["tokens"] += int(b["attention_mask"].sum())
                 hidden = sv_cfg.hidden_weight > 0
                 on = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=hidden)
                 with torch.no_grad(), model.disable_adapter():
@@ -165,18 +171,21 @@ def run_train_sv(cfg: Config) -> TrainSVResult:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        window["s"] += time.perf_counter() - t_step
         losses.append(acc["loss"])
         bar.update(1)
         bar.set_postfix(ce=f"{acc['harmful_ce']:.3f}", kl=f"{acc['benign_kl']:.4f}")
         if step % cfg.logging.log_every == 0 or step == steps:
-            append_jsonl(log_path, {"step": step, **acc, "lr": scheduler.get_last_lr()[0],
-                                    "elapsed_s": round(time.time() - t0, 2)})
+            tps = round(window["tokens"] / window["s"], 1) if window["s"] > 0 else None
+            window = {"tokens": 0, "s": 0.0}
+            runlog.write({"step": step, **acc, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tps,
+                          "elapsed_s": round(time.time() - t0, 2)}, "train")
             log.info("step %d/%d harmful CE %.4f benign KL %.5f", step, steps, acc["harmful_ce"], acc["benign_kl"])
         if step % per_epoch == 0 or step == steps:
             epoch = -(-step // per_epoch)
             held = answer_stats(model, probe.examples, pad_id, device)
-            append_jsonl(log_path, {"epoch": epoch, "step": step, "heldout_harmful_loss": held["loss"],
-                                    "heldout_start_agreement": held["start_agreement"]})
+            runlog.write({"epoch": epoch, "step": step, "heldout_harmful_loss": held["loss"],
+                          "heldout_start_agreement": held["start_agreement"]}, "heldout")
             log.info("epoch %d: held-out harmful loss (vector on) %.4f, first-token agreement %.0f%%",
                      epoch, held["loss"], 100 * held["start_agreement"])
             if held["loss"] < best["loss"] * (1 - 0.01):
@@ -192,6 +201,7 @@ def run_train_sv(cfg: Config) -> TrainSVResult:
                 log.info("epoch %d: %s; keeping epoch %d", epoch, stopped_by, best["epoch"])
                 break
     bar.close()
+    runlog.close()
     if best["state"] is not None:
         with torch.no_grad():
             for p, saved in zip(params, best["state"]):
@@ -272,7 +282,8 @@ def split_heldout(rows: list, cfg: Config) -> tuple[list, list, str]:
 
     sv = cfg.security_vector
     if sv.heldout_harmful_data:
-        return rows, load_samples(sv.heldout_harmful_data, cfg.data.format), "security_vector.heldout_harmful_data"
+        return rows, refuse_text_rows(load_samples(sv.heldout_harmful_data, cfg.data),
+                                      "security_vector.heldout_harmful_data"), "security_vector.heldout_harmful_data"
     n = int(round(len(rows) * sv.heldout_fraction))
     if n < 1 or len(rows) < 10:
         log.warning("security_vector.heldout_harmful_data is not set and %d harmful rows are too few to hold out "

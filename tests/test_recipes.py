@@ -319,3 +319,101 @@ def test_estimator_bad_args_exit_2(est, argv, capsys):
     with pytest.raises(SystemExit) as e:
         est.main(argv)
     assert e.value.code == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# `dist-secvec recipes` and recipes run from outside the repository
+
+
+def recipes_cli(capsys, *argv: str):
+    from dist_secvec.cli import main
+
+    rc = main(["recipes", *argv])
+    return rc, capsys.readouterr()
+
+
+def test_recipes_lists_every_shipped_recipe_with_its_first_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    rc, cap = recipes_cli(capsys)
+    assert rc == 0, cap.err
+    for recipe in RECIPES + sorted((CONFIGS / "experiments").glob("*.yaml")):
+        name = str(recipe.relative_to(CONFIGS).with_suffix(""))
+        first = next(line for line in recipe.read_text().splitlines() if line.startswith("#")).lstrip("#").strip()
+        assert any(line.split()[0] == name and line.endswith(first) for line in cap.out.splitlines() if line), name
+    assert "demo/" not in cap.out  # the demo's stage settings are not recipes
+    assert not list(tmp_path.iterdir())
+
+
+def test_recipes_copy_writes_the_recipe_and_its_deepspeed_json(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    rc, cap = recipes_cli(capsys, "copy", "llama2_13b_qlora_sv_2gpu")
+    assert rc == 0, cap.err
+    recipe = CONFIGS / "llama2_13b_qlora_sv_2gpu.yaml"
+    assert (tmp_path / recipe.name).read_bytes() == recipe.read_bytes()
+    assert (tmp_path / "configs" / "ds_zero3.json").read_bytes() == (CONFIGS / "ds_zero3.json").read_bytes()
+    # into DEST, named with .yaml; a sweep
+    rc, cap = recipes_cli(capsys, "copy", "llama2_7b_full_sv_zero3_8gpu.yaml", "mine")
+    assert rc == 0, cap.err
+    assert {str(p.relative_to(tmp_path / "mine")) for p in (tmp_path / "mine").rglob("*") if p.is_file()} == {
+        "llama2_7b_full_sv_zero3_8gpu.yaml", "configs/ds_zero3.json", "configs/ds_zero3_offload.json"}
+    rc, cap = recipes_cli(capsys, "copy", "experiments/stress_study", "sweeps")
+    assert rc == 0 and (tmp_path / "sweeps" / "stress_study.yaml").is_file()
+    assert "dist-secvec experiment --config" in cap.out
+    # a second recipe naming the same JSON into the same directory: the identical JSON is left as it is
+    rc, cap = recipes_cli(capsys, "copy", "llama2_70b_qlora_sv_8gpu")
+    assert rc == 0, cap.err
+    assert "configs/ds_zero3.json" not in cap.out
+
+
+def test_recipes_copy_refuses_to_overwrite_in_one_line(tmp_path, monkeypatch, capsys):
+    from conftest import tree_digest
+
+    monkeypatch.chdir(tmp_path)
+    assert recipes_cli(capsys, "copy", "llama2_13b_qlora_sv_2gpu")[0] == 0
+    (tmp_path / "configs" / "ds_zero3.json").write_text('{"edited": true}\n')
+    before = tree_digest(tmp_path)
+    for argv in (["copy", "llama2_13b_qlora_sv_2gpu"], ["copy", "llama2_70b_qlora_sv_8gpu"]):
+        rc, cap = recipes_cli(capsys, *argv)
+        assert rc == 2
+        (line,) = [ln for ln in cap.err.splitlines() if ln]
+        assert line.startswith("dist-secvec recipes: error: ") and "already exist" in line, line
+        assert "configs/ds_zero3.json" in line
+        assert tree_digest(tmp_path) == before  # nothing written, not even the recipe that was free
+    rc, cap = recipes_cli(capsys, "copy", "no_such_recipe")
+    assert rc == 2 and "no recipe 'no_such_recipe'" in cap.err
+    rc, cap = recipes_cli(capsys, "copy")
+    assert rc == 2 and "expected NAME [DEST]" in cap.err
+
+
+def test_deepspeed_config_resolves_next_to_the_recipe_then_in_the_package(tmp_path, monkeypatch, capsys):
+    from dist_secvec.config import PACKAGE_CONFIGS, save_config
+
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert recipes_cli(capsys, "copy", "llama2_13b_qlora_sv_2gpu", str(tmp_path / "mine"))[0] == 0
+    copied = tmp_path / "mine" / "llama2_13b_qlora_sv_2gpu.yaml"
+
+    (tmp_path / "p").mkdir()
+    paths = path_overrides(CONFIGS / copied.name, tmp_path / "p")  # model, data, vector: dummies that exist
+
+    def resolved(recipe, *extra):
+        cfg = load_config(str(recipe) if recipe else None, paths + list(extra))
+        return validate(cfg, "finetune").deepspeed.config
+
+    # next to the recipe (the copy's configs/ds_zero3.json), as an absolute path
+    assert resolved(copied) == str(tmp_path / "mine" / "configs" / "ds_zero3.json")
+    # the shipped recipe run from outside the repository: the package's configs/
+    assert resolved(CONFIGS / copied.name) == str(PACKAGE_CONFIGS / "ds_zero3.json")
+    # no recipe: a bare name or configs/NAME finds the shipped file
+    assert resolved(None, "deepspeed.config=ds_zero3_offload.json") == str(PACKAGE_CONFIGS / "ds_zero3_offload.json")
+    # a file where the name points from the current directory comes first
+    (work / "configs").mkdir()
+    (work / "configs" / "ds_zero3.json").write_text('{"zero_optimization": {"stage": 3}}\n')
+    assert resolved(copied) == str(work / "configs" / "ds_zero3.json")
+    with pytest.raises(ConfigError, match="'deepspeed.config': DeepSpeed JSON 'configs/nope.json' not found"):
+        resolved(copied, "deepspeed.config=configs/nope.json")
+    # the run's config.yaml names the file it read
+    cfg = validate(load_config(str(copied), paths), "finetune")
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(str(tmp_path / "config.yaml")).deepspeed.config == str(work / "configs" / "ds_zero3.json")
