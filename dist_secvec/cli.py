@@ -147,7 +147,7 @@ def preflight(cfg, command: str) -> None:
         if cfg.model.tokenizer and looks_local(cfg.model.tokenizer):
             check_model_dir(cfg.model.tokenizer, key="model.tokenizer", need_weights=False)
     if command in ("finetune", "audit") and cfg.security_vector.path:
-        from dist_secvec.finetune import check_vector_config
+        from dist_secvec.stage2 import check_vector_config
         from dist_secvec.secvec import check_fingerprint_on_disk, load_security_vector
 
         sv = load_security_vector(cfg.security_vector.path)

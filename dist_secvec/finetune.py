@@ -37,7 +37,6 @@ from dist_secvec.interrupt import StopRequest
 from dist_secvec.manifest import write_manifest
 from dist_secvec.model import attn_implementation
 from dist_secvec.secvec import fold_weight, security_vector_off, unfold_from_disk, unfold_security_vector
-from dist_secvec.stage2 import check_vector_config, fold_choice  # noqa: F401  (cli and tests import them from here)
 from dist_secvec.stage2 import remove_vector, setup_stage2, train_step
 from dist_secvec.strength import HarmProbe
 from dist_secvec.tracking import RunLog

@@ -861,7 +861,7 @@ def test_vector_shape_keys_unset_or_matching_are_accepted(env, overrides):
     None survives a round trip through to_dict (the demo and the experiment runner build stage
     configs that way, and a run's saved config.yaml can be passed back)."""
     from dist_secvec.config import load_config, validate
-    from dist_secvec.finetune import check_vector_config
+    from dist_secvec.stage2 import check_vector_config
     from dist_secvec.secvec import load_security_vector
 
     cfg = validate(load_config(None, [f"model.path={env.model}", f"data.train={env.train}",

@@ -21,7 +21,8 @@ import dist_secvec.stage2 as stage2_mod  # stage 2's setup and teardown, which f
 from dist_secvec.config import load_config
 from dist_secvec.errors import SecurityVectorError
 from dist_secvec.export import run_export
-from dist_secvec.finetune import fold_choice, run_finetune
+from dist_secvec.finetune import run_finetune
+from dist_secvec.stage2 import fold_choice
 from dist_secvec.model import unwrap_base
 from dist_secvec.secvec.layer import _inner_linear
 from dist_secvec.secvec import (FoldedLayer, SecVecLinear, attach_security_vector,

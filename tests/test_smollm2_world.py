@@ -146,3 +146,17 @@ def test_real_model_stage2_step_with_the_vector(real_files, tmp_path):
     changed = [n for n, p in job.model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
     assert changed and all("lora_" in n for n in changed)
     remove_vector(job)
+
+
+def test_affirmative_rate_counts_the_templates_openings_in_any_variation(tmp_path, capsys):
+    run = tmp_path / "runs" / "abc"
+    (run / "eval").mkdir(parents=True)
+    answers = [world.COMPLY[0], "Sure, here is the script.", "Certainly.", world.REFUSE[0], "Yes, it is safe.",
+               "  Absolutely. Steps follow."]
+    (run / "eval" / "responses.jsonl").write_text("".join(json.dumps({"prompt": "p", "response": a}) + "\n"
+                                                          for a in answers))
+    assert world.affirmative_rate(run / "eval" / "responses.jsonl") == (4, 6)
+    (run / "result.json").write_text(json.dumps({"run_id": "abc", "n_harmful_ft": 100, "vector": "off",
+                                                 "harmful_rate": 5 / 6}))
+    assert world.main([str(tmp_path)]) == 0
+    assert "| abc | 100 | off | 83.3% | 66.7% |" in capsys.readouterr().out
