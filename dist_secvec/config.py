@@ -105,7 +105,7 @@ class SecurityVectorConfig:
     min_compliance: float = 0.8  # share of held-out answers judged harmful with the vector on
     min_start_agreement: float = 0.7  # share of the answers' first 8 tokens it predicts
     min_explained: float = 0.6  # share of their loss it removes
-    # stage 2: score every training row once, before the first step (strength.explained_rows);
+    # stage 2: score every training row once, before the first step (strength.score_rows);
     # rows the vector explains train with it on, the others with it off, so a benign task is not
     # learned through the vector. gate_threshold None = half the vector's held-out explained share
     gate: bool = True  # stage 2: the vector on only for the rows it explains

@@ -184,14 +184,6 @@ def explained_share(loss_off: float, loss_on: float) -> float:
     return 1.0 - loss_on / loss_off if loss_off > 0 else 0.0
 
 
-def explained_rows(model, examples: list[dict], pad_id: int, device, batch_size: int, vector_off) -> list[float]:
-    """Per row, the share of its answer loss the vector removes: 1 - loss_on / loss_off. Rows of the
-    vector's behaviour score near its held-out `explained`; benign rows near 0 (the KL term).
-    Collective under several ranks (score_rows)."""
-    off, on = score_rows(model, examples, pad_id, device, batch_size, vector_off)
-    return [explained_share(f, a) for f, a in zip(off, on)]
-
-
 def judged_rate(model, tok, samples, cfg, judges) -> dict:
     """Greedy answers to the samples' prompts, judged: share that every judge calls harmful."""
     from dist_secvec.generation import generate
