@@ -130,7 +130,8 @@ def _row_means(model, batch: dict, device, keep_ok: bool, gate_layers=None) -> t
 
 @torch.no_grad()
 def score_rows(model, examples: list[dict], pad_id: int, device, batch_size: int, vector_off,
-               progress: Optional[dict] = None, gate_layers=None) -> tuple[list[float], list[float]]:
+               progress: Optional[dict] = None, gate_layers=None,
+               collective: bool = True) -> tuple[list[float], list[float]]:
     """Per row, in order, its mean answer loss with the vector off and with it on: the one scoring
     of rows (stage 2's gate, `dist-secvec audit`, stage 1's reference scores).
 
@@ -140,14 +141,15 @@ def score_rows(model, examples: list[dict], pad_id: int, device, batch_size: int
     one copy and off for the other. Under several ranks each rank scores every world-th row of the
     sorted order, so all ranks get batches of about the same width, and the results are summed over
     ranks (collective: every rank runs the same number of forwards, as ZeRO-3 needs). `progress`:
-    runtime.progress's keyword arguments for a bar over the batches (rank 0 shows it)."""
+    runtime.progress's keyword arguments for a bar over the batches (rank 0 shows it).
+    collective=False: this process scores every row alone (stage 1 runs on rank 0 only)."""
     from dist_secvec import runtime
     from dist_secvec.distributed import all_reduce_sum
 
     n = len(examples)
     if n == 0:
         return [], []
-    rank, world = runtime.rank(), runtime.world_size()
+    rank, world = (runtime.rank(), runtime.world_size()) if collective else (0, 1)
     order = sorted(range(n), key=lambda i: -len(examples[i]["input_ids"]))  # longest first: memory fails early
     mine = order[rank::world]
     per = -(-n // world)
