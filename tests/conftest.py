@@ -41,6 +41,15 @@ def tiny_world(tmp_path_factory) -> TinyWorld:
     return build_tiny_world(tmp_path_factory.mktemp("tiny_world"))
 
 
+@pytest.fixture(scope="session")
+def small_data(tiny_world, tmp_path_factory) -> str:
+    """16 rows of the new task: every response is 'The capital of X is Y .' (8 label tokens)."""
+    rows = Path(tiny_world.data["new_task_ft"]).read_text().splitlines()[:16]
+    path = tmp_path_factory.mktemp("ft_data") / "new_task16.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
 def write_random_vector(model_dir: Path, out: Path, seed: int = 0, rank: int = 4, alpha: float = 8.0,
                         targets=("q_proj", "v_proj", "down_proj"), b_std: float = 0.1) -> Path:
     """A security vector in the stage-1 format (peft LoRA adapter + secvec.json with the base's

@@ -19,15 +19,6 @@ from dist_secvec.errors import DataError
 from dist_secvec.finetune import run_finetune
 
 
-@pytest.fixture(scope="module")
-def small_data(tiny_world, tmp_path_factory) -> str:
-    """16 rows of the new task: every response is 'The capital of X is Y .' (8 label tokens)."""
-    rows = Path(tiny_world.data["new_task_ft"]).read_text().splitlines()[:16]
-    path = tmp_path_factory.mktemp("ft_data") / "new_task16.jsonl"
-    path.write_text("\n".join(rows) + "\n")
-    return str(path)
-
-
 def make_cfg(tiny_world, data: str, out: Path, *overrides: str, model_path=None):
     return load_config(None, [
         f"model.path={model_path or tiny_world.model_dir}", f"data.train={data}", f"output_dir={out}",

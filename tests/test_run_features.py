@@ -21,14 +21,6 @@ REPO = Path(__file__).resolve().parents[1]
 FLASH_RUNS_HERE = importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
 
 
-@pytest.fixture(scope="module")
-def small_data(tiny_world, tmp_path_factory) -> str:
-    rows = Path(tiny_world.data["new_task_ft"]).read_text().splitlines()[:16]
-    path = tmp_path_factory.mktemp("feat_data") / "new_task16.jsonl"
-    path.write_text("\n".join(rows) + "\n")
-    return str(path)
-
-
 def make_cfg(tiny_world, data: str, out: Path, *overrides: str):
     return load_config(None, [
         f"model.path={tiny_world.model_dir}", f"data.train={data}", f"output_dir={out}",
