@@ -9,8 +9,16 @@ from pathlib import Path
 
 import pytest
 
-# DeepSpeed's JIT ops and torch extensions: one stable cache for the whole test run
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "dist-secvec-torch-ext"))
+# DeepSpeed's JIT ops and torch extensions: one cache per virtual environment (so per torch build)
+import sys
+import time
+
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch-extensions"))
+# torch's build lock is a plain file: a build killed midway leaves it, and every later build
+# (each 2-rank DeepSpeed launch) would wait on it forever; a build takes a minute or two
+for _lock in Path(os.environ["TORCH_EXTENSIONS_DIR"]).glob("*/lock"):
+    if time.time() - _lock.stat().st_mtime > 900:
+        _lock.unlink(missing_ok=True)
 
 
 @dataclass
