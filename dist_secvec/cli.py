@@ -184,10 +184,16 @@ def _run(args) -> int:
 
         overrides = list(args.overrides) + (["demo.quick=true"] if args.quick else [])
         cfg = validate(load_config(args.config, overrides, base=demo_defaults()), "demo")
-    elif args.command == "profile":  # no --config: the demo's stage-2 job (dist_secvec.profile)
+    elif args.command == "profile":
         from dist_secvec.profile import cli_main as profile_main
 
-        return profile_main(args.config, list(args.overrides), args.steps, args.warmup, debug=args.debug)
+        base = prepare = None
+        if args.config is None:  # the embedded demo's stage-2 job
+            from dist_secvec.demo.profile_job import profile_defaults, profile_job
+
+            base, prepare = profile_defaults(), profile_job
+        return profile_main(args.config, list(args.overrides), args.steps, args.warmup, debug=args.debug,
+                            base=base, prepare=prepare)
     elif args.command == "experiment":  # its own file format (dist_secvec.experiment)
         from dist_secvec.experiment import main as experiment_main
 

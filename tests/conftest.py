@@ -117,3 +117,21 @@ def tree_digest(root: Path) -> dict[str, str]:
         return {".": hashlib.sha256(root.read_bytes()).hexdigest()}
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def launch_cli(args: list, timeout: float = 300):
+    """`dist-secvec ARGS` on CPU ranks through launch/deepspeed.sh and the real deepspeed launcher
+    (ARGS start with the script's own flags, e.g. `--gpus 2 -- audit ...`)."""
+    import subprocess
+    import sys
+
+    from dist_secvec.distributed import free_port
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", DEEPSPEED=str(Path(sys.executable).with_name("deepspeed")))
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    r = subprocess.run([str(root / "launch" / "deepspeed.sh"), "--cpu", "--master-port", str(free_port()), *args],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"exit {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-4000:]}"
+    return r

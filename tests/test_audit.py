@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import plain_base, write_random_vector
+from conftest import launch_cli, plain_base, write_random_vector
 from dist_secvec.audit import quantiles, resolve_threshold, threshold_from_record
 from dist_secvec.cli import main
 from dist_secvec.config import load_config
@@ -181,6 +181,25 @@ def test_audit_writes_its_report_and_refuses_a_finished_output_dir(tiny_world, r
     capsys.readouterr()
     assert cli(*args) == 2  # finetune's rule: a finished run in output_dir is never overwritten
     assert "already holds a finished audit run" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_audit_on_two_ranks_writes_the_one_rank_report(tiny_world, random_vector, tmp_path):
+    """Under the deepspeed launcher each rank scores its share of the rows; rank 0's report holds
+    every row, with the scores one process gives."""
+    data, _ = mixed_rows(tiny_world, tmp_path, n_harmful=5, n_benign=6)  # odd: the ranks' shares differ
+    args = [f"model.path={tiny_world.model_dir}", f"security_vector.path={random_vector}", f"data.train={data}",
+            "audit.threshold=0.0", "audit.batch_size=2", "logging.progress=false"]
+    assert cli("audit", *args, f"output_dir={tmp_path / 'one'}") == 0
+    launch_cli(["--gpus", "2", "--", "audit", *args, f"output_dir={tmp_path / 'two'}"])
+    one, two = ([json.loads(line) for line in (tmp_path / d / "audit" / "audit.jsonl").read_text().splitlines()]
+                for d in ("one", "two"))
+    assert [r["row"] for r in two] == [r["row"] for r in one] == list(range(1, 12))
+    for a, b in zip(one, two):
+        assert b["loss_off"] == pytest.approx(a["loss_off"], abs=1e-5)
+        assert b["loss_on"] == pytest.approx(a["loss_on"], abs=1e-5)
+        assert b["flagged"] == a["flagged"]
+    assert json.loads((tmp_path / "two" / "audit" / "summary.json").read_text())["ranks"] == 2
 
 
 def other_base(tiny_world, root: Path) -> Path:

@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import launch_cli
 from dist_secvec.config import load_config
 from dist_secvec.profile import (build_variant, flops_per_token, optimizer_state_bytes, run_steps, secvec_grad_bytes,
                                  secvec_optimizer_bytes)
@@ -321,24 +322,6 @@ def test_gather_needs_a_process_group_under_several_ranks(monkeypatch):
         gather(3)
 
 
-def _launch(args: list, tmp_path, timeout: float = 300):
-    """`dist-secvec ARGS` on CPU ranks through launch/deepspeed.sh and the real deepspeed launcher."""
-    import os
-    import subprocess
-    import sys
-
-    from dist_secvec.distributed import free_port
-
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1", DEEPSPEED=str(Path(sys.executable).with_name("deepspeed")))
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    r = subprocess.run([str(root / "launch" / "deepspeed.sh"), "--cpu", "--master-port", str(free_port()), *args],
-                       cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, f"exit {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-4000:]}"
-    return r
-
-
 @pytest.mark.slow
 def test_profile_two_ranks_zero3_through_the_launcher(tiny_world, random_vector, tmp_path):
     """`dist-secvec profile` on 2 CPU ranks under ZeRO-3, started by launch/deepspeed.sh and the real
@@ -354,8 +337,8 @@ def test_profile_two_ranks_zero3_through_the_launcher(tiny_world, random_vector,
         "stage": 3, "stage3_param_persistence_threshold": 0}}}}))
     out = tmp_path / "prof"
     # one overhead variant: keeps the test short
-    r = _launch(["--gpus", "2", "--", "profile", "--config", str(cfg_file), f"output_dir={out}", "--steps", "2",
-                 "--warmup", "1", "profile.variants=[no_vector]", "profile.memory_steps=1"], tmp_path)
+    r = launch_cli(["--gpus", "2", "--", "profile", "--config", str(cfg_file), f"output_dir={out}", "--steps", "2",
+                    "--warmup", "1", "profile.variants=[no_vector]", "profile.memory_steps=1"])
     assert "time (ms)" not in r.stdout  # DeepSpeed's per-step timer lines are kept out of the output
     p = json.loads((out / "profile.json").read_text())
     check_sections(p)
@@ -408,16 +391,15 @@ def test_profile_folds_under_zero3_as_finetune_does(tiny_world, random_vector, t
            "logging": {"progress": False}, "seed": 0}
     cfg_file = tmp_path / "job.yaml"
     cfg_file.write_text(yaml.safe_dump(job))
-    ft = _launch(["--gpus", "2", "--", "finetune", "--config", str(cfg_file), f"output_dir={tmp_path / 'ft'}"],
-                 tmp_path)
+    ft = launch_cli(["--gpus", "2", "--", "finetune", "--config", str(cfg_file), f"output_dir={tmp_path / 'ft'}"])
     info = json.loads((tmp_path / "ft" / "final" / "dist_secvec_run.json").read_text())
     assert info["zero_stage"] == 3 and info["security_vector_mode"] == "folded"
     n_layers = len(load_security_vector(str(random_vector)).weights)
     assert f"folded into {n_layers} frozen base weights" in ft.stderr + ft.stdout
 
     out = tmp_path / "prof"
-    _launch(["--gpus", "2", "--", "profile", "--config", str(cfg_file), f"output_dir={out}", "--steps", "1",
-             "--warmup", "0", "profile.variants=[]"], tmp_path)
+    launch_cli(["--gpus", "2", "--", "profile", "--config", str(cfg_file), f"output_dir={out}", "--steps", "1",
+                "--warmup", "0", "profile.variants=[]"])
     p = json.loads((out / "profile.json").read_text())
     assert p["zero_stage"] == 3 and p["world_size"] == info["world_size"] == 2
     assert p["job"]["vector_mode"] == info["security_vector_mode"] == "folded"

@@ -26,14 +26,13 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from dist_secvec import runtime
 from dist_secvec.config import Config, validate
 from dist_secvec.data import load_samples, tokenize_samples
 from dist_secvec.distributed import barrier, init_distributed, uses_deepspeed
 from dist_secvec.errors import UserError
-from dist_secvec.files import atomic_dir
 from dist_secvec.model import load_tokenizer
 from dist_secvec.profile.flops import flops_per_token, peak_flops
 from dist_secvec.profile.measure import PHASES, StepRunner, aggregate, gather, measure_jobs, run_steps, spread
@@ -52,43 +51,14 @@ __all__ = ["PHASES", "VARIANTS", "StepRunner", "aggregate", "build_variant", "cl
 log = logging.getLogger(__name__)
 
 
-def default_job_config(cfg: Config) -> Config:
-    """The embedded demo's stage-2 job (vector active): demo world, cached aligned base, a stage-1
-    vector (cached next to the base; a short stage 1 is trained when none is there)."""
-    from dist_secvec.demo.run import _cache_root, _stage_config, aligned_base, demo_world
-    from dist_secvec.train_sv import run_train_sv
-
-    quick = cfg.demo.quick
-    out = Path(cfg.output_dir)
-    sizes, world, data = demo_world(cfg)  # written by rank 0
-    barrier()
-    base_dir = aligned_base(cfg, sizes, data, world.texts(), quick)  # every rank (data parallel) or the cache
-    vec_dir = _cache_root(cfg) / f"secvec-{base_dir.name}"
-    # rank 0 decides and trains the ~100-sample stage 1 alone; the others wait at the barrier
-    if gather(not (vec_dir / "secvec.json").exists())[0] and runtime.is_main():
-        log.info("no cached stage-1 vector for %s: training a short one", base_dir.name)
-        sv_cfg = _stage_config(cfg, "train_sv", quick, model={"path": str(base_dir)}, output_dir=str(out / "stage1"),
-                               optim={"epochs": 5},
-                               security_vector={"harmful_data": [data["harmful_sv"]],
-                                                "benign_data": [data["kl_benign"]]})
-        sv = run_train_sv(sv_cfg)
-        import shutil
-
-        with atomic_dir(vec_dir) as tmp:
-            for f in sv.vector_dir.iterdir():
-                shutil.copy2(f, tmp / f.name)
-    barrier()
-    log.info("profiling the demo's stage-2 job: base %s, vector %s", base_dir, vec_dir)
-    return _stage_config(cfg, "finetune", quick, model={"path": str(base_dir)}, output_dir=str(out),
-                         data={"train": [data["finetune_mixed"]]}, security_vector={"path": str(vec_dir)})
-
-
-def run_profile(cfg: Config, default_job: bool = False) -> dict:
+def run_profile(cfg: Config, prepare: Optional[Callable[[Config], Config]] = None) -> dict:
+    """Profile the stage-2 job `cfg` describes, or the one `prepare(cfg)` builds (every rank calls it,
+    once the process group is up: the demo's job builds its world and cache behind barriers)."""
     check_profile_config(cfg)
     if runtime.world_size() > 1 or uses_deepspeed(cfg):
-        init_distributed(cfg)  # before the demo's world and cache: they wait for rank 0 at barriers
-    if default_job:
-        cfg = default_job_config(cfg)
+        init_distributed(cfg)
+    if prepare is not None:
+        cfg = prepare(cfg)
         barrier()
     validate(cfg, "finetune")
     p = cfg.profile
@@ -154,22 +124,20 @@ def run_profile(cfg: Config, default_job: bool = False) -> dict:
 
 
 def cli_main(config: Optional[str], overrides: list[str], steps: Optional[int] = None,
-             warmup: Optional[int] = None, debug: bool = False) -> int:
-    """`dist-secvec profile`: with --config the configured stage-2 job, without it the demo's."""
+             warmup: Optional[int] = None, debug: bool = False, base: Optional[dict] = None,
+             prepare: Optional[Callable[[Config], Config]] = None) -> int:
+    """`dist-secvec profile`: with --config the configured stage-2 job; without it, the job
+    `prepare` builds from the defaults `base` (the CLI passes the demo's)."""
     from dist_secvec.config import load_config
 
     extra = ([f"profile.steps={steps}"] if steps is not None else []) + (
         [f"profile.warmup={warmup}"] if warmup is not None else [])
     if config is None:
-        from dist_secvec.demo.run import demo_defaults
-
-        base = demo_defaults()
-        base["output_dir"] = "runs/profile"
         cfg = validate(load_config(None, list(overrides) + extra, base=base), "demo")
     else:
         cfg = validate(load_config(config, list(overrides) + extra), "profile")
     runtime.setup_logging("debug" if debug else cfg.logging.level)
-    r = run_profile(cfg, default_job=config is None)
+    r = run_profile(cfg, prepare=prepare if config is None else None)
     if runtime.is_main():
         print(summary_line(r, Path(cfg.output_dir)))
     return 0
