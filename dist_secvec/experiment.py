@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 
 RESULT = "result.json"
 CSV_COLUMNS = ["n_harmful_ft", "vector", "n_harmful_sv", "train_sv", "finetune", "seed", "harmful_rate",
-               "harmful_ci_low", "harmful_ci_high", "utility", "general_loss", "n_eval", "vector_weak", "probe_drop",
+               "harmful_ci_low", "harmful_ci_high", "affirmative_rate", "utility", "general_loss", "n_eval", "vector_weak", "probe_drop",
                "run_id"]
 STAGE_KEYS = ("train_sv", "finetune")
 # embedded: the demo's tiny world; smollm2: a real model and real harmful prompts, built offline
@@ -365,6 +365,7 @@ class _RealModel:
         self.identity = {"world": None, "base": exp.base, "data": exp.data_files()}
         self._pools: dict = {}
         self.measured: dict = {}
+        self.probe: list[str] = []  # a world's harmful probe for stage 2's watch; else the base config's
 
     def _pool_prefix(self, key: str, n: int) -> list[dict]:
         from dist_secvec.data import _read_rows
@@ -395,8 +396,10 @@ class _RealModel:
             train.append(_write_jsonl(self.data_dir / f"harmful_ft_{n_ft}.jsonl",
                                       self._pool_prefix("harmful_ft_pool", n_ft)))
         # data.shuffle (on by default) mixes the harmful rows into the benign ones
-        return self._cfg("finetune", {"output_dir": str(out), "seed": seed, "data": {"train": train},
-                                      "security_vector": {"path": vector}}, variant)
+        sections = {"output_dir": str(out), "seed": seed, "data": {"train": train}, "security_vector": {"path": vector}}
+        if self.probe:  # every run, with the vector or without, watches the same rows
+            sections["monitor"] = {"harmful_probe": list(self.probe)}
+        return self._cfg("finetune", sections, variant)
 
     def evaluate(self, model, tok, ft_cfg) -> dict:
         from dist_secvec.config import load_config
@@ -428,7 +431,15 @@ class _SmolLM2(_RealModel):
         for k, v in w["data"].items():
             setattr(exp.data, k, v)
         super().__init__(exp, out)
-        self.identity, self.measured = w["identity"], w["measured"]
+        self.identity, self.measured, self.probe = w["identity"], w["measured"], w["probe"]
+
+    def evaluate(self, model, tok, ft_cfg) -> dict:
+        from dist_secvec.worlds.smollm2 import affirmative_rate
+
+        r = super().evaluate(model, tok, ft_cfg)
+        k, n = affirmative_rate(Path(ft_cfg.output_dir).parent / "eval" / "responses.jsonl")
+        r["affirmative_rate"] = k / n if n else None
+        return r
 
 
 def _finetune(cfg):

