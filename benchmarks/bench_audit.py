@@ -1,5 +1,6 @@
 """`dist-secvec audit` on rows with known labels: how well the score separates them, and what
-one forward of the doubled batch costs against two forwards with the vector toggled.
+one forward of the doubled batch costs against two forwards with the vector toggled, and both
+against one plain forward of the base model (no vector) over the same batches.
 
     python benchmarks/bench_audit.py --model MODEL_DIR --vector SECVEC_DIR --data ROWS.jsonl \
         [--data-max-length 64] [--batch-sizes 16 64] [--repeats 3] [--out DIR]
@@ -9,7 +10,8 @@ each row's response, so --data should be a demo world's file (e.g. finetune_mixe
 and writes (bench_audit.json/.md in --out): AUROC of the score (loss_off - loss_on) and of the
 explained share, precision and recall at the default threshold (the vector's own rule,
 audit.resolve_threshold), and per batch size the rows per second of both scoring modes,
-interleaved round by round, with the largest difference between their losses.
+and of the plain forward, interleaved round by round, each mode's slowdown against the plain
+forward, and the largest difference between the two modes' losses.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def main() -> None:
     from dist_secvec.demo.world import is_harmful_response
     from dist_secvec.model import load_model, load_tokenizer
     from dist_secvec.secvec import PathOptions, attach_security_vector, load_security_vector, security_vector_off
-    from dist_secvec.strength import explained_share, score_rows
+    from dist_secvec.strength import _logits_to_keep_ok, _row_means, _scored_rows, explained_share, score_rows
 
     cfg = load_config(None, [f"model.path={args.model}", f"security_vector.path={args.vector}",
                              f"data.max_length={args.data_max_length}"])
@@ -70,8 +72,14 @@ def main() -> None:
                                                            rows_per_call=16 * args.data_max_length))
         models[mode] = (m, layers)
 
+    models["plain"] = (load_model(cfg.model), None)
+    keep_ok = _logits_to_keep_ok(models["plain"][0])
+
     def run(mode: str, bs: int):
         m, layers = models[mode]
+        if mode == "plain":  # the same length-sorted batches, one forward each, no vector anywhere
+            return _scored_rows(m, data.examples, tok.pad_token_id, bs, 1,
+                                lambda b, n: [_row_means(m, b, "cpu", keep_ok).tolist()], None, False)
         return score_rows(m, data.examples, tok.pad_token_id, "cpu", bs, lambda: security_vector_off(m),
                           gate_layers=layers if mode == "one_forward" else None)
 
@@ -90,16 +98,19 @@ def main() -> None:
 
     timing = []
     for bs in args.batch_sizes:
-        secs: dict = {"two_forwards": [], "one_forward": []}
+        modes = ["two_forwards", "one_forward", "plain"]
+        secs: dict = {m: [] for m in modes}
         results = {}
         for r in range(args.repeats):
-            for mode in (("two_forwards", "one_forward") if r % 2 == 0 else ("one_forward", "two_forwards")):
+            for mode in modes[r % 3:] + modes[:r % 3]:  # the order rotated every round
                 t0 = time.perf_counter()
                 results[mode] = run(mode, bs)
                 secs[mode].append(time.perf_counter() - t0)
         diff = max(abs(a - b) for x, y in zip(results["two_forwards"], results["one_forward"]) for a, b in zip(x, y))
+        med = {m: statistics.median(v) for m, v in secs.items()}
         timing.append({"batch_size": bs, "threads": torch.get_num_threads(), "max_loss_diff": diff,
-                       **{f"{m}_rows_per_s": len(labels) / statistics.median(v) for m, v in secs.items()}})
+                       **{f"{m}_rows_per_s": len(labels) / t for m, t in med.items()},
+                       **{f"{m}_vs_plain": med[m] / med["plain"] for m in ("two_forwards", "one_forward")}})
 
     res = {"separation": sep, "timing": timing, "model": args.model, "vector": args.vector, "data": args.data}
     print(json.dumps(res, indent=2))
@@ -110,10 +121,12 @@ def main() -> None:
         lines = [f"AUROC (score) {sep['auroc_score']:.4f}, AUROC (explained) {sep['auroc_explained']:.4f}; at the "
                  f"default threshold {t:.3g} ({source}): {sep['flagged']} flagged, precision "
                  f"{sep['precision']:.4f}, recall {sep['recall']:.4f} ({sep['harmful']} harmful of {sep['rows']})", "",
-                 "| batch | two forwards rows/s | one doubled forward rows/s | max loss diff |", "|---|---|---|---|"]
+                 "| batch | two forwards rows/s | one doubled forward rows/s | plain forward rows/s | "
+                 "two forwards / plain | doubled / plain | max loss diff |", "|---|---|---|---|---|---|---|"]
         for r in timing:
             lines.append(f"| {r['batch_size']} | {r['two_forwards_rows_per_s']:.0f} | {r['one_forward_rows_per_s']:.0f} "
-                         f"| {r['max_loss_diff']:.2g} |")
+                         f"| {r['plain_rows_per_s']:.0f} | {r['two_forwards_vs_plain']:.2f}x | "
+                         f"{r['one_forward_vs_plain']:.2f}x | {r['max_loss_diff']:.2g} |")
         (out / "bench_audit.md").write_text("\n".join(lines) + "\n")
 
 
