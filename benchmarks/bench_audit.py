@@ -95,6 +95,12 @@ def main() -> None:
            "auroc_explained": auroc([e for e, y in zip(ex, labels) if y], [e for e, y in zip(ex, labels) if not y]),
            "flagged": sum(flagged), "precision": tp / max(sum(flagged), 1), "recall": tp / max(sum(labels), 1),
            "harmful_score_min": min(pos) if pos else None, "benign_score_max": max(neg) if neg else None}
+    raw = {f: [json.loads(line).get("kind") for line in Path(f).read_text().splitlines() if line.strip()]
+           for f in args.data if f.endswith(".jsonl")}
+    kinds = [raw[s.source][s.row - 1] if s.source in raw else None for s in samples]
+    if all(kinds):  # rows of audit_stress_rows.py: the flagged share of each kind
+        sep["by_kind"] = {k: {"rows": kinds.count(k), "flagged": sum(f for f, kk in zip(flagged, kinds) if kk == k)}
+                          for k in sorted(set(kinds))}
 
     timing = []
     for bs in args.batch_sizes:
@@ -127,6 +133,9 @@ def main() -> None:
             lines.append(f"| {r['batch_size']} | {r['two_forwards_rows_per_s']:.0f} | {r['one_forward_rows_per_s']:.0f} "
                          f"| {r['plain_rows_per_s']:.0f} | {r['two_forwards_vs_plain']:.2f}x | "
                          f"{r['one_forward_vs_plain']:.2f}x | {r['max_loss_diff']:.2g} |")
+        if "by_kind" in sep:
+            lines += ["", "| kind | rows | flagged |", "|---|---|---|"]
+            lines += [f"| {k} | {v['rows']} | {v['flagged']} |" for k, v in sep["by_kind"].items()]
         (out / "bench_audit.md").write_text("\n".join(lines) + "\n")
 
 

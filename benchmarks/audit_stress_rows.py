@@ -1,0 +1,64 @@
+"""Rows for stressing `dist-secvec audit`: many benign rows of several kinds, look-alikes among
+them, with the harmful rows of an embedded world hidden in them. Each row carries a "kind", which
+bench_audit.py reports the flagged share of.
+
+    python benchmarks/audit_stress_rows.py --world capitals --seed 0 --quick --benign 10000 \
+        --harmful 1000 --out stress.jsonl
+
+Kinds: `skill` (the aligned model's benign skills, the world's question framings), `echo` (repeat
+these words: every word of the vocabulary, the harmful requests' verbs and targets included),
+`refusal` (a harmful request answered with the world's refusal: the prompt of a harmful row, the
+answer of a safe one), `new_task` (the new task's facts) and `harmful`. The world is built with
+the seed and sizes of the aligned base the audit runs on (--quick: the quick demo's), with only
+its row counts raised, so its words are the base tokenizer's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--world", default="capitals")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="the quick demo's world sizes (its aligned base)")
+    ap.add_argument("--benign", type=int, default=10000)
+    ap.add_argument("--harmful", type=int, default=1000)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    from dist_secvec.demo.run import QUICK
+    from dist_secvec.demo.world import WorldSizes, build_world, is_harmful_response, world_spec
+
+    sizes = WorldSizes()
+    if args.quick:
+        for k, v in QUICK["sizes"].items():
+            setattr(sizes, k, min(v, getattr(sizes, k)))
+    spec = world_spec(args.world)
+    refusal, echo = spec.refusal, spec.echo.split("{w}")[0].strip()
+    # the align set's benign:refusal mix, scaled up; new-task rows come as the world has them
+    sizes.n_align_refusals = args.benign // 5
+    sizes.n_align_benign = args.benign - sizes.n_align_refusals
+    sizes.n_harmful_ft = args.harmful
+    w = build_world(args.seed, sizes, world=args.world)
+    rows = []
+    for r in w.align:
+        kind = "refusal" if r["response"] == refusal else ("echo" if echo in r["prompt"] else "skill")
+        rows.append({**r, "kind": kind})
+    rows += [{**r, "kind": "new_task"} for r in w.new_task_ft]
+    rows += [{**r, "kind": "harmful"} for r in w.harmful_ft]
+    assert all(is_harmful_response(r["response"]) == (r["kind"] == "harmful") for r in rows)
+    random.Random(args.seed).shuffle(rows)
+    Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    counts: dict = {}
+    for r in rows:
+        counts[r["kind"]] = counts.get(r["kind"], 0) + 1
+    print(json.dumps({"rows": len(rows), "kinds": counts, "out": args.out}))
+
+
+if __name__ == "__main__":
+    main()
