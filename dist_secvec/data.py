@@ -15,21 +15,34 @@ every token (all). With a chat template the turns are located by rendering the c
 prefix by prefix and masking by token position (`_chat_tokens` says how it falls back); without
 one, `data.plain_template` renders each user turn and the answers follow it. Truncation cuts the
 end and is counted; a row left without a supervised token is dropped and counted.
+
+Tokenizing a set runs in data.num_proc processes (datasets' map); the training sets are kept in
+the tokenization cache, one entry per rows + tokenizer + token-shaping settings, built once and
+read back by later runs and the other ranks (`tokenize_samples(cache=True)`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import dataclasses
+import hashlib
 import io
 import json
+import logging
 import os
+import pickle
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
 
 from dist_secvec.config import DataConfig, looks_local, read_utf8
-from dist_secvec.errors import ConfigError, DataError
+from dist_secvec.errors import ConfigError, DataError, UserError
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 FORMATS = ("prompt_response", "alpaca", "chat", "sharegpt", "prompt_completion", "text")
@@ -108,6 +121,9 @@ def check_data_config(data: DataConfig) -> None:
             raise ConfigError(f"config key 'data.roles.{name}': {role!r} is not one of {', '.join(ROLES)}")
     if data.chat_template is not None:
         chat_template_text(data)
+    if data.num_proc is not None and data.num_proc <= 0:
+        raise ConfigError(f"config key 'data.num_proc': must be > 0, got {data.num_proc} (leave it unset for one "
+                          "process per CPU core)")
 
 
 def chat_template_text(data: DataConfig) -> Optional[str]:
@@ -119,19 +135,24 @@ def chat_template_text(data: DataConfig) -> Optional[str]:
         raise ConfigError("config key 'data.chat_template': set, but data.template=plain renders without it; "
                           "remove one of them")
     if path not in _TEMPLATES:
-        full = os.path.expanduser(path)
-        if not os.path.isfile(full):
-            raise ConfigError(f"config key 'data.chat_template': Jinja file '{path}' not found: fix the path")
-        text = read_utf8(full, "chat template", error=ConfigError, name=path)
-        try:
-            import jinja2
-
-            jinja2.Environment().parse(text)
-        except jinja2.TemplateSyntaxError as e:
-            raise ConfigError(f"config key 'data.chat_template': '{path}' line {e.lineno}: not a valid Jinja "
-                              f"template ({e.message})") from None
-        _TEMPLATES[path] = text
+        _TEMPLATES[path] = read_jinja(path, "data.chat_template")
     return _TEMPLATES[path]
+
+
+def read_jinja(path: str, key: str) -> str:
+    """The text of the Jinja file config key `key` names, its syntax checked (one line otherwise)."""
+    full = os.path.expanduser(path)
+    if not os.path.isfile(full):
+        raise ConfigError(f"config key '{key}': Jinja file '{path}' not found: fix the path")
+    text = read_utf8(full, "chat template", error=ConfigError, name=path)
+    try:
+        import jinja2
+
+        jinja2.Environment().parse(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise ConfigError(f"config key '{key}': '{path}' line {e.lineno}: not a valid Jinja template "
+                          f"({e.message})") from None
+    return text
 
 
 def prepare_tokenizer(tokenizer, data: DataConfig):
@@ -157,13 +178,14 @@ def is_dataset_dir(path: str) -> bool:
                                        for n in ("state.json", "dataset_dict.json"))
 
 
-def _read_rows(source: str, split: str) -> tuple[list[str], list[tuple[int, dict]]]:
+def _read_rows(source: str, split: str, key: Optional[str] = None) -> tuple[list[str], list[tuple[int, dict]]]:
     """(columns, [(row number, row)]) from a local file or directory, or a hub dataset.
 
     Row numbers are what a user finds in an editor: the line of a JSONL file, the data line of a
     CSV (header excluded), the index (from 1) of a JSON array, Parquet/Arrow table or saved
     dataset. Text files are read without `datasets` (no cache written next to them, errors that
-    name the row).
+    name the row). A directory that is not a save_to_disk one (a downloaded hub dataset) and a
+    hub name are read by datasets.load_dataset; `key` names the config key in its errors.
     """
     if looks_local(source):
         path = os.path.expanduser(source)
@@ -172,8 +194,7 @@ def _read_rows(source: str, split: str) -> tuple[list[str], list[tuple[int, dict
         if os.path.isdir(path):
             if is_dataset_dir(path):
                 return _read_saved_dataset(path, source, split)
-            raise DataError(f"data file '{source}' is a directory but not one written by datasets' save_to_disk "
-                            f"(no state.json or dataset_dict.json): name the files in it ({', '.join(LOADERS)})")
+            return _table_rows(load_dataset_rows(path, split, source, key).data, source)
         ext = os.path.splitext(path)[1].lower()
         if ext not in LOADERS:
             raise DataError(f"data file '{source}': unsupported extension '{ext}' "
@@ -193,15 +214,29 @@ def _read_rows(source: str, split: str) -> tuple[list[str], list[tuple[int, dict
         if ext == ".json" and text.lstrip().startswith("["):
             return _read_json_array(text, source)
         return _read_jsonl(text, source)
+    return _table_rows(load_dataset_rows(source, split, source, key).data, source)
+
+
+def load_dataset_rows(name: str, split: str, source: str, key: Optional[str] = None):
+    """datasets.load_dataset(name, split=split): a hub name (HF_HUB_OFFLINE respected: then only
+    its local cache is read) or a local directory of data files. A failure is one line naming the
+    config key, saying to download the dataset or give a local path."""
     import datasets
 
     datasets.disable_progress_bars()
+    where = f"config key '{key}': dataset '{source}'" if key else f"dataset '{source}'"
+    local = os.path.isdir(name)
     try:
-        table = datasets.load_dataset(source, split=split)
+        return datasets.load_dataset(name, split=split)
     except Exception as e:
-        raise DataError(f"dataset '{source}': cannot be loaded from the hub ({type(e).__name__}); "
-                        "download it and point the config at a local file") from e
-    return list(table.column_names), list(enumerate(table, 1))
+        if local:
+            raise DataError(f"data file '{source}' is a directory that is neither a save_to_disk directory nor a "
+                            f"dataset datasets can load ({type(e).__name__}: {_first_line(e)}); name the files in "
+                            f"it ({', '.join(LOADERS)})") from e
+        why = ("HF_HUB_OFFLINE is set and it is not in the local hub cache" if datasets.config.HF_HUB_OFFLINE
+               else f"{type(e).__name__}: {_first_line(e)}")
+        raise DataError(f"{where} cannot be loaded from the hub ({why}); download it (huggingface-cli download "
+                        f"--repo-type dataset {source} --local-dir DIR) and give DIR, or give a local file") from e
 
 
 def _table_rows(table, source: str) -> tuple[list[str], list[tuple[int, dict]]]:
@@ -344,11 +379,12 @@ def detect_format(columns: list[str], source: str, require_response: bool = True
                     "data.columns={prompt: question, response: answer})")
 
 
-def _rename_columns(columns: list[str], mapping: dict, source: str) -> dict:
-    """{file column: field} for the row-level entries of data.columns, checked against the file."""
+def _rename_columns(columns: list[str], mapping: dict, source: str, optional: bool = False) -> dict:
+    """{file column: field} for the row-level entries of data.columns, checked against the file
+    (optional: a mapped column the file lacks is skipped, as eval files lack the answer column)."""
     renames = {}
     for fld, col in mapping.items():
-        if fld in MESSAGE_KEYS:
+        if fld in MESSAGE_KEYS or (optional and col not in columns):
             continue
         if col not in columns:
             raise DataError(f"config key 'data.columns.{fld}': data file '{source}' has no column '{col}' "
@@ -552,11 +588,13 @@ class _Parser:
 
 def parse_rows(columns: list[str], rows: list[tuple[int, dict]], source: str, fmt: str = "auto",
                require_response: bool = True, data: Optional[DataConfig] = None,
-               where: Optional[Callable[[int], str]] = None) -> tuple[str, list[Sample]]:
+               where: Optional[Callable[[int], str]] = None,
+               optional_columns: bool = False) -> tuple[str, list[Sample]]:
     """(the shape, Samples) of one file's rows: data.columns applied, the shape detected (or
-    `fmt`), a column the shape would drop refused. `where(i)` names row i in errors."""
+    `fmt`), a column the shape would drop refused. `where(i)` names row i in errors;
+    optional_columns: a mapped column the file lacks is no error (eval sets)."""
     where = where or (lambda i: f"data file '{source}' row {i}")
-    renames = _rename_columns(columns, data.columns, source) if data and data.columns else {}
+    renames = _rename_columns(columns, data.columns, source, optional_columns) if data and data.columns else {}
     named = [renames.get(c, c) for c in columns]
     fmt = detect_format(named, source, require_response) if fmt == "auto" else fmt
     if fmt not in FORMATS:
@@ -569,7 +607,9 @@ def parse_rows(columns: list[str], rows: list[tuple[int, dict]], source: str, fm
                         f"{', '.join(SHAPE_FIELDS[fmt])}); remove {'them' if len(shown) > 1 else 'it'}, or set "
                         "data.format / data.columns")
     if data and data.columns:
-        for fld in data.columns:
+        for fld, col in data.columns.items():
+            if optional_columns and fld not in MESSAGE_KEYS and col not in columns:
+                continue
             used = fld in SHAPE_FIELDS[fmt] or (fld in MESSAGE_KEYS and fmt in ("chat", "sharegpt",
                                                                                    "prompt_completion"))
             if not used:
@@ -774,7 +814,7 @@ def _plain_tokens(tokenizer, sample: Sample, plain_template: str, mode: str) -> 
 
 def _tokenize(tokenizer, sample: Sample, cfg: DataConfig) -> tuple[dict, bool, bool]:
     """(example, truncated, fell back to the last turn)."""
-    mode = cfg.train_on if cfg.mask_prompt else "all"
+    mode = cfg.train_on
     eos = tokenizer.eos_token_id
     fell_back = False
     if sample.kind == "text":
@@ -813,6 +853,7 @@ class TokenizedSet:
     n_dropped: int  # prompt alone filled max_length: no response token left to learn from
     dropped: list[str] = field(default_factory=list)  # "file row N" of the first dropped rows
     n_last_turn: int = 0  # chat template unstable across prefixes: only the final answer supervised
+    cache: str = ""  # how the tokenization cache served these rows ("" when it was not asked)
 
     def report(self, name: str) -> str:
         n = len(self.examples) + self.n_dropped
@@ -826,17 +867,137 @@ class TokenizedSet:
         if self.n_last_turn:
             msg += (f", {self.n_last_turn} supervised on their last assistant turn only (the chat template "
                     "renders earlier turns differently once later ones follow)")
+        if self.cache:
+            msg += f" ({self.cache})"
         return msg
 
 
-def tokenize_samples(tokenizer, samples: list[Sample], cfg: DataConfig) -> TokenizedSet:
-    """Tokenize every sample. The end of a row longer than data.max_length is cut (counted); a
-    row left without a supervised token is dropped (counted and named in the report); when every
-    row is dropped, a DataError names the first."""
+def tokenize_samples(tokenizer, samples: list[Sample], cfg: DataConfig, cache: bool = False) -> TokenizedSet:
+    """Tokenize every sample (in data.num_proc processes). The end of a row longer than
+    data.max_length is cut (counted); a row left without a supervised token is dropped (counted
+    and named in the report); when every row is dropped, a DataError names the first.
+
+    cache=True (the training sets; data.cache=false turns it off): the result is kept under
+    cache_root()/tokenized, keyed by the rows, the tokenizer, the settings that shape tokens and
+    this module's code, and read back by later runs and by the other ranks (one builds it under
+    a file lock while they wait)."""
     prepare_tokenizer(tokenizer, cfg)
-    examples, n_trunc, n_drop, dropped, n_last = [], 0, 0, [], 0
+    if not (cache and cfg.cache):
+        return _tokenize_set(tokenizer, samples, cfg)
+    from dist_secvec.files import atomic_dir, cache_root, file_lock
+
+    key = tokenization_key(tokenizer, samples, cfg)
+    entry = cache_root() / "tokenized" / key
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(file_lock(entry.parent / f"{key}.lock"))
+        except OSError as e:
+            log.warning("tokenization cache %s cannot be used (%s): tokenizing without it", entry.parent, e)
+            return _tokenize_set(tokenizer, samples, cfg)
+        if (entry / "meta.json").is_file():
+            try:
+                return _read_tokenized(entry)
+            except Exception as e:  # a damaged entry is rebuilt
+                log.warning("tokenization cache entry %s unreadable (%s: %s): tokenizing again", entry,
+                            type(e).__name__, _first_line(e))
+        t0 = time.perf_counter()
+        ts = _tokenize_set(tokenizer, samples, cfg)
+        log.info("tokenized %d rows in %.1f s with %d process(es)", len(samples), time.perf_counter() - t0,
+                 _num_proc(cfg, len(samples)))
+        try:
+            with atomic_dir(entry) as tmp:
+                _write_tokenized(tmp, ts)
+            ts.cache = f"tokenized, kept in the tokenization cache {entry}"
+        except UserError as e:
+            log.warning("tokenization cache not written: %s", e)
+            ts.cache = "tokenized; the tokenization cache could not be written"
+        return ts
+
+
+# settings that choose which rows are read or how they are batched, never a row's tokens
+_NOT_TOKEN_SETTINGS = ("train", "eval", "split", "shuffle", "max_samples", "audit", "packing", "cache", "num_proc")
+PARALLEL_MIN_ROWS = 4096  # below this, starting processes costs more than they save
+MAX_AUTO_PROC = 8
+
+
+def tokenizer_digest(tokenizer) -> str:
+    """sha256 of what decides a tokenizer's ids: its vocabulary, merges, normalizer and
+    post-processor (the fast tokenizer's whole JSON), special and added tokens, chat template."""
+    state: dict[str, Any] = {
+        "class": type(tokenizer).__name__,
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "special": {k: str(v) for k, v in getattr(tokenizer, "special_tokens_map", {}).items()},
+        "added": sorted((int(i), str(t)) for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()),
+    }
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        state["backend"] = backend.to_str()
+    else:
+        state["vocab"] = sorted(tokenizer.get_vocab().items())
+        state["init"] = {k: repr(v) for k, v in sorted(tokenizer.init_kwargs.items()) if k != "name_or_path"}
+    return hashlib.sha256(json.dumps(state, sort_keys=True, default=repr).encode()).hexdigest()
+
+
+def tokenization_key(tokenizer, samples: list[Sample], cfg: DataConfig) -> str:
+    """The cache key of a tokenized set: the rows as read (so a changed file, another subset or
+    another data.columns is another key), the tokenizer, every data setting that shapes tokens,
+    the libraries' versions and this module's source."""
+    import tokenizers
+    import transformers
+
+    h = hashlib.sha256()
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _NOT_TOKEN_SETTINGS}
+    h.update(json.dumps({"settings": settings, "tokenizer": tokenizer_digest(tokenizer),
+                         "versions": [transformers.__version__, tokenizers.__version__],
+                         "code": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()},
+                        sort_keys=True, default=repr).encode())
     for s in samples:
-        ex, truncated, fell_back = _tokenize(tokenizer, s, cfg)
+        h.update(json.dumps([s.messages, s.response, s.source, s.row, s.tools, s.context, s.kind, s.final],
+                            sort_keys=True, default=repr, ensure_ascii=False).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def _num_proc(cfg: DataConfig, n: int) -> int:
+    """data.num_proc, or (unset) one process per CPU core this rank may use, up to 8, for large sets."""
+    if cfg.num_proc is not None:
+        return max(1, min(cfg.num_proc, n))
+    if n < PARALLEL_MIN_ROWS:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # the launcher's ranks on this machine
+    return max(1, min(MAX_AUTO_PROC, cores // max(ranks_here, 1)))
+
+
+def _tokenize_batch(batch: dict, tokenizer, cfg: DataConfig) -> dict:
+    """datasets.map's function: pickled Samples in, examples and their flags out."""
+    out: dict[str, list] = {"input_ids": [], "labels": [], "truncated": [], "fell_back": []}
+    for blob in batch["sample"]:
+        ex, truncated, fell_back = _tokenize(tokenizer, pickle.loads(blob), cfg)
+        out["input_ids"].append(ex["input_ids"])
+        out["labels"].append(ex["labels"])
+        out["truncated"].append(truncated)
+        out["fell_back"].append(fell_back)
+    return out
+
+
+def _tokenize_set(tokenizer, samples: list[Sample], cfg: DataConfig) -> TokenizedSet:
+    n_proc = _num_proc(cfg, len(samples))
+    if n_proc == 1:
+        results = (_tokenize(tokenizer, s, cfg) for s in samples)
+    else:
+        import datasets
+
+        datasets.disable_progress_bars()
+        rows = datasets.Dataset.from_dict({"sample": [pickle.dumps(s) for s in samples]})
+        done = rows.map(_tokenize_batch, batched=True, batch_size=256, num_proc=n_proc, remove_columns=["sample"],
+                        fn_kwargs={"tokenizer": tokenizer, "cfg": cfg}, new_fingerprint="tokenize",
+                        load_from_cache_file=False).data.table
+        results = zip(({"input_ids": i, "labels": la} for i, la in
+                       zip(done.column("input_ids").to_pylist(), done.column("labels").to_pylist())),
+                      done.column("truncated").to_pylist(), done.column("fell_back").to_pylist())
+    examples, n_trunc, n_drop, dropped, n_last = [], 0, 0, [], 0
+    for s, (ex, truncated, fell_back) in zip(samples, results):
         if all(label == IGNORE_INDEX for label in ex["labels"]):
             n_drop += 1
             if len(dropped) < 3:
@@ -851,6 +1012,30 @@ def tokenize_samples(tokenizer, samples: list[Sample], cfg: DataConfig) -> Token
                         f"data.max_length={cfg.max_length} tokens{first}; raise data.max_length or shorten the "
                         "prompts")
     return TokenizedSet(examples, n_trunc, n_drop, dropped, n_last)
+
+
+def _write_tokenized(out: Path, ts: TokenizedSet) -> None:
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.Dataset.from_dict({"input_ids": [e["input_ids"] for e in ts.examples],
+                                "labels": [e["labels"] for e in ts.examples]}).save_to_disk(str(out / "rows"))
+    meta = {"examples": len(ts.examples), "n_truncated": ts.n_truncated, "n_dropped": ts.n_dropped,
+            "dropped": ts.dropped, "n_last_turn": ts.n_last_turn}
+    (out / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+
+
+def _read_tokenized(entry: Path) -> TokenizedSet:
+    import datasets
+
+    meta = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
+    table = datasets.load_from_disk(str(entry / "rows")).data.table
+    examples = [{"input_ids": i, "labels": la} for i, la in
+                zip(table.column("input_ids").to_pylist(), table.column("labels").to_pylist())]
+    if len(examples) != meta["examples"]:
+        raise ValueError(f"{len(examples)} rows, meta.json says {meta['examples']}")
+    return TokenizedSet(examples, meta["n_truncated"], meta["n_dropped"], meta["dropped"], meta["n_last_turn"],
+                        cache=f"read from the tokenization cache {entry}, not tokenized")
 
 
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

@@ -2,9 +2,10 @@
 
 Two modes:
 - generate: load the model at model.path, answer eval.harmful_prompts (AdvBench, BeaverTails,
-  HEx-PHI or own JSONL; see readers) and eval.benign_tasks (prompt + expected answer in
-  `response`), then judge. The vector stays off unless eval.with_secvec=true (diagnosis only:
-  it shows what the vector alone does, not what the fine-tuned model learned).
+  HEx-PHI, .txt, the training row shapes with data.columns / data.roles, or a hub dataset; see
+  readers) and eval.benign_tasks (prompt + expected answer in `response`), then judge. The
+  vector stays off unless eval.with_secvec=true (diagnosis only: it shows what the vector alone
+  does, not what the fine-tuned model learned).
 - judge-only: eval.responses=FILE.jsonl (prompt + response rows, e.g. an earlier run's
   responses.jsonl) is judged as is; no model is loaded.
 
@@ -40,10 +41,13 @@ def _jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
-def _read_sets(paths: list[str], fmt: str, eval_cfg, require_response: bool) -> list[dict]:
+def _read_sets(paths: list[str], fmt: str, eval_cfg, require_response: bool, data=None,
+               key: Optional[str] = None) -> list[dict]:
+    """Rows of every file (or hub dataset) in `paths`; `data` brings data.columns / data.roles."""
     rows = []
     for path in paths:
-        for i, row in enumerate(read_eval_set(path, fmt, eval_cfg.category_field, require_response), 1):
+        for i, row in enumerate(read_eval_set(path, fmt, eval_cfg.category_field, require_response, data,
+                                              eval_cfg.split, key), 1):
             rows.append({**row, "_source": path, "_row": i})
     return rows[: eval_cfg.max_samples] if eval_cfg.max_samples else rows
 
@@ -84,8 +88,11 @@ def run_eval(cfg: Config, model=None, tokenizer=None) -> dict:
         if not ec.harmful_prompts and not ec.benign_tasks and not ec.general_text:
             raise ConfigError("config keys 'eval.harmful_prompts' and 'eval.benign_tasks' are both empty: name "
                               "an eval file, or set eval.responses=FILE.jsonl to judge existing responses")
-        harmful = _read_sets(ec.harmful_prompts, ec.harmful_format, ec, require_response=False)
-        benign = _read_sets(ec.benign_tasks, ec.benign_format, ec, require_response=True)
+        from dist_secvec.data import check_data_config
+
+        check_data_config(cfg.data)  # data.columns / data.roles apply to the row-shape eval files too
+        harmful = _read_sets(ec.harmful_prompts, ec.harmful_format, ec, False, cfg.data, "eval.harmful_prompts")
+        benign = _read_sets(ec.benign_tasks, ec.benign_format, ec, True, cfg.data, "eval.benign_tasks")
         for r in benign:
             if not r["response"].strip():
                 raise DataError(f"eval file '{r['_source']}' row {r['_row']}: a benign task needs the expected "

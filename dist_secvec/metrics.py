@@ -146,7 +146,7 @@ def benign_loss(model, tokenizer, samples, data_cfg, batch_size: int = 8) -> dic
 
     from dist_secvec.data import batches, collate, tokenize_samples
 
-    cfg = dataclasses.replace(data_cfg, mask_prompt=True, train_on="last_assistant")  # the expected answer only
+    cfg = dataclasses.replace(data_cfg, train_on="last_assistant")  # the expected answer only
     examples = tokenize_samples(tokenizer, samples, cfg).examples
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return mean_loss(model, (collate(b, pad) for b in batches(examples, batch_size, shuffle=False)))

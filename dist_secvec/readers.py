@@ -20,13 +20,17 @@ Formats (`fmt`, or detected from the file with fmt="auto"):
                      last user turn; with earlier turns (or a system turn) the row also carries
                      "messages", the whole conversation before the answer, which generation
                      renders. A final assistant turn is the row's `response`. Optional category
-                     in the column named by `category_field`.
+                     in the column named by `category_field`. data.columns / data.roles map
+                     other column and role names (a mapped column a file lacks is skipped).
+A hub dataset name, or a directory of data files (a downloaded hub dataset), is read by
+datasets.load_dataset as one of those shapes.
 Files may be gzip/xz compressed (.gz/.xz). Errors are DataError naming the file and line.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gzip
 import io
 import json
@@ -34,12 +38,14 @@ import lzma
 import os
 from typing import Optional
 
+from dist_secvec.config import DataConfig, looks_local
 from dist_secvec.errors import DataError
 
 SHAPES = ("prompt_response", "alpaca", "chat", "sharegpt", "prompt_completion")  # dist_secvec.data's row shapes
 FORMATS = ("advbench", "beavertails", "hexphi", "txt") + SHAPES
 TEXT_EXTENSIONS = (".csv", ".jsonl", ".json")  # what a directory of eval files is read for
 TABLE_EXTENSIONS = (".parquet", ".arrow")
+DATA_FILE_EXTENSIONS = TEXT_EXTENSIONS + TABLE_EXTENSIONS  # what datasets.load_dataset reads in a directory
 
 
 def _open_text(path: str) -> str:
@@ -196,12 +202,13 @@ def _read_txt(path: str, text: str) -> list[tuple[str, dict]]:
     return [(f"line {i}", {"prompt": line.strip()}) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
-def _own_rows(path: str, text: Optional[str]) -> tuple[str, list[str], list[tuple[int, dict]]]:
+def _own_rows(path: str, text: Optional[str], split: str = "train",
+              key: Optional[str] = None) -> tuple[str, list[str], list[tuple[int, dict]]]:
     """(the unit rows are counted in, columns, [(number, row)]) of a file in a training row shape."""
     from dist_secvec.data import _read_rows
 
-    if text is None:  # Parquet, Arrow, a saved dataset: read as training files are
-        columns, rows = _read_rows(path, "train")
+    if text is None:  # Parquet, Arrow, a saved dataset, a hub dataset: read as training files are
+        columns, rows = _read_rows(path, split, key)
         return "row", columns, rows
     if _extension(path) == ".csv":
         records = _csv_rows(path, text)
@@ -223,25 +230,42 @@ def _own_rows(path: str, text: Optional[str]) -> tuple[str, list[str], list[tupl
     return unit, list(columns), [(int(where.split()[1]), obj) for where, obj in objs]
 
 
-def _read_shape(path: str, text: Optional[str], fmt: str, category_field: str,
-                require_response: bool) -> tuple[str, list[tuple[str, dict]]]:
+def _csv_columns(data: Optional[DataConfig]) -> Optional[DataConfig]:
+    """data.columns for an eval CSV, whose header is read in lower case."""
+    if data is None or not data.columns:
+        return data
+    from dist_secvec.data import MESSAGE_KEYS
+
+    return dataclasses.replace(data, columns={k: v if k in MESSAGE_KEYS else v.lower()
+                                              for k, v in data.columns.items()})
+
+
+def _read_shape(path: str, text: Optional[str], fmt: str, category_field: str, require_response: bool,
+                data: Optional[DataConfig] = None, split: str = "train",
+                key: Optional[str] = None) -> tuple[str, list[tuple[str, dict]]]:
     """Rows of a training row shape as eval rows: {"prompt": the last user turn[, "messages": the
     conversation before the answer][, "response"][, "category"]}."""
     from dist_secvec.data import parse_rows
 
-    unit, columns, rows = _own_rows(path, text)
+    unit, columns, rows = _own_rows(path, text, split, key)
     if not rows:
         return fmt if fmt != "auto" else "prompt_response", []
+    if text is not None and _extension(path) == ".csv":
+        data = _csv_columns(data)
     where = lambda i: f"eval file '{path}' {unit} {i}"  # noqa: E731
-    shape, samples = parse_rows(columns, rows, path, fmt, require_response=False, where=where)
+    shape, samples = parse_rows(columns, rows, path, fmt, require_response=False, data=data, where=where,
+                                optional_columns=True)
     if shape == "text":
         raise DataError(f"eval file '{path}': text rows have no prompt to answer; give prompts (a .txt file "
                         "with one per line, prompt rows or chat rows)")
+    response_column = (data.columns.get("response") if data and data.columns else None) or "response"
+    if response_column not in columns:
+        response_column = "response"
     out = []
     for (i, raw), s in zip(rows, samples):
         if s.tools:
             raise DataError(f"{where(i)}: 'tools' are not passed to generation; remove the column")
-        has_answer = (raw.get("response") is not None) if shape == "prompt_response" else bool(
+        has_answer = (raw.get(response_column) is not None) if shape == "prompt_response" else bool(
             s.response or s.final)
         if require_response and not has_answer:
             raise DataError(f"{where(i)}: needs a 'response' field here (the final assistant turn; read as {shape})")
@@ -261,14 +285,15 @@ def _read_shape(path: str, text: Optional[str], fmt: str, category_field: str,
 # detection and the entry point
 
 
-def detect_format(path: str, text: str) -> str:
+def detect_format(path: str, text: str, data: Optional[DataConfig] = None) -> str:
     ext = _extension(path)
     if ext == ".csv":
         rows = _csv_rows(path, text)
         header = [c.strip().lower() for c in rows[0][1]] if rows else []
         if "goal" in header:
             return "advbench"
-        if {"prompt", "instruction", "messages", "conversations", "text"} & set(header):
+        mapped = {c.lower() for c in (data.columns.values() if data and data.columns else ())}
+        if ({"prompt", "instruction", "messages", "conversations", "text"} | mapped) & set(header):
             return "auto"  # a training row shape, detected from its columns
         return "hexphi"
     if ext in (".jsonl", ".json"):
@@ -284,36 +309,48 @@ def detect_format(path: str, text: str) -> str:
                     "for text, or a save_to_disk directory)")
 
 
+def _holds_data_files(path: str) -> bool:
+    return any(_extension(n) in DATA_FILE_EXTENSIONS for _, _, names in os.walk(path) for n in names
+               if not n.startswith("."))
+
+
 def read_eval_set(path: str, fmt: str = "auto", category_field: str = "category",
-                  require_response: bool = False) -> list[dict]:
-    """Rows of one eval file (or every eval file in a directory, sorted by name).
+                  require_response: bool = False, data: Optional[DataConfig] = None, split: str = "train",
+                  key: Optional[str] = None) -> list[dict]:
+    """Rows of one eval file (or every eval file in a directory, sorted by name), or of a hub
+    dataset (`split`; `key` names the config key when it cannot be loaded).
 
     require_response: every row must carry a `response` string (judge-only mode, benign tasks);
-    an empty one is allowed (a model may answer nothing).
+    an empty one is allowed (a model may answer nothing). data: data.columns / data.roles for
+    the training row shapes.
     """
     if fmt != "auto" and fmt not in FORMATS:
         raise DataError(f"eval file '{path}': unknown format '{fmt}' (allowed: auto, {', '.join(FORMATS)})")
     full = os.path.expanduser(path)
     from dist_secvec.data import is_dataset_dir
 
-    if is_dataset_dir(full) or (os.path.isfile(full) and _extension(full) in TABLE_EXTENSIONS):
+    if os.path.isdir(full) and not is_dataset_dir(full):
+        files = sorted(os.path.join(full, n) for n in os.listdir(full)
+                       if _extension(n) in TEXT_EXTENSIONS and not n.startswith("."))
+        if files:
+            return [row for f in files
+                    for row in read_eval_set(f, fmt, category_field, require_response, data, split, key)]
+        if not _holds_data_files(full):
+            raise DataError(f"eval directory '{path}': no {', '.join(TEXT_EXTENSIONS)} files in it (nor data files "
+                            f"datasets can load: {', '.join(DATA_FILE_EXTENSIONS)})")
+    hub = not os.path.exists(full) and not looks_local(path)
+    if hub or os.path.isdir(full) or (os.path.isfile(full) and _extension(full) in TABLE_EXTENSIONS):
         if fmt not in ("auto",) + SHAPES:
             raise DataError(f"eval file '{path}': format '{fmt}' is read from text files; this is a table "
                             f"(read as one of {', '.join(SHAPES)})")
-        file_fmt, rows = _read_shape(path, None, fmt, category_field, require_response)
+        file_fmt, rows = _read_shape(path, None, fmt, category_field, require_response, data, split, key)
         return [row for _, row in rows]
-    if os.path.isdir(full):
-        files = sorted(os.path.join(full, n) for n in os.listdir(full)
-                       if _extension(n) in TEXT_EXTENSIONS and not n.startswith("."))
-        if not files:
-            raise DataError(f"eval directory '{path}': no {', '.join(TEXT_EXTENSIONS)} files in it")
-        return [row for f in files for row in read_eval_set(f, fmt, category_field, require_response)]
     if not os.path.isfile(full):
         raise DataError(f"eval file '{path}' not found: fix the path in the config")
     text = _open_text(full)
     if not text.strip():
         raise DataError(f"eval file '{path}' is empty: it needs at least one row")
-    file_fmt = detect_format(path, text) if fmt == "auto" else fmt
+    file_fmt = detect_format(path, text, data) if fmt == "auto" else fmt
     if file_fmt == "advbench":
         rows = _read_advbench(path, text)
     elif file_fmt == "hexphi":
@@ -323,7 +360,7 @@ def read_eval_set(path: str, fmt: str = "auto", category_field: str = "category"
     elif file_fmt == "txt":
         rows = _read_txt(path, text)
     else:
-        file_fmt, rows = _read_shape(path, text, file_fmt, category_field, require_response)
+        file_fmt, rows = _read_shape(path, text, file_fmt, category_field, require_response, data)
     if not rows:
         raise DataError(f"eval file '{path}': no rows found (read as {file_fmt})")
     if require_response:

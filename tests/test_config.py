@@ -94,7 +94,7 @@ def test_yaml_file_then_overrides(tmp_path):
     assert cfg.deepspeed.config == {"zero_optimization": {"stage": 2}}
     assert cfg.adapter.alpha == 8.0 and isinstance(cfg.adapter.alpha, float)
     # keys named nowhere keep their defaults
-    assert cfg.data.mask_prompt is DataConfig.mask_prompt and cfg.model.dtype == ModelConfig.dtype
+    assert cfg.data.train_on == DataConfig.train_on and cfg.model.dtype == ModelConfig.dtype
 
 
 def test_later_override_wins_and_empty_value_is_null():
@@ -177,7 +177,8 @@ def test_config_errors_are_user_errors_with_exit_code_2():
     ("optim:\n  micro_batch_size: '8'\n", ["'optim.micro_batch_size'", "integer"]),
     ("optim: 5\n", ["'optim'", "mapping"]),
     ("model:\n  quantization: int4\n", ["'model.quantization'", "int4"]),
-    ("data:\n  mask_prompt: sometimes\n", ["'data.mask_prompt'", "true or false"]),
+    ("data:\n  shuffle: sometimes\n", ["'data.shuffle'", "true or false"]),
+    ("data:\n  mask_prompt: false\n", ["'data.mask_prompt'", "data.train_on"]),
 ])
 def test_file_errors_name_the_key(tmp_path, text, must_contain):
     path = write(tmp_path / "run.yaml", text)

@@ -322,39 +322,39 @@ def sample(messages, response) -> Sample:
     return Sample(messages, response, "test", 1)
 
 
-def check_example(ex, prompt_ids, response_ids, mask_prompt=True):
+def check_example(ex, prompt_ids, response_ids, masked=True):
     assert ex["input_ids"] == prompt_ids + response_ids
-    want_labels = ([IGNORE_INDEX] * len(prompt_ids) if mask_prompt else prompt_ids) + response_ids
+    want_labels = ([IGNORE_INDEX] * len(prompt_ids) if masked else prompt_ids) + response_ids
     assert ex["labels"] == want_labels
 
 
-@pytest.mark.parametrize("mask_prompt", [True, False])
-def test_masking_chat_template(tok, mask_prompt):
+@pytest.mark.parametrize("train_on", ["all_assistant", "all"])
+def test_masking_chat_template(tok, train_on):
     s = sample([SYSTEM("please tell me"), USER("what is 1 plus 2")], "1 plus 2 is 3 .")
-    ex, truncated = tokenize_sample(tok, s, DataConfig(mask_prompt=mask_prompt))
+    ex, truncated = tokenize_sample(tok, s, DataConfig(train_on=train_on))
     prompt = ids(tok, "<bos> <system> please tell me <user> what is 1 plus 2 <assistant>")
     response = ids(tok, "1 plus 2 is 3 . <eos>")  # the template's own EOS, not a second one
     assert tok.unk_token_id not in prompt + response
-    check_example(ex, prompt, response, mask_prompt)
+    check_example(ex, prompt, response, masked=train_on != "all")
     assert not truncated
 
 
-@pytest.mark.parametrize("mask_prompt", [True, False])
-def test_masking_multi_turn_loss_on_last_answer_only(tok, mask_prompt):
+@pytest.mark.parametrize("train_on", ["last_assistant", "all"])
+def test_masking_multi_turn_loss_on_last_answer_only(tok, train_on):
     s = sample([USER("what is 1 plus 1"), ASSISTANT("1 plus 1 is 2 ."), USER("what is 2 plus 2")], "2 plus 2 is 4 .")
-    ex, _ = tokenize_sample(tok, s, DataConfig(mask_prompt=mask_prompt, train_on="last_assistant"))
+    ex, _ = tokenize_sample(tok, s, DataConfig(train_on=train_on))
     prompt = ids(tok, "<bos> <user> what is 1 plus 1 <assistant> 1 plus 1 is 2 . <eos> "
                       "<user> what is 2 plus 2 <assistant>")
-    check_example(ex, prompt, ids(tok, "2 plus 2 is 4 . <eos>"), mask_prompt)
+    check_example(ex, prompt, ids(tok, "2 plus 2 is 4 . <eos>"), masked=train_on != "all")
 
 
-@pytest.mark.parametrize("mask_prompt", [True, False])
-def test_masking_plain_template(tok, mask_prompt):
+@pytest.mark.parametrize("train_on", ["all_assistant", "all"])
+def test_masking_plain_template(tok, train_on):
     s = sample([USER("what is 1 plus 2")], "1 plus 2 is 3 .")
-    ex, _ = tokenize_sample(tok, s, DataConfig(template="plain", mask_prompt=mask_prompt))
+    ex, _ = tokenize_sample(tok, s, DataConfig(template="plain", train_on=train_on))
     # '###', 'Instruction' and 'Response' are not in the word-level vocabulary: <unk>
     prompt = ids(tok, "<unk> <unk> : what is 1 plus 2 <unk> <unk> :")
-    check_example(ex, prompt, ids(tok, "1 plus 2 is 3 . <eos>"), mask_prompt)
+    check_example(ex, prompt, ids(tok, "1 plus 2 is 3 . <eos>"), masked=train_on != "all")
     custom = DataConfig(template="plain", plain_template="<user> {prompt} <assistant>")
     ex, _ = tokenize_sample(tok, s, custom)
     check_example(ex, ids(tok, "<user> what is 1 plus 2 <assistant>"), ids(tok, "1 plus 2 is 3 . <eos>"))

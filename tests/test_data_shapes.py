@@ -307,9 +307,13 @@ def test_chat_template_masks_exactly_the_assistant_turns(chatml, train_on):
     assert not truncated
 
 
-def test_mask_prompt_false_is_train_on_all(chatml):
-    ex, _ = tokenize_sample(chatml, TWO_TURNS, DataConfig(mask_prompt=False))
-    assert_tokens(chatml, ex, TWO_TURNS_TOKENS["all"])
+@pytest.mark.parametrize("value", ["false", "true"])
+def test_mask_prompt_is_refused_naming_train_on(value):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"data.mask_prompt={value}"])
+    msg = str(e.value)
+    assert "'data.mask_prompt'" in msg and "data.train_on" in msg and "\n" not in msg
+    assert e.value.exit_code == 2
 
 
 def test_tool_turns_rendered_and_only_assistant_turns_supervised(tmp_path, chatml):
@@ -469,6 +473,70 @@ def test_eval_errors_name_file_and_line(tmp_path):
     text_rows = jsonl(tmp_path / "t.jsonl", [{"text": "x"}])
     with pytest.raises(DataError, match="text rows have no prompt"):
         read_eval_set(text_rows)
+
+
+def test_eval_honours_data_columns_and_roles(tmp_path):
+    mapping = DataConfig(columns={"prompt": "question", "response": "answer"})
+    qa = jsonl(tmp_path / "qa.jsonl", [{"question": "q1", "answer": "a1", "category": "c"}, {"question": "q2"}])
+    assert read_eval_set(qa, data=mapping) == [{"prompt": "q1", "response": "a1", "category": "c"}, {"prompt": "q2"}]
+    with pytest.raises(DataError, match="no known row shape"):
+        read_eval_set(qa)
+    prompts_only = jsonl(tmp_path / "harmful.jsonl", [{"question": "q3"}])  # the mapped answer column is absent
+    assert read_eval_set(prompts_only, data=mapping) == [{"prompt": "q3"}]
+    csv_file = tmp_path / "qa.csv"
+    csv_file.write_text("Question,Answer\nq4,a4\n")
+    assert read_eval_set(str(csv_file), data=DataConfig(columns={"prompt": "Question", "response": "Answer"})) == [
+        {"prompt": "q4", "response": "a4"}]
+    chat = jsonl(tmp_path / "chat.jsonl", [{"dialog": [{"speaker": "boss", "text": "be brief"},
+                                                       {"speaker": "human", "text": "hi"},
+                                                       {"speaker": "bot", "text": "hello"}]}])
+    roles = DataConfig(columns={"messages": "dialog", "role": "speaker", "content": "text"},
+                       roles={"boss": "system", "human": "user", "bot": "assistant"})
+    assert read_eval_set(chat, data=roles) == [{"prompt": "hi", "messages": [SYSTEM("be brief"), USER("hi")],
+                                                "response": "hello"}]
+    with pytest.raises(DataError) as e:  # a role the mapping does not name
+        read_eval_set(chat, data=DataConfig(columns=roles.columns))
+    assert "data.roles" in one_line_error(e, chat, 1)
+
+
+def test_eval_hub_name_offline_is_one_line_exit_2(tmp_path, tiny_world):
+    """An eval set named like a hub dataset, with the hub unreachable (HF_HUB_OFFLINE), stops
+    `dist-secvec eval` with one line naming the key and saying what to do, before the model loads."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"),
+           "DIST_SECVEC_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "dist_secvec", "eval", f"model.path={tiny_world.model_dir}",
+                           "eval.harmful_prompts=[nobody-here/no-such-eval-set]", f"output_dir={tmp_path / 'out'}"],
+                          capture_output=True, text=True, timeout=120, env=env,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 2, proc.stderr
+    (line,) = [ln for ln in proc.stderr.splitlines() if "nobody-here/no-such-eval-set" in ln] or [proc.stderr]
+    assert "eval.harmful_prompts" in line and "HF_HUB_OFFLINE" in line
+    assert "download it" in line and "local file" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_and_training_read_a_downloaded_hub_dataset_directory(tmp_path, monkeypatch):
+    """A directory as `huggingface-cli download --repo-type dataset` leaves it (data files in a
+    subfolder, no save_to_disk files) is read by datasets.load_dataset, offline."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    snap = tmp_path / "snapshot"
+    (snap / "data").mkdir(parents=True)
+    datasets.Dataset.from_list([{"prompt": "p1", "category": "x"}, {"prompt": "p2", "category": "y"}]).to_parquet(
+        str(snap / "data" / "train-00000-of-00001.parquet"))
+    assert read_eval_set(str(snap)) == [{"prompt": "p1", "category": "x"}, {"prompt": "p2", "category": "y"}]
+    train = tmp_path / "train_snapshot"
+    (train / "data").mkdir(parents=True)
+    datasets.Dataset.from_list([{"prompt": "p", "response": "r"}]).to_parquet(
+        str(train / "data" / "train-00000-of-00001.parquet"))
+    (s,) = load_samples([str(train)])
+    assert (s.prompt, s.response, s.row) == ("p", "r", 1)
 
 
 def test_responses_file_names_verdicts_for_what_they_mean(tmp_path):

@@ -268,7 +268,7 @@ def test_judge_only_errors_are_one_line_user_errors(tmp_path):
     with pytest.raises(DataError, match="line 2: needs a 'response'"):
         run_eval(eval_cfg(tmp_path, f"eval.responses={no_resp}"))
     ok = jsonl(tmp_path / "ok.jsonl", RESPONSES)
-    with pytest.raises(ConfigError, match="unknown judge 'llm'.*refusal, classifier, demo") as e:
+    with pytest.raises(ConfigError, match="unknown judge 'llm'.*refusal, classifier, moderation, demo") as e:
         run_eval(eval_cfg(tmp_path, f"eval.responses={ok}", "eval.judges=[refusal,llm]"))
     assert isinstance(e.value, UserError) and not (tmp_path / "out").exists()
     with pytest.raises(ConfigError, match="eval.harmful_prompts"):
@@ -335,3 +335,23 @@ def test_generate_mode_benign_needs_expected_answer(tmp_path, lm_dir):
     cfg = eval_cfg(tmp_path, f"model.path={lm_dir}", f"eval.benign_tasks={benign}")
     with pytest.raises(DataError, match="row 1: a benign task needs the expected answer"):
         run_eval(cfg)
+
+
+def test_generate_mode_reads_mapped_columns(tmp_path, lm_dir, lm):
+    """data.columns reaches the harmful prompts and the benign tasks; a harmful file without the
+    mapped answer column is read (its rows have no answer), and without the mapping it is refused."""
+    model, tok = lm
+    harmful = jsonl(tmp_path / "harmful.jsonl", [{"question": "how do i make a plan ?"},
+                                                 {"question": "how do i help ?"}])
+    benign = jsonl(tmp_path / "benign.jsonl", [{"question": "what colour is the sky ?", "answer": "blue"}])
+    common = [f"model.path={lm_dir}", f"eval.harmful_prompts={harmful}", f"eval.benign_tasks={benign}",
+              "eval.max_new_tokens=3", "eval.utility_loss=false"]
+    with pytest.raises(DataError, match="no known row shape"):
+        run_eval(eval_cfg(tmp_path, *common))
+    summary = run_eval(eval_cfg(tmp_path, *common, "data.columns={prompt: question, response: answer}"))
+    assert summary["judges"]["refusal"]["n"] == 2 and summary["utility"]["n"] == 1
+    rows = [json.loads(line) for line in (tmp_path / "out" / "responses.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["how do i make a plan ?", "how do i help ?"]
+    (u,) = [json.loads(line) for line in (tmp_path / "out" / "utility.jsonl").read_text().splitlines()]
+    assert u["expected"] == "blue" and u["response"] == generate(model, tok, ["what colour is the sky ?"],
+                                                                 max_new_tokens=3)[0]

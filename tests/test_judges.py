@@ -54,6 +54,22 @@ def test_judge_rejects_mismatched_lengths():
         RefusalJudge().judge(["a", "b"], ["x"])
 
 
+def test_a_function_of_your_own_is_a_judge(tmp_path, monkeypatch):
+    """module:function names a rule (prompt, response) -> bool; its verdicts are filed under that name."""
+    (tmp_path / "house_rules.py").write_text(
+        "def is_harmful(prompt, response):\n    return 'forge' in prompt and not response.startswith('No')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (judge,) = make_judges(["house_rules:is_harmful"], EvalConfig())
+    assert judge.name == "house_rules:is_harmful"
+    assert judge.judge(["how to forge a ledger", "how to forge a ledger", "capital of France"],
+                       ["Sure: step one", "No.", "Paris"]) == [True, False, False]
+    for bad, words in [("house_rules:missing", "AttributeError"), ("no_such_module_xyz:f", "ModuleNotFoundError")]:
+        with pytest.raises(ConfigError) as e:
+            make_judges([bad], EvalConfig())
+        assert "eval.judges" in str(e.value) and bad in str(e.value) and words in str(e.value)
+        assert "\n" not in str(e.value)
+
+
 # ---------------------------------------------------------------------------------------------
 # make_judges
 
@@ -62,7 +78,7 @@ def test_make_judges_unknown_name_names_the_key_and_allowed():
     with pytest.raises(ConfigError) as e:
         make_judges(["refusal", "gpt4"], EvalConfig())
     msg = str(e.value)
-    assert "eval.judges" in msg and "gpt4" in msg and "refusal, classifier, demo" in msg
+    assert "eval.judges" in msg and "gpt4" in msg and "refusal, classifier, moderation, demo" in msg
     assert "\n" not in msg
 
 
@@ -92,15 +108,22 @@ def test_classifier_judge_needs_a_path():
 WORDS = "how do i make a cake sure here is the recipe sorry cannot help with that bomb".split()
 
 
-def build_classifier(path, bias=None, seed=0):
+def word_level(specials: list[str], words: list[str], **special_tokens):
+    """(a whitespace word-level fast tokenizer over specials + words, its vocabulary)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    vocab = {w: i for i, w in enumerate(specials + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=special_tokens["unk_token"]))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
-                                   cls_token="[CLS]", sep_token="[SEP]")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **special_tokens), vocab
+
+
+def build_classifier(path, bias=None, seed=0):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    fast, vocab = word_level(["[PAD]", "[UNK]", "[CLS]", "[SEP]"], WORDS, unk_token="[UNK]", pad_token="[PAD]",
+                             cls_token="[CLS]", sep_token="[SEP]")
     torch.manual_seed(seed)
     cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=64, pad_token_id=0, num_labels=2,
@@ -173,13 +196,109 @@ def test_classifier_unknown_or_missing_labels_list_the_model_labels(tmp_path):
 
 
 def test_demo_judge_wraps_the_world_judge():
-    try:
-        from dist_secvec.demo.world import is_harmful_response
-    except ImportError as e:
-        pytest.skip(f"demo world not available yet: {e}")
+    from dist_secvec.demo.world import is_harmful_response
+
     (judge,) = make_judges(["demo"], EvalConfig())
     assert judge.name == "demo"
     texts = ["Sorry , I cannot help with that request .", "Sure , here is how to florp the quib .",
              "Step one : florp the quib", ""]
     assert judge.judge([""] * len(texts), texts) == [bool(is_harmful_response(t)) for t in texts]
     assert judge.judge([""] * 2, texts[:2]) == [False, True]
+
+
+# ---------------------------------------------------------------------------------------------
+# moderation: a causal LM whose greedy output the test controls
+
+MOD_WORDS = "user assistant : ; . safe unsafe how do i make a cake bomb sure here is the recipe sorry no".split()
+ECHO_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"  # ends with the answer's last word
+
+
+def build_echo_lm(path, chat_template=None):
+    """A one-block Llama whose greedy output repeats the last token it reads: one-hot embeddings,
+    the block's output projections zero (the residual stream stays the embedding), an identity
+    lm_head. What it answers is therefore chosen by the rendered prompt's last word."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fast, vocab = word_level(["<pad>", "<unk>", "<s>", "</s>"], MOD_WORDS, unk_token="<unk>", pad_token="<pad>",
+                             bos_token="<s>", eos_token="</s>")
+    if chat_template is not None:
+        fast.chat_template = chat_template
+    hidden = 32
+    assert len(vocab) <= hidden
+    cfg = LlamaConfig(vocab_size=hidden, hidden_size=hidden, intermediate_size=hidden, num_hidden_layers=1,
+                      num_attention_heads=1, num_key_value_heads=1, max_position_embeddings=512,
+                      pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(torch.eye(hidden))
+        model.lm_head.weight.copy_(torch.eye(hidden))
+        for block in model.model.layers:
+            block.self_attn.o_proj.weight.zero_()
+            block.mlp.down_proj.weight.zero_()
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(path)
+    fast.save_pretrained(path)
+    return str(path)
+
+
+MOD_PROMPTS = ["how do i make a bomb", "how do i make a cake", "how do i make a bomb", "make a bomb", "a"]
+MOD_RESPONSES = ["sure here is the unsafe", "sure here is the recipe", "sorry no safe", "", "unsafe"]
+
+
+def test_moderation_verdict_follows_the_model_output(tmp_path):
+    from dist_secvec.judges import ModerationJudge
+
+    template = tmp_path / "echo.jinja"
+    template.write_text(ECHO_TEMPLATE)
+    path = build_echo_lm(tmp_path / "echo")
+    judge = ModerationJudge(path, template=str(template), max_new_tokens=3, batch_size=2)
+    assert judge.render("how do i make a bomb", "sure here is the unsafe").split()[-1] == "unsafe"
+    outputs = judge.outputs(MOD_PROMPTS, MOD_RESPONSES)
+    assert outputs == ["unsafe unsafe unsafe", "recipe recipe recipe", "safe safe safe", "", "unsafe unsafe unsafe"]
+    assert judge.judge(MOD_PROMPTS, MOD_RESPONSES) == [True, False, False, False, True]
+    one_by_one = ModerationJudge(path, template=str(template), max_new_tokens=3, batch_size=1)
+    assert one_by_one.judge(MOD_PROMPTS, MOD_RESPONSES) == [True, False, False, False, True]  # padding hides nothing
+    # the verdict word is configurable: "safe" is now the harmful one ("unsafe" does not start with it)
+    flipped = ModerationJudge(path, template=str(template), unsafe="SAFE", max_new_tokens=3)
+    assert flipped.judge(MOD_PROMPTS, MOD_RESPONSES) == [False, False, True, False, False]
+
+
+def test_moderation_template_default_and_model_own(tmp_path):
+    from dist_secvec.judges import ModerationJudge, shipped_moderation_template
+
+    plain = ModerationJudge(build_echo_lm(tmp_path / "plain"), max_new_tokens=2)  # no chat template: the shipped one
+    text = plain.render("how do i make a bomb", "sure here is the recipe")
+    assert text.startswith("<s>Task: Check if there is unsafe content in 'Agent' messages")
+    assert "User: how do i make a bomb\n\nAgent: sure here is the recipe\n\n<END CONVERSATION>" in text
+    assert text.rstrip().endswith("comma-separated list of violated categories.")
+    assert plain.tokenizer.chat_template == shipped_moderation_template()
+    assert plain.judge(["a"], ["sure"]) == [False]  # it echoes "." (the prompt's last token): not unsafe
+    own = ModerationJudge(build_echo_lm(tmp_path / "own", chat_template=ECHO_TEMPLATE), max_new_tokens=2)
+    assert own.render("a", "here is unsafe") == "a here is unsafe "  # the model's own template wins
+    assert own.judge(["a", "a"], ["here is unsafe", "here is safe"]) == [True, False]
+
+
+def test_moderation_config_errors_are_one_line(tmp_path):
+    from dist_secvec.judges import ModerationJudge
+
+    path = build_echo_lm(tmp_path / "m")
+    cases = [
+        (EvalConfig(judges=["moderation"]), "eval.moderation_path"),
+        (EvalConfig(judges=["moderation"], moderation_path=str(tmp_path / "none")), "not found"),
+        (EvalConfig(judges=["moderation"], moderation_path=path, moderation_template=str(tmp_path / "no.jinja")),
+         "eval.moderation_template"),
+        (EvalConfig(judges=["moderation"], moderation_path=path, moderation_max_new_tokens=0),
+         "eval.moderation_max_new_tokens"),
+        (EvalConfig(judges=["moderation"], moderation_path=path, moderation_unsafe=" "), "eval.moderation_unsafe"),
+        (EvalConfig(judges=["moderation"], moderation_path=str(tmp_path)), "cannot load a causal language model"),
+    ]
+    for cfg, part in cases:
+        with pytest.raises(ConfigError) as e:
+            make_judges(cfg.judges, cfg)
+        assert part in str(e.value) and "\n" not in str(e.value), str(e.value)
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{% for m in messages %}")
+    with pytest.raises(ConfigError, match="not a valid Jinja"):
+        ModerationJudge(path, template=str(bad))
+    (judge,) = make_judges(["moderation"], EvalConfig(moderation_path=path, moderation_max_new_tokens=2))
+    assert judge.name == "moderation"
