@@ -5,8 +5,9 @@
 #   launch/deepspeed.sh --gpus 8 -- finetune --config configs/llama2_7b_full_sv_zero3_8gpu.yaml
 #
 # Runs `deepspeed <launcher options> --no_local_rank --module dist_secvec <args>`; each rank runs
-# `python -u -m dist_secvec <args>` with RANK, LOCAL_RANK and WORLD_SIZE in its environment. Run it from the repository root: recipes name
-# their DeepSpeed JSON relative to it (configs/ds_zero3.json).
+# `python -u -m dist_secvec <args>` with RANK, LOCAL_RANK and WORLD_SIZE in its environment.
+# It runs from any directory: a recipe's relative deepspeed.config (configs/ds_zero3.json) is
+# looked up in the current directory, beside the recipe, then among the package's own JSONs.
 #
 # Environment: DRY_RUN=1 prints the command instead of running it; DEEPSPEED=<cmd> replaces the
 # `deepspeed` executable; LAUNCH_MODULE=<module> replaces dist_secvec (tests); OMP_NUM_THREADS

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -119,9 +120,10 @@ def tree_digest(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def launch_cli(args: list, timeout: float = 300):
+def launch_cli(args: list, timeout: float = 300, cwd: Optional[Path] = None):
     """`dist-secvec ARGS` on CPU ranks through launch/deepspeed.sh and the real deepspeed launcher
-    (ARGS start with the script's own flags, e.g. `--gpus 2 -- audit ...`)."""
+    (ARGS start with the script's own flags, e.g. `--gpus 2 -- audit ...`), from `cwd` (default
+    the repository root)."""
     import subprocess
     import sys
 
@@ -132,6 +134,6 @@ def launch_cli(args: list, timeout: float = 300):
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     r = subprocess.run([str(root / "launch" / "deepspeed.sh"), "--cpu", "--master-port", str(free_port()), *args],
-                       cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+                       cwd=cwd or root, env=env, capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"exit {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-4000:]}"
     return r

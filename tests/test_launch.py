@@ -413,3 +413,24 @@ def test_torchrun_sh_starts_two_cpu_ranks(fakebin, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     probes = sorted(ln for ln in r.stdout.splitlines() if ln.startswith("PROBE"))
     assert probes == ["PROBE 0 0 2 1 eval --config x.yaml", "PROBE 1 1 2 1 eval --config x.yaml"]
+
+
+@pytest.mark.slow
+def test_deepspeed_sh_runs_a_copied_recipe_from_another_directory(tiny_world, random_vector, tmp_path):
+    """From a directory outside the repository: the script finds the package, and a recipe's
+    relative deepspeed.config (configs/ds_zero3.json) resolves to the shipped JSON."""
+    import yaml
+
+    from conftest import launch_cli
+
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    (work / "run.yaml").write_text(yaml.safe_dump({
+        "model": {"path": str(tiny_world.model_dir)}, "data": {"train": [tiny_world.data["finetune_mixed"]],
+                                                                 "max_samples": 16, "max_length": 48},
+        "security_vector": {"path": str(random_vector)}, "deepspeed": {"config": "configs/ds_zero3.json"},
+        "optim": {"max_steps": 2, "micro_batch_size": 4}, "output_dir": "ft", "logging": {"progress": False}}))
+    launch_cli(["--gpus", "1", "--", "finetune", "--config", "run.yaml"], cwd=work)
+    saved = yaml.safe_load((work / "ft" / "config.yaml").read_text())
+    assert Path(saved["deepspeed"]["config"]) == REPO / "dist_secvec" / "configs" / "ds_zero3.json"
+    assert (work / "ft" / "final").is_dir()
