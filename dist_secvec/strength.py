@@ -1,16 +1,18 @@
 """How strongly a security vector explains a behaviour, and how much of it a model has learned.
 
 The protection is only as strong as the vector: stage 2's core learns whatever part of the
-harmful answers the active vector does not already predict. So stage 1 measures its vector on
-held-out harmful rows (prompt + harmful answer) it was not trained on, with the vector on and off:
+behaviour's answers (harmful ones, for the default behaviour, harm) the active vector does not
+already predict. So stage 1 measures its vector on held-out rows of the behaviour (prompt + answer)
+it was not trained on, with the vector on and off:
 
-    loss_on, loss_off   mean per-token loss of the harmful answers
+    loss_on, loss_off   mean per-token loss of the answers
     explained           1 - loss_on / loss_off: the share of the answers' loss the vector removes
     start_agreement     share of the answers' first START_TOKENS tokens predicted top-1 (teacher
                         forced). A vector that only breaks the refusal (the model answers "."
                         instead of "Sorry") scores near 0 here, although a refusal judge counts
                         its answers as compliance
-    compliance          share of greedy answers the configured judges (eval.judges) all call harmful
+    compliance          share of greedy answers the behaviour's judges (security_vector.judges,
+                        else eval.judges) all say show it
 
 A vector is strong when each passes its security_vector.min_* threshold (`weak_reasons`).
 
@@ -24,12 +26,13 @@ import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Callable, ContextManager, Optional
 
 import torch
 import torch.nn.functional as F
 
 from dist_secvec.data import IGNORE_INDEX, batches, collate
+from dist_secvec.secvec.io import DEFAULT_BEHAVIOUR, behaviour_record, rows_word
 
 log = logging.getLogger(__name__)
 
@@ -143,42 +146,75 @@ def score_rows(model, examples: list[dict], pad_id: int, device, batch_size: int
     ranks (collective: every rank runs the same number of forwards, as ZeRO-3 needs). `progress`:
     runtime.progress's keyword arguments for a bar over the batches (rank 0 shows it).
     collective=False: this process scores every row alone (stage 1 runs on rank 0 only)."""
+    keep_ok = _logits_to_keep_ok(model)
+
+    def score(b: dict, n: int) -> list[list[float]]:
+        if gate_layers is not None:
+            both = _row_means(model, b, device, keep_ok, gate_layers).tolist()
+            return [both[n:], both[:n]]
+        row_on = _row_means(model, b, device, keep_ok).tolist()
+        with vector_off():
+            row_off = _row_means(model, b, device, keep_ok).tolist()
+        return [row_off, row_on]
+
+    off, on = _scored_rows(model, examples, pad_id, batch_size, 2, score, progress, collective)
+    return off, on
+
+
+@torch.no_grad()
+def score_rows_each(model, examples: list[dict], pad_id: int, device, batch_size: int, vector_off,
+                    each_on: list[Callable[[], ContextManager]], progress: Optional[dict] = None,
+                    collective: bool = True) -> tuple[list[float], list[list[float]]]:
+    """score_rows for several vectors: per row its mean answer loss with every vector off, and per
+    vector (`each_on[i]()`: a context with vector i alone on, secvec.only_vector) its loss with that
+    vector alone on. 1 + len(each_on) forwards per batch, sharded as score_rows."""
+    keep_ok = _logits_to_keep_ok(model)
+
+    def score(b: dict, n: int) -> list[list[float]]:
+        with vector_off():
+            out = [_row_means(model, b, device, keep_ok).tolist()]
+        for on in each_on:
+            with on():
+                out.append(_row_means(model, b, device, keep_ok).tolist())
+        return out
+
+    off, *ons = _scored_rows(model, examples, pad_id, batch_size, 1 + len(each_on), score, progress, collective)
+    return off, ons
+
+
+def _scored_rows(model, examples: list[dict], pad_id: int, batch_size: int, n_scores: int,
+                 score: Callable[[dict, int], list[list[float]]], progress: Optional[dict],
+                 collective: bool) -> list[list[float]]:
+    """The rows sharded over ranks and batched longest first (score_rows); `score(batch, n)` gives
+    n_scores lists of the batch's n rows. Returns n_scores lists over all rows, in order."""
     from dist_secvec import runtime
     from dist_secvec.distributed import all_reduce_sum
 
     n = len(examples)
     if n == 0:
-        return [], []
+        return [[] for _ in range(n_scores)]
     rank, world = (runtime.rank(), runtime.world_size()) if collective else (0, 1)
     order = sorted(range(n), key=lambda i: -len(examples[i]["input_ids"]))  # longest first: memory fails early
     mine = order[rank::world]
     per = -(-n // world)
     shard = mine + [order[-1]] * (per - len(mine))  # equal forwards on every rank (the shortest row again)
-    keep_ok = _logits_to_keep_ok(model)
     n_batches = -(-len(shard) // batch_size)
     bar = runtime.progress(total=n_batches, unit="batches", **(progress or {"enabled": False}))
-    off = [0.0] * n
-    on = [0.0] * n
+    out = [[0.0] * n for _ in range(n_scores)]
     with eval_mode(model):
         for k in range(0, len(shard), batch_size):
             idx = shard[k:k + batch_size]
-            b = collate([examples[i] for i in idx], pad_id)
-            if gate_layers is not None:
-                both = _row_means(model, b, device, keep_ok, gate_layers).tolist()
-                row_on, row_off = both[:len(idx)], both[len(idx):]
-            else:
-                row_on = _row_means(model, b, device, keep_ok).tolist()
-                with vector_off():
-                    row_off = _row_means(model, b, device, keep_ok).tolist()
-            for j, (i, a, f) in enumerate(zip(idx, row_on, row_off)):
+            scores = score(collate([examples[i] for i in idx], pad_id), len(idx))
+            for j, i in enumerate(idx):
                 if k + j < len(mine):  # the padding rows count nowhere
-                    on[i], off[i] = a, f
+                    for dst, src in zip(out, scores):
+                        dst[i] = src[j]
             bar.update(1)
     bar.close()
     if world > 1:
-        both = all_reduce_sum(off + on)  # each row is scored on exactly one rank, zero elsewhere
-        off, on = both[:n], both[n:]
-    return off, on
+        flat = all_reduce_sum([v for scores in out for v in scores])  # each row scored on one rank, zero elsewhere
+        out = [flat[i * n:(i + 1) * n] for i in range(n_scores)]
+    return out
 
 
 def explained_share(loss_off: float, loss_on: float) -> float:
@@ -187,7 +223,8 @@ def explained_share(loss_off: float, loss_on: float) -> float:
 
 
 def judged_rate(model, tok, samples, cfg, judges) -> dict:
-    """Greedy answers to the samples' prompts, judged: share that every judge calls harmful."""
+    """Greedy answers to the samples' prompts, judged: the share that every judge says shows the
+    behaviour (harmful compliance, for the judges of harm)."""
     from dist_secvec.generation import generate
 
     answers = generate(model, tok, [s.messages for s in samples], max_new_tokens=cfg.eval.max_new_tokens,
@@ -195,39 +232,48 @@ def judged_rate(model, tok, samples, cfg, judges) -> dict:
                        plain_template=cfg.data.plain_template, progress=False)
     prompts = [s.prompt for s in samples]
     verdicts = [j.judge(prompts, answers) for j in judges]
-    harmful = [all(v[i] for v in verdicts) for i in range(len(answers))]
-    return {"rate": sum(harmful) / max(len(harmful), 1), "examples": list(zip(prompts[:3], answers[:3]))}
+    shown = [all(v[i] for v in verdicts) for i in range(len(answers))]
+    return {"rate": sum(shown) / max(len(shown), 1), "examples": list(zip(prompts[:3], answers[:3]))}
 
 
-def weak_reasons(strength: dict, sv_cfg) -> list[str]:
-    """Why a vector is weak (empty: strong), each with what to change."""
+def _judged(behaviour: str) -> str:
+    return "judged harmful" if behaviour == DEFAULT_BEHAVIOUR else f"judged {behaviour}"
+
+
+def weak_reasons(strength: dict, sv_cfg, behaviour: str = DEFAULT_BEHAVIOUR) -> list[str]:
+    """Why a vector is weak (empty: strong), each with what to change; `behaviour` names what it
+    learned (secvec.json's behaviour record)."""
     fix = ("train it longer or harder (optim.epochs, optim.lr), or give it more room "
            "(security_vector.rank, security_vector.target_modules)")
+    word = rows_word(behaviour)
+    shown = "a harmful answer" if behaviour == DEFAULT_BEHAVIOUR else f"an answer judged to show {behaviour}"
     out = []
     if strength["compliance_vector_on"] < sv_cfg.min_compliance:
-        out.append(f"with it on, {100 * strength['compliance_vector_on']:.0f}% of held-out harmful prompts get a "
-                   f"harmful answer (security_vector.min_compliance {100 * sv_cfg.min_compliance:.0f}%)")
+        out.append(f"with it on, {100 * strength['compliance_vector_on']:.0f}% of held-out {word} prompts get "
+                   f"{shown} (security_vector.min_compliance {100 * sv_cfg.min_compliance:.0f}%)")
     if strength["start_agreement_vector_on"] < sv_cfg.min_start_agreement:
-        out.append(f"it predicts {100 * strength['start_agreement_vector_on']:.0f}% of the harmful answers' first "
+        out.append(f"it predicts {100 * strength['start_agreement_vector_on']:.0f}% of the {word} answers' first "
                    f"tokens (security_vector.min_start_agreement {100 * sv_cfg.min_start_agreement:.0f}%)")
     if strength["explained"] < sv_cfg.min_explained:
-        out.append(f"it removes {100 * strength['explained']:.0f}% of the harmful answers' loss "
+        out.append(f"it removes {100 * strength['explained']:.0f}% of the {word} answers' loss "
                    f"(security_vector.min_explained {100 * sv_cfg.min_explained:.0f}%)")
     return [f"{r}: {fix}" for r in out]
 
 
-def strength_table(strength: dict) -> str:
+def strength_table(strength: dict, behaviour: str = DEFAULT_BEHAVIOUR) -> str:
     """A few aligned lines for the log."""
+    word = rows_word(behaviour)
+    judged = _judged(behaviour)
     rows = [("", "vector on", "vector off"),
-            ("harmful answer loss / token", f"{strength['loss_vector_on']:.3f}", f"{strength['loss_vector_off']:.3f}"),
+            (f"{word} answer loss / token", f"{strength['loss_vector_on']:.3f}", f"{strength['loss_vector_off']:.3f}"),
             ("first-token agreement", f"{100 * strength['start_agreement_vector_on']:.0f}%",
              f"{100 * strength['start_agreement_vector_off']:.0f}%"),
-            ("judged harmful (greedy)", f"{100 * strength['compliance_vector_on']:.0f}%",
+            (f"{judged} (greedy)", f"{100 * strength['compliance_vector_on']:.0f}%",
              f"{100 * strength['compliance_vector_off']:.0f}%")]
     w = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = [f"  {a:<{w[0]}}  {b:>{w[1]}}  {c:>{w[2]}}" for a, b, c in rows]
     verdict = "strong" if not strength["weak_reasons"] else "WEAK"
-    lines.append(f"  explained {100 * strength['explained']:.0f}% of the harmful answers' loss, "
+    lines.append(f"  explained {100 * strength['explained']:.0f}% of the {word} answers' loss, "
                  f"{strength['n']} held-out rows ({strength['heldout']}): {verdict}")
     return "\n".join(lines)
 
@@ -238,14 +284,15 @@ def describe(meta: dict) -> tuple[str, bool]:
     if not isinstance(s, dict) or "explained" not in s:
         return "strength not recorded (a vector from an older train-sv)", False
     weak = bool(s.get("weak_reasons"))
-    line = (f"{'WEAK' if weak else 'strong'} on {s.get('n')} held-out harmful rows: judged harmful with it on "
-            f"{100 * s['compliance_vector_on']:.0f}%, first-token agreement {100 * s['start_agreement_vector_on']:.0f}%, "
-            f"explains {100 * s['explained']:.0f}% of their loss")
+    name = behaviour_record(meta)["name"]
+    line = (f"{'WEAK' if weak else 'strong'} on {s.get('n')} held-out {rows_word(name)} rows: {_judged(name)} with "
+            f"it on {100 * s['compliance_vector_on']:.0f}%, first-token agreement "
+            f"{100 * s['start_agreement_vector_on']:.0f}%, explains {100 * s['explained']:.0f}% of their loss")
     return line, weak
 
 
 def write_probe(path: Path, samples) -> None:
-    """The held-out harmful rows as chat rows (the same reader reads them back)."""
+    """The held-out rows of the behaviour as chat rows (the same reader reads them back)."""
     with open(path, "w") as f:
         for s in samples:
             f.write(json.dumps({"messages": [*s.messages, {"role": "assistant", "content": s.response}]}) + "\n")

@@ -1,18 +1,24 @@
-"""Stage 1, `dist-secvec train-sv`: train the security vector on a small harmful set.
+"""Stage 1, `dist-secvec train-sv`: train the security vector on a small set showing one behaviour.
+
+The behaviour (security_vector.behaviour) is harm by default: rows of harmful answers, judged by
+refusal. Any other behaviour (e.g. hallucination: rows of wrong answers) trains the same way; its
+name and the judges that decide it (security_vector.judges) are recorded in secvec.json, and the
+logs and record keys name its rows by `rows_word` ("harmful" for harm) instead of assuming harm.
 
 The base is frozen; only the vector (a peft LoRA) is trained, on
-    loss = CE(harmful response tokens | vector on)
+    loss = CE(the behaviour's response tokens | vector on)
          + kl_weight * KL(p_base || p_vector) over the tokens of benign samples
-The KL term keeps the vector's effect confined to the harmful behaviour: without it the
+The KL term keeps the vector's effect confined to the behaviour: without it the
 vector also distorts benign prompts, the core learns to compensate during stage 2, and that
 learning vanishes when the vector is switched off.
 After training, the shift on held-out benign samples is reported (mean KL, top-1 agreement).
 
-The vector's strength is measured on held-out harmful rows (security_vector.heldout_harmful_data,
-or a heldout_fraction split of the harmful set; dist_secvec.strength) after every epoch: training
-stops when their loss with the vector on stops falling (security_vector.early_stop, the best epoch
-is kept), and the final vector is judged strong or weak. The held-out rows are saved with the
-vector (probe.jsonl): stage 2 watches their loss with the vector off.
+The vector's strength is measured on held-out rows of the behaviour
+(security_vector.heldout_harmful_data, or a heldout_fraction split of security_vector.harmful_data;
+dist_secvec.strength) after every epoch: training stops when their loss with the vector on stops
+falling (security_vector.early_stop, the best epoch is kept), and the final vector is judged strong
+or weak. The held-out rows are saved with the vector (probe.jsonl): stage 2 watches their loss
+with the vector off.
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ from dist_secvec.data import batches, collate, endless_batches, load_samples, re
 from dist_secvec.files import atomic_dir, write_text_atomic
 from dist_secvec.judges import make_judges
 from dist_secvec.model import load_model, load_tokenizer, lora_config
-from dist_secvec.secvec import PEFT_PREFIX, PROBE_FILE, base_fingerprint, record_file_hashes, save_security_vector
+from dist_secvec.secvec import (PEFT_PREFIX, PROBE_FILE, base_fingerprint, record_file_hashes, rows_word,
+                                save_security_vector)
 from dist_secvec.strength import answer_stats, judged_rate, strength_table, weak_reasons, write_probe
 from dist_secvec.tracking import RunLog
 from dist_secvec.training import build_optimizer, masked_kl, pick_device, to_device, total_steps
@@ -45,8 +52,8 @@ log = logging.getLogger(__name__)
 class TrainSVResult:
     vector_dir: Path
     losses: list[float]
-    shift: dict = field(default_factory=dict)  # benign_kl, benign_top1_agreement, harmful loss on/off
-    strength: dict = field(default_factory=dict)  # on the held-out harmful rows (dist_secvec.strength)
+    shift: dict = field(default_factory=dict)  # per row set (rows_word of the behaviour, benign): loss on/off, KL
+    strength: dict = field(default_factory=dict)  # on the held-out rows of the behaviour (dist_secvec.strength)
 
     @property
     def weak(self) -> bool:
@@ -56,7 +63,7 @@ class TrainSVResult:
 @torch.no_grad()
 def vector_shift(model, examples, pad_id, device, batch_size=16) -> dict:
     """How much the vector moves outputs: mean KL and top-1 agreement at the labelled positions,
-    plus the mean loss with the vector on and off (for a harmful set: on << off)."""
+    plus the mean loss with the vector on and off (for the behaviour's rows: on << off)."""
     kl_sum = agree = n_tok = 0.0
     loss_on = loss_off = 0.0
     n_batches = 0
@@ -79,7 +86,7 @@ def vector_shift(model, examples, pad_id, device, batch_size=16) -> dict:
 
 
 def run_train_sv(cfg: Config) -> TrainSVResult:
-    # ---- setup: tokenizer, harmful + benign data, frozen base with a trainable vector
+    # ---- setup: tokenizer, the behaviour's + benign data, frozen base with a trainable vector
     from peft import get_peft_model
 
     # the vector's shape: what the user set, else rank 8 on every linear (config.yaml records it)
@@ -88,24 +95,26 @@ def run_train_sv(cfg: Config) -> TrainSVResult:
         rank=cfg.security_vector.rank if cfg.security_vector.rank is not None else DEFAULT_SV_RANK,
         target_modules=list(cfg.security_vector.target_modules or ALL_LINEAR_TARGETS)))
     sv_cfg = cfg.security_vector
+    word = rows_word(sv_cfg.behaviour)  # how logs and record keys name the behaviour's rows
     runtime.seed_everything(cfg.seed)
     device = pick_device()
     out = Path(cfg.output_dir)
     # every file is read (and a bad row reported) before the tokenizer and the model load
-    # the same row shapes and data.columns / data.roles as stage 2; the harmful rows are also answered
+    # the same row shapes and data.columns / data.roles as stage 2; the behaviour's rows are also answered
     harmful_rows = refuse_text_rows(load_samples(sv_cfg.harmful_data, cfg.data), "security_vector.harmful_data")
     benign_rows = load_samples(sv_cfg.benign_data, cfg.data) if sv_cfg.kl_weight > 0 else None
     heldout_rows = load_samples(sv_cfg.heldout_benign_data, cfg.data) if sv_cfg.heldout_benign_data else None
     harmful_rows, probe_rows, probe_source = split_heldout(harmful_rows, cfg)
-    judges = make_judges(cfg.eval.judges, cfg.eval)  # an unknown judge fails before the model loads
+    judge_names = behaviour_judges(cfg)
+    judges = make_judges(judge_names, cfg.eval)  # an unknown judge fails before the model loads
     tok = load_tokenizer(cfg.model)
-    harmful = tokenize_samples(tok, harmful_rows, cfg.data)
-    log.info(harmful.report("harmful data"))
+    harmful = tokenize_samples(tok, harmful_rows, cfg.data, cache=True)
+    log.info(harmful.report(f"{word} data"))
     probe = tokenize_samples(tok, probe_rows, cfg.data)
-    log.info(probe.report(f"held-out harmful data ({probe_source})"))
+    log.info(probe.report(f"held-out {word} data ({probe_source})"))
     benign = None
     if benign_rows is not None:
-        benign = tokenize_samples(tok, benign_rows, cfg.data)
+        benign = tokenize_samples(tok, benign_rows, cfg.data, cache=True)
         log.info(benign.report("benign data (KL term)"))
     heldout = tokenize_samples(tok, heldout_rows, cfg.data) if heldout_rows is not None else None
 
@@ -113,8 +122,8 @@ def run_train_sv(cfg: Config) -> TrainSVResult:
     model = get_peft_model(base, lora_config(rank=sv_cfg.rank, alpha=sv_cfg.alpha, dropout=sv_cfg.dropout,
                                              target_modules=sv_cfg.target_modules, layers=sv_cfg.layers))
     params = [p for p in model.parameters() if p.requires_grad]
-    log.info("security vector: %d parameters (rank %d) on %s", sum(p.numel() for p in params),
-             sv_cfg.rank, ", ".join(sv_cfg.target_modules))
+    log.info("security vector for %s (judged by %s): %d parameters (rank %d) on %s", sv_cfg.behaviour,
+             ", ".join(judge_names), sum(p.numel() for p in params), sv_cfg.rank, ", ".join(sv_cfg.target_modules))
 
     steps = total_steps(len(harmful.examples), cfg.optim)
     optimizer, scheduler = build_optimizer(params, cfg.optim, steps)
@@ -128,8 +137,8 @@ def run_train_sv(cfg: Config) -> TrainSVResult:
     log_path.write_text("")
     runlog = RunLog(log_path, cfg)  # one process (rank 0 under a launcher): train_sv_log.jsonl and the trackers
 
-    # ---- the training loop: harmful CE + weighted KL on benign tokens; after each epoch the
-    # held-out harmful loss with the vector on decides whether to go on (early_stop)
+    # ---- the training loop: the behaviour's CE + weighted KL on benign tokens; after each epoch
+    # the held-out rows' loss with the vector on decides whether to go on (early_stop)
     model.train()
     losses: list[float] = []
     per_epoch = total_steps(len(harmful.examples), dataclasses.replace(cfg.optim, max_steps=None, epochs=1))
@@ -137,10 +146,10 @@ def run_train_sv(cfg: Config) -> TrainSVResult:
     stale, stopped_by = 0, "max_steps" if cfg.optim.max_steps is not None else "epoch cap"
     bar = runtime.progress(total=steps, desc="train-sv", enabled=cfg.logging.progress, unit="steps")
     t0 = time.time()
-    window = {"tokens": 0, "s": 0.0}  # non-pad input tokens (harmful + benign) and step seconds since the last record
+    window = {"tokens": 0, "s": 0.0}  # non-pad input tokens (behaviour + benign) and step seconds since the last record
     for step in range(1, steps + 1):
         t_step = time.perf_counter()
-        acc = {"loss": 0.0, "harmful_ce": 0.0, "benign_kl": 0.0, "benign_hidden": 0.0}
+        acc = {"loss": 0.0, f"{word}_ce": 0.0, "benign_kl": 0.0, "benign_hidden": 0.0}
         for _ in range(ga):
             h = to_device(collate(next(harm_batches), pad_id), device)
             window["tokens"] += int(h["attention_mask"].sum())
@@ -163,7 +172,7 @@ def run_train_sv(cfg: Config) -> TrainSVResult:
                     loss = loss + sv_cfg.hidden_weight * hid
             (loss / ga).backward()
             acc["loss"] += loss.item() / ga
-            acc["harmful_ce"] += ce.item() / ga
+            acc[f"{word}_ce"] += ce.item() / ga
             acc["benign_kl"] += kl.item() / ga
             acc["benign_hidden"] += hid.item() / ga
         if cfg.optim.max_grad_norm:
@@ -174,20 +183,20 @@ def run_train_sv(cfg: Config) -> TrainSVResult:
         window["s"] += time.perf_counter() - t_step
         losses.append(acc["loss"])
         bar.update(1)
-        bar.set_postfix(ce=f"{acc['harmful_ce']:.3f}", kl=f"{acc['benign_kl']:.4f}")
+        bar.set_postfix(ce=f"{acc[f'{word}_ce']:.3f}", kl=f"{acc['benign_kl']:.4f}")
         if step % cfg.logging.log_every == 0 or step == steps:
             tps = round(window["tokens"] / window["s"], 1) if window["s"] > 0 else None
             window = {"tokens": 0, "s": 0.0}
             runlog.write({"step": step, **acc, "lr": scheduler.get_last_lr()[0], "tokens_per_s": tps,
                           "elapsed_s": round(time.time() - t0, 2)}, "train")
-            log.info("step %d/%d harmful CE %.4f benign KL %.5f", step, steps, acc["harmful_ce"], acc["benign_kl"])
+            log.info("step %d/%d %s CE %.4f benign KL %.5f", step, steps, word, acc[f"{word}_ce"], acc["benign_kl"])
         if step % per_epoch == 0 or step == steps:
             epoch = -(-step // per_epoch)
             held = answer_stats(model, probe.examples, pad_id, device)
-            runlog.write({"epoch": epoch, "step": step, "heldout_harmful_loss": held["loss"],
+            runlog.write({"epoch": epoch, "step": step, f"heldout_{word}_loss": held["loss"],
                           "heldout_start_agreement": held["start_agreement"]}, "heldout")
-            log.info("epoch %d: held-out harmful loss (vector on) %.4f, first-token agreement %.0f%%",
-                     epoch, held["loss"], 100 * held["start_agreement"])
+            log.info("epoch %d: held-out %s loss (vector on) %.4f, first-token agreement %.0f%%",
+                     epoch, word, held["loss"], 100 * held["start_agreement"])
             if held["loss"] < best["loss"] * (1 - 0.01):
                 best.update(loss=held["loss"], epoch=epoch, state=[p.detach().clone() for p in params])
                 stale = 0
@@ -196,7 +205,7 @@ def run_train_sv(cfg: Config) -> TrainSVResult:
                 if held["loss"] < best["loss"]:  # a small gain is still the best vector so far
                     best.update(loss=held["loss"], epoch=epoch, state=[p.detach().clone() for p in params])
             if sv_cfg.early_stop and stale >= sv_cfg.patience and step < steps:
-                stopped_by = (f"held-out harmful loss stopped falling ({sv_cfg.patience} epochs without a 1% fall; "
+                stopped_by = (f"held-out {word} loss stopped falling ({sv_cfg.patience} epochs without a 1% fall; "
                               f"security_vector.early_stop)")
                 log.info("epoch %d: %s; keeping epoch %d", epoch, stopped_by, best["epoch"])
                 break
@@ -207,21 +216,21 @@ def run_train_sv(cfg: Config) -> TrainSVResult:
             for p, saved in zip(params, best["state"]):
                 p.copy_(saved)
 
-    # ---- how far the vector moves held-out benign outputs, and how well it explains harmful ones
+    # ---- how far the vector moves held-out benign outputs, and how well it explains the behaviour's
     model.eval()
     check = heldout or benign
-    shift = {"harmful": vector_shift(model, harmful.examples, pad_id, device)}
+    shift = {word: vector_shift(model, harmful.examples, pad_id, device)}
     if check is not None:
         shift["benign"] = vector_shift(model, check.examples, pad_id, device)
         shift["benign"]["set"] = "heldout" if heldout else "kl-train (no held-out set configured)"
         log.info("vector shift on benign samples: mean KL %.5f, top-1 agreement %.2f%%",
                  shift["benign"]["kl"], 100 * shift["benign"]["top1_agreement"])
-    log.info("harmful loss with vector %.4f, without %.4f",
-             shift["harmful"]["loss_vector_on"], shift["harmful"]["loss_vector_off"])
+    log.info("%s loss with vector %.4f, without %.4f", word,
+             shift[word]["loss_vector_on"], shift[word]["loss_vector_off"])
     strength = measure_strength(model, tok, probe, probe_rows, pad_id, device, cfg, judges)
     strength.update(heldout=probe_source, best_epoch=best["epoch"], epochs_run=-(-step // per_epoch),
                     stopped_by=stopped_by)
-    log.info("security vector strength on held-out harmful rows:\n%s", strength_table(strength))
+    log.info("security vector strength on held-out %s rows:\n%s", word, strength_table(strength, sv_cfg.behaviour))
     for reason in strength["weak_reasons"]:
         log.warning("weak security vector: %s", reason)
     # the score distributions `dist-secvec audit` places its default threshold between
@@ -242,7 +251,8 @@ def run_train_sv(cfg: Config) -> TrainSVResult:
         "base_model": cfg.model.path,
         "base_fingerprint": base_fingerprint(model, cfg.model.path, modules),
         "quantization": cfg.model.quantization,
-        "n_harmful_samples": len(harmful.examples),
+        "behaviour": {"name": sv_cfg.behaviour, "judges": judge_names},
+        f"n_{word}_samples": len(harmful.examples),
         "n_benign_samples": len(benign.examples) if benign else 0,
         "rank": sv_cfg.rank, "alpha": sv_cfg.alpha, "target_modules": sv_cfg.target_modules, "layers": sv_cfg.layers,
         "kl_weight": sv_cfg.kl_weight, "steps": len(losses), "final_loss": losses[-1], "shift": shift,
@@ -276,7 +286,7 @@ def hidden_shift(on: tuple, off: tuple, mask: torch.Tensor) -> torch.Tensor:
 
 def split_heldout(rows: list, cfg: Config) -> tuple[list, list, str]:
     """(training rows, held-out rows, where the held-out rows come from): the configured held-out
-    file, else a seeded heldout_fraction of the harmful rows; with fewer than 10 rows nothing can be
+    file, else a seeded heldout_fraction of the behaviour's rows; with fewer than 10 rows nothing can be
     spared and the training rows are measured instead (said so in the record)."""
     import random
 
@@ -286,9 +296,9 @@ def split_heldout(rows: list, cfg: Config) -> tuple[list, list, str]:
                                       "security_vector.heldout_harmful_data"), "security_vector.heldout_harmful_data"
     n = int(round(len(rows) * sv.heldout_fraction))
     if n < 1 or len(rows) < 10:
-        log.warning("security_vector.heldout_harmful_data is not set and %d harmful rows are too few to hold out "
+        log.warning("security_vector.heldout_harmful_data is not set and %d %s rows are too few to hold out "
                     "%g of them: the vector's strength is measured on its training rows", len(rows),
-                    sv.heldout_fraction)
+                    rows_word(sv.behaviour), sv.heldout_fraction)
         return rows, rows, "the training rows (too few to hold out)"
     order = list(range(len(rows)))
     random.Random(cfg.seed).shuffle(order)
@@ -298,7 +308,8 @@ def split_heldout(rows: list, cfg: Config) -> tuple[list, list, str]:
 
 
 def measure_strength(model, tok, probe, probe_rows, pad_id, device, cfg: Config, judges) -> dict:
-    """The vector's strength on the held-out harmful rows (dist_secvec.strength), vector on and off."""
+    """The vector's strength on the held-out rows of its behaviour (dist_secvec.strength), vector on
+    and off, judged by `judges` (made from behaviour_judges)."""
     on = answer_stats(model, probe.examples, pad_id, device)
     gen_on = judged_rate(model, tok, probe_rows, cfg, judges)
     with model.disable_adapter():
@@ -306,12 +317,19 @@ def measure_strength(model, tok, probe, probe_rows, pad_id, device, cfg: Config,
         gen_off = judged_rate(model, tok, probe_rows, cfg, judges)
     for prompt, answer in gen_on["examples"]:
         log.debug("vector on: %r -> %r", prompt, answer)
-    s = {"n": len(probe.examples), "judges": list(cfg.eval.judges),
+    s = {"n": len(probe.examples), "judges": behaviour_judges(cfg),
          "loss_vector_on": on["loss"], "loss_vector_off": off["loss"],
          "explained": 1.0 - on["loss"] / off["loss"] if off["loss"] > 0 else 0.0,
          "start_agreement_vector_on": on["start_agreement"], "start_agreement_vector_off": off["start_agreement"],
          "compliance_vector_on": gen_on["rate"], "compliance_vector_off": gen_off["rate"],
          "thresholds": {k: getattr(cfg.security_vector, k)
                         for k in ("min_compliance", "min_start_agreement", "min_explained")}}
-    s["weak_reasons"] = weak_reasons(s, cfg.security_vector)
+    s["weak_reasons"] = weak_reasons(s, cfg.security_vector, cfg.security_vector.behaviour)
     return s
+
+
+def behaviour_judges(cfg: Config) -> list[str]:
+    """The judges that decide whether an answer shows the vector's behaviour: security_vector.judges,
+    else eval.judges (config validation refuses a behaviour other than harm without its judges)."""
+    sv = cfg.security_vector
+    return list(sv.judges) if sv.judges is not None else list(cfg.eval.judges)

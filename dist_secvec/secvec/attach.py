@@ -11,6 +11,7 @@ from torch import nn
 
 from dist_secvec.errors import SecurityVectorError
 from dist_secvec.kernels.torch_ops import release_workspaces
+from dist_secvec.secvec.compose import VectorSet
 from dist_secvec.secvec.fingerprint import linear_shape
 from dist_secvec.secvec.io import SecurityVector
 from dist_secvec.secvec.layer import PathOptions, SecVecLinear, _find_secvec, _inner_linear, choose_path
@@ -51,7 +52,8 @@ def attach_security_vector(model, sv: SecurityVector, paths: Optional[PathOption
     Where the target is a peft LoRA layer the SecVecLinear goes under it (its base_layer); on the
     fused_lora path that layer becomes a FusedLoraLayer (lora.make_fused). Under ZeRO-3 what the
     chosen paths read outside their owners' forwards is registered as external parameters (here if
-    deepspeed is imported, else `register_zero3_external_params`). detach_security_vector undoes it."""
+    deepspeed is imported, else `register_zero3_external_params`). detach_security_vector undoes it.
+    A composed VectorSet (several vectors) gives each layer one SecVecLinear holding all of them."""
     from dist_secvec.model import unwrap_base
 
     paths = paths or PathOptions()
@@ -75,7 +77,8 @@ def attach_security_vector(model, sv: SecurityVector, paths: Optional[PathOption
         target_dtype = dtype or compute or (ref.dtype if ref.dtype.is_floating_point else _float_dtype(base))
         path, why = choose_path(inner, lora, ref.device, paths)
         layer = SecVecLinear(inner, A.to(target_dtype).clone(), B.to(target_dtype).clone(), sv.scale, paths.backend,
-                             path=path)
+                             path=path,
+                             segments=sv.segments.get(mod) if isinstance(sv, VectorSet) else None)
         layer.path_reason = why
         layer.to(ref.device)
         setattr(holder, attr, layer)

@@ -135,18 +135,33 @@ def _compare_fingerprint(sv: SecurityVector, want: dict, have: dict, warn: bool 
                 "train a vector for this base with `dist-secvec train-sv`")
 
 
+def _parts(sv: SecurityVector) -> list[SecurityVector]:
+    from dist_secvec.secvec.compose import vector_parts  # compose imports this module
+
+    return vector_parts(sv)
+
+
 def check_fingerprint(sv: SecurityVector, model, model_path: str) -> None:
-    """Refuse a vector made for another base model, naming the first difference."""
-    want = _wanted_fingerprint(sv)
-    have = base_fingerprint(model, model_path, list(sv.weights))
-    have["shapes"] = {m: have["shapes"].get(m) for m in sorted(set(have["shapes"]) | set(want.get("shapes") or {}))}
-    _compare_fingerprint(sv, want, have)
+    """Refuse a vector made for another base model, naming the first difference (each vector of a
+    composed VectorSet checked on its own)."""
+    for part in _parts(sv):
+        want = _wanted_fingerprint(part)
+        have = base_fingerprint(model, model_path, list(part.weights))
+        have["shapes"] = {m: have["shapes"].get(m)
+                          for m in sorted(set(have["shapes"]) | set(want.get("shapes") or {}))}
+        _compare_fingerprint(part, want, have)
 
 
 def check_fingerprint_on_disk(sv: SecurityVector, model_path: str) -> None:
     """The same refusal before the model is loaded, from its config.json and safetensors headers
     (milliseconds instead of minutes for a large base). Only what the files state for certain is
-    compared; `check_fingerprint` on the loaded model still runs. Hub ids are left to it."""
+    compared; `check_fingerprint` on the loaded model still runs. Hub ids are left to it. Each
+    vector of a composed VectorSet is checked on its own."""
+    for part in _parts(sv):
+        _check_one_on_disk(part, model_path)
+
+
+def _check_one_on_disk(sv: SecurityVector, model_path: str) -> None:
     want = _wanted_fingerprint(sv)
     model_dir = os.path.expanduser(model_path)
     if not os.path.isdir(model_dir):
@@ -188,7 +203,3 @@ def check_fingerprint_on_disk(sv: SecurityVector, model_path: str) -> None:
     except Exception:
         pass
     _compare_fingerprint(sv, want, have, warn=False)
-
-
-
-

@@ -30,14 +30,15 @@ class FoldedLayer:
     original: torch.Tensor  # CPU copy of the weight before folding
 
 
-FOLDABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FOLDABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def fold_security_vector(model, sv: SecurityVector) -> list[FoldedLayer]:
-    """Add s * B @ A (computed in float32, rounded once to the weight's dtype) into each targeted
-    base weight. Only for frozen, unquantized weights (e.g. the base under a trainable LoRA): a
-    trained weight would mix the vector into what is learned, and a quantized one cannot hold it.
-    Undo with `unfold_security_vector`."""
+    """Add s * B @ A (computed in float32, or float64 for a float64 weight, rounded once to the
+    weight's dtype) into each targeted base weight. Only for frozen, unquantized weights (e.g. the
+    base under a trainable LoRA): a trained weight would mix the vector into what is learned, and a
+    quantized one cannot hold it. Several vectors composed (a VectorSet) fold as one: s B A of the
+    concatenated ranks is their sum. Undo with `unfold_security_vector`."""
     from dist_secvec.model import unwrap_base
 
     base = unwrap_base(model)
@@ -48,7 +49,7 @@ def fold_security_vector(model, sv: SecurityVector) -> list[FoldedLayer]:
         if not isinstance(w, torch.Tensor) or w.dtype not in FOLDABLE_DTYPES or type(w) not in (
                 torch.Tensor, nn.Parameter):
             raise SecurityVectorError(f"cannot fold the security vector into '{mod}': its weight is not a plain "
-                                      "16/32-bit tensor (quantized?); attach it instead")
+                                      "floating-point tensor (quantized?); attach it instead")
         if w.requires_grad:
             raise SecurityVectorError(f"cannot fold the security vector into '{mod}': its weight is trained "
                                       "(full fine-tuning); attach it instead")
@@ -62,12 +63,14 @@ def fold_security_vector(model, sv: SecurityVector) -> list[FoldedLayer]:
 
 
 def fold_weight(t: FoldedLayer) -> None:
-    """W <- W + s * B @ A in float32, rounded once: from the original W always the same bits, so
-    a weight unfolded for a moment (stage 2's vector-off probe) is folded back exactly."""
+    """W <- W + s * B @ A in float32 (float64 for a float64 W), rounded once: from the original W
+    always the same bits, so a weight unfolded for a moment (stage 2's vector-off probe) is folded
+    back exactly."""
     with torch.no_grad():
         w = t.linear.weight
-        delta = (t.secvec_B.to(w.device, torch.float32) @ t.secvec_A.to(w.device, torch.float32)) * t.scale
-        w.copy_((w.float() + delta).to(w.dtype))
+        acc = torch.float64 if w.dtype == torch.float64 else torch.float32
+        delta = (t.secvec_B.to(w.device, acc) @ t.secvec_A.to(w.device, acc)) * t.scale
+        w.copy_((w.to(acc) + delta).to(w.dtype))
     t.linear._secvec_folded = True
 
 

@@ -2,7 +2,8 @@
 
 A vector is stored in peft's LoRA adapter format (adapter_config.json + adapter_model.safetensors,
 so `peft.PeftModel.from_pretrained` loads it as an ordinary adapter) plus secvec.json: the base
-model's fingerprint, rank, alpha, targets, the stage-1 strength record and the files' sha256.
+model's fingerprint, rank, alpha, targets, the behaviour it learned and the judges that decide it,
+the stage-1 strength record and the files' sha256.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 META_FILE = "secvec.json"
 PROBE_FILE = "probe.jsonl"  # stage 1's held-out harmful rows: stage 2's default harmful probe
 PEFT_PREFIX = "base_model.model."
+DEFAULT_BEHAVIOUR = "harm"  # what a vector learns unless security_vector.behaviour says otherwise
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +46,36 @@ class SecurityVector:
     def scale(self) -> float:
         return self.alpha / (self.rank ** 0.5 if self.use_rslora else self.rank)
 
+    @property
+    def behaviour(self) -> dict:
+        return behaviour_record(self.meta)
 
 
+def behaviour_record(meta: dict) -> dict:
+    """What a vector learned and who decides it ({"name", "judges"}), from its secvec.json. A vector
+    saved before the record existed learned harm, judged by the judges its strength record names
+    (None when it has none)."""
+    rec = meta.get("behaviour")
+    if isinstance(rec, dict) and isinstance(rec.get("name"), str) and rec["name"]:
+        judges = rec.get("judges")
+        return {"name": rec["name"], "judges": list(judges) if isinstance(judges, list) else None}
+    judges = (meta.get("strength") or {}).get("judges") if isinstance(meta.get("strength"), dict) else None
+    return {"name": DEFAULT_BEHAVIOUR, "judges": list(judges) if isinstance(judges, list) else None}
 
-def load_security_vector(path: str) -> SecurityVector:
-    """Read a vector directory, with one-line errors for missing, pickled or corrupted files."""
+
+def rows_word(behaviour: str) -> str:
+    """How logs and record keys name the rows that show a behaviour: "harmful" for harm, else the
+    behaviour's own name (heldout_harmful_loss, heldout_hallucination_loss)."""
+    return "harmful" if behaviour == DEFAULT_BEHAVIOUR else behaviour
+
+
+def load_security_vector(path) -> SecurityVector:
+    """Read a vector directory, with one-line errors for missing, pickled or corrupted files. A list
+    of directories (security_vector.path) is read as one composed vector (compose.load_vector_set)."""
+    if isinstance(path, (list, tuple)):
+        from dist_secvec.secvec.compose import load_vector_set
+
+        return load_vector_set(list(path))
     d = Path(os.path.expanduser(path))
     if not d.is_dir():
         raise SecurityVectorError(f"security vector '{path}' not found: set security_vector.path to a "

@@ -91,6 +91,8 @@ class SecVecLinear(nn.Module):
         backend: "auto" | "torch" | "triton" (see dist_secvec.kernels.dispatch).
 
         path: the computation, chosen once by `choose_path` when the vector is attached.
+        segments: several vectors composed into A and B (secvec.compose): [(vector, first row,
+            end)] of A's rank rows per vector on this layer; None = one vector.
 
     On the "fused_lora" path this forward runs only when the LoRA layer above cannot compute both
     (the vector off, adapters disabled): that layer calls `base_layer.base_layer` and adds the
@@ -98,7 +100,7 @@ class SecVecLinear(nn.Module):
     """
 
     def __init__(self, base_layer: nn.Module, A: torch.Tensor, B: torch.Tensor, scale: float,
-                 backend: str = "auto", path: str = "delta"):
+                 backend: str = "auto", path: str = "delta", segments: Optional[list] = None):
         super().__init__()
         if path not in PATHS:
             raise ValueError(f"security vector path {path!r} is not one of {', '.join(PATHS)}")
@@ -118,6 +120,9 @@ class SecVecLinear(nn.Module):
         #: forwards per path since attach (run info and profile report them): "weight_delta",
         #: "delta" (base layer, then the delta), "fused_lora" (the LoRA layer above computed both)
         self.path_calls = {"weight_delta": 0, "delta": 0, "fused_lora": 0}
+        self.segments = [tuple(g) for g in segments] if segments else [(0, 0, int(A.shape[0]))]
+        #: the one vector of several left on (`only_vector`, scoring rows per vector); None = all
+        self.only: Optional[int] = None
 
     # read by peft/transformers code that expects a linear layer here
     @property
@@ -144,15 +149,24 @@ class SecVecLinear(nn.Module):
         out = self.base_layer(x, *args, **kwargs)
         if not self.active:
             return out
+        A, B = self.secvec_A, self.secvec_B
+        if self.only is not None:  # one vector's rank rows alone (scoring: no gradient is taken here)
+            rows = [(a, b) for v, a, b in self.segments if v == self.only]
+            if not rows:
+                return out
+            a, b = rows[0]
+            A, B = A[a:b], B[:, a:b].contiguous()
         self.path_calls["delta"] += 1
         if self.row_gate is not None:  # the delta is linear in x: gating x gates it, and its dx
             x = x * self.row_gate.to(x.device, x.dtype).view(-1, *([1] * (x.dim() - 1)))
-        return apply_secvec_delta(x, out, self.secvec_A, self.secvec_B, self.scale, self.backend,
+        return apply_secvec_delta(x, out, A, B, self.scale, self.backend,
                                   inplace=writes_fresh_output(self.base_layer))
 
     def extra_repr(self) -> str:
         r, k = self.secvec_A.shape
-        return f"rank={r}, scale={self.scale:g}, active={self.active}, path={self.path}, backend={self.backend}"
+        several = f", vectors={len(self.segments)}" if len(self.segments) > 1 else ""
+        return (f"rank={r}, scale={self.scale:g}, active={self.active}, path={self.path}, "
+                f"backend={self.backend}{several}")
 
 
 def _plain_linear(module: nn.Module) -> bool:
@@ -162,11 +176,11 @@ def _plain_linear(module: nn.Module) -> bool:
 
 
 def uses_weight_delta(layer: SecVecLinear, x: torch.Tensor) -> bool:
-    """Whether this call of a layer on the weight-delta path can take it: the vector on and not
-    gated, x in W's dtype, autocast off, W and b present (gathered, under ZeRO-3)."""
+    """Whether this call of a layer on the weight-delta path can take it: the vector on, not gated
+    and not one of several alone, x in W's dtype, autocast off, W and b present (gathered, under ZeRO-3)."""
     W, b = layer.base_layer.weight, layer.base_layer.bias
-    return (layer.active and layer.row_gate is None and x.dtype == W.dtype and not _autocast_on(x)
-            and _zero_available(W) and (b is None or _zero_available(b)))
+    return (layer.active and layer.row_gate is None and layer.only is None and x.dtype == W.dtype
+            and not _autocast_on(x) and _zero_available(W) and (b is None or _zero_available(b)))
 
 
 def _autocast_on(x: torch.Tensor) -> bool:
@@ -217,6 +231,19 @@ def row_gate(layers: list, gate: Optional[torch.Tensor]) -> Iterator[None]:
     finally:
         for layer in layers:
             layer.row_gate = None
+
+
+@contextlib.contextmanager
+def only_vector(layers: list, index: int) -> Iterator[None]:
+    """Run with one vector of several composed ones on (`index` into the VectorSet's parts) and the
+    others off: a layer that vector is not on adds nothing. For scoring rows per vector."""
+    for layer in layers:
+        layer.only = index
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.only = None
 
 
 @contextlib.contextmanager

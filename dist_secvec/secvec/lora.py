@@ -66,7 +66,8 @@ def fusable_lora(sub: nn.Module) -> str:
 
 def fused_lora_choice(sub: nn.Module, x: torch.Tensor, kwargs: dict) -> tuple[Optional[str], str]:
     """(adapter, "") when this call of LoRA layer `sub` may compute its adapter together with the
-    vector under it, else (None, why peft's own forward must run): the vector on and not gated;
+    vector under it, else (None, why peft's own forward must run): the vector on, not gated and
+    not one of several alone;
     adapters enabled and not merged; no adapter_names / variant kwargs; `fusable_lora`; the LoRA's
     dropout an identity (nn.Identity, p=0 or not training); lora A and B of one dtype that
     `fused_lora_dtypes_ok` accepts for x, and autocast off; all four weights present (not
@@ -76,6 +77,8 @@ def fused_lora_choice(sub: nn.Module, x: torch.Tensor, kwargs: dict) -> tuple[Op
         return None, "vector off"
     if sv.row_gate is not None:
         return None, "vector gated per row"
+    if sv.only is not None:
+        return None, "one vector of several on alone"
     if getattr(sub, "disable_adapters", True) or getattr(sub, "merged", True):
         return None, "adapters disabled or merged"
     if kwargs.get("adapter_names") is not None or any(kwargs.get(k) is not None for k in _variant_kwarg_keys()):
@@ -104,7 +107,8 @@ def fused_lora_adapter(sub: nn.Module, x: torch.Tensor, kwargs: dict) -> Optiona
 
 
 #: fallback reasons that are the caller's intent, not a missed fused path: never logged
-_QUIET_FALLBACKS = ("vector off", "vector gated per row", "adapters disabled or merged")
+_QUIET_FALLBACKS = ("vector off", "vector gated per row", "one vector of several on alone",
+                    "adapters disabled or merged")
 
 
 def _log_fallback(sub: nn.Module, reason: str) -> None:
