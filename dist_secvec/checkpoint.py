@@ -14,6 +14,14 @@ last, fsyncs, and renames the directory into place, so a directory without a man
 from. On resume the manifest is checked file by file before anything is loaded.
 Data order needs no state: the stream of micro-batches is a function of the seed, and the
 resumed run passes over the `step * gradient_accumulation_steps` micro-batches already trained.
+
+Another world size: a step trains on `micro_batch_size x gradient_accumulation_steps x ranks`
+consecutive rows of that stream, so a checkpoint resumes on any number of ranks whose global batch
+is the same (the same rows per step, the same schedule, the data position `step x global batch`).
+The state follows: one plain process and DeepSpeed's unwrapped torch optimizer (ZeRO stage 0,
+float32) hold the whole optimizer state on every rank and load it as it is; ZeRO-partitioned state
+written on N ranks is converted once by DeepSpeed's universal checkpoint
+(deepspeed.checkpoint.ds_to_universal, into `universal/` inside the checkpoint) and loaded from it on M.
 """
 
 from __future__ import annotations
@@ -231,53 +239,202 @@ def _broadcast_error(err: Optional[str]) -> None:
         raise CheckpointError(err)
 
 
+# what may differ between the run that wrote a checkpoint and the one resuming it, as long as
+# their product, the rows of one optimizer step, is the same
+SHAPE_KEYS = ("world_size", "micro_batch_size", "gradient_accumulation_steps")
+UNIVERSAL = "universal"  # the DeepSpeed universal checkpoint made from a checkpoint's ZeRO shards
+
+
+def global_batch(shape: dict) -> Optional[int]:
+    try:
+        return int(shape["world_size"]) * int(shape["micro_batch_size"]) * int(shape["gradient_accumulation_steps"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _shape(s: dict) -> str:
+    return (f"micro_batch_size {s.get('micro_batch_size')} x gradient_accumulation_steps "
+            f"{s.get('gradient_accumulation_steps')} x {s.get('world_size')} rank(s)")
+
+
+def _batch_fix(rows: int, now: dict) -> str:
+    """The settings that give `rows` per step on this run's ranks."""
+    world, micro = now["world_size"], now["micro_batch_size"]
+    if rows % (micro * world) == 0:
+        return f"set optim.gradient_accumulation_steps={rows // (micro * world)}"
+    if rows % world == 0:
+        per_rank = rows // world
+        return (f"set optim.micro_batch_size x optim.gradient_accumulation_steps to {per_rank} (e.g. "
+                f"optim.micro_batch_size={per_rank} optim.gradient_accumulation_steps=1)")
+    return f"run on a number of ranks that divides {rows}"
+
+
+def check_run_shape(d: Path, state: dict, expect: dict) -> None:
+    """The checkpoint belongs to this run: the same settings, except the world size and the batch
+    split (SHAPE_KEYS), which may differ when the global batch is the same; one plain process and
+    DeepSpeed's ZeRO stage 0 hold the same state. Else a one-line CheckpointError."""
+    for key, want in expect.items():
+        have = state.get(key)
+        if key in SHAPE_KEYS or have == want or (key == "zero_stage" and {have, want} == {None, 0}):
+            continue
+        what = "the security vector differs" if key == "vector_digest" else f"{key} is {have!r} there, {want!r} now"
+        if key == "zero_stage":
+            then = "by one plain process" if have is None else f"under ZeRO stage {have}"
+            now = "one plain process" if want is None else f"ZeRO stage {want}"
+            fix = "no deepspeed keys" if have is None else f"deepspeed.zero_stage={have}"
+            raise CheckpointError(f"checkpoint '{d}' was written {then}, this run is {now}; resume it with {fix}, "
+                                  "on any number of ranks")
+        raise CheckpointError(f"checkpoint '{d}' belongs to another run setup ({what}); "
+                              "resume with the settings it was written with, or start a new output_dir")
+    have, want = global_batch(state), global_batch(expect)
+    if have is not None and have != want:
+        raise CheckpointError(f"checkpoint '{d}' was written with {have} rows per optimizer step ({_shape(state)}), "
+                              f"this run takes {want} ({_shape(expect)}); to resume on {expect['world_size']} "
+                              f"rank(s) keep {have} rows per step: {_batch_fix(have, expect)}")
+
+
+def _bare_torch_optimizer(engine) -> bool:
+    """DeepSpeed's optimizer is the run's own torch AdamW, unwrapped (ZeRO stage 0, float32): its
+    whole state on every rank, as in one plain process."""
+    opt = engine.engine.optimizer
+    return isinstance(opt, torch.optim.Optimizer) and not hasattr(opt, "overflow")
+
+
 def load_checkpoint(engine, d: Path, expect: dict) -> dict:
     """Verify `d` (manifest, same run shape, same vector) and load model, optimizer, schedule and
-    this rank's RNG into `engine`. Returns the trainer state. Collective under DeepSpeed."""
+    this rank's RNG into `engine`, on the world size it was written on or another one (see the
+    module docstring). Returns the trainer state. Collective under DeepSpeed."""
     err = None
     state: dict = {}
     if runtime.is_main():
         try:
             verify_manifest(d)
             state = json.loads((d / STATE).read_text())
-            for key, want in expect.items():
-                if state.get(key) != want:
-                    what = "the security vector differs" if key == "vector_digest" else \
-                        f"{key} is {state.get(key)!r} there, {want!r} now"
-                    raise CheckpointError(f"checkpoint '{d}' belongs to another run setup ({what}); "
-                                          "resume with the settings it was written with, or start a new output_dir")
+            check_run_shape(d, state, expect)
         except CheckpointError as e:
             err = str(e)
         except (OSError, json.JSONDecodeError) as e:
             err = f"checkpoint '{d}': cannot read {STATE} ({type(e).__name__}); resume from an earlier checkpoint"
     _broadcast_error(err)
     state = json.loads((d / STATE).read_text())
-    if engine.deepspeed:
-        path, _ = engine.engine.load_checkpoint(str(d), tag="deepspeed", load_optimizer_states=True,
-                                                load_lr_scheduler_states=True)
-        if path is None:
-            raise CheckpointError(f"checkpoint '{d}': DeepSpeed could not load it; resume from an earlier one")
-    else:
-        from safetensors.torch import load_file
-
-        try:
-            tensors = load_file(str(d / "trainable.safetensors"))
-            opt = torch.load(d / "optimizer.pt", weights_only=True)
-            sched = torch.load(d / "scheduler.pt", weights_only=True)
-        except Exception as e:  # verified by hash above, so this is a format mismatch
-            raise CheckpointError(f"checkpoint '{d}': cannot read it ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0][:120]})") from e
-        params = _trainable(engine.module)
-        if set(tensors) != set(params):
-            raise CheckpointError(f"checkpoint '{d}': its trainable parameters do not match this model's "
-                                  "(another adapter or model?); start a new output_dir")
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(tensors[n])
-        engine.optimizer.load_state_dict(opt)
-        engine.scheduler.load_state_dict(sched)
+    written_plain = (d / "trainable.safetensors").is_file()
+    if engine.deepspeed and not written_plain:
+        _load_deepspeed(engine, d, state.get("world_size") != expect.get("world_size"))
+    elif engine.deepspeed:  # one plain process wrote it; DeepSpeed ZeRO stage 0 (check_run_shape) resumes
+        if not _bare_torch_optimizer(engine):
+            raise CheckpointError(f"checkpoint '{d}' was written by one plain process; DeepSpeed resumes it only "
+                                  "with its optimizer unwrapped (ZeRO stage 0, model.dtype=float32): set those or "
+                                  "resume on one process")
+        _load_whole(engine, d, *_read_plain(d))
+        engine.engine.global_steps = int(state["step"])
+        engine.engine.global_samples = int(state["step"]) * engine.engine.train_batch_size()
+    elif written_plain:
+        _load_whole(engine, d, *_read_plain(d))
+    else:  # DeepSpeed wrote it, one plain process resumes: its whole state must be in the model states file
+        _load_whole(engine, d, *_read_deepspeed_whole(d), exact=False)
     rng = d / f"rng_rank{runtime.rank()}.json"
     if rng.is_file():
         set_rng_state(json.loads(rng.read_text()))
     log.info("resumed from %s at step %d", d, state["step"])
     return state
+
+
+def _read_failure(d: Path, e: Exception) -> CheckpointError:
+    # verified by hash, so this is a format mismatch
+    return CheckpointError(f"checkpoint '{d}': cannot read it ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+
+
+def _read_plain(d: Path) -> tuple[dict, dict, dict]:
+    """(trainable tensors by name, optimizer state, schedule state) of a plain process's checkpoint."""
+    from safetensors.torch import load_file
+
+    try:
+        return (load_file(str(d / "trainable.safetensors")), torch.load(d / "optimizer.pt", weights_only=True),
+                torch.load(d / "scheduler.pt", weights_only=True))
+    except Exception as e:
+        raise _read_failure(d, e) from e
+
+
+def _read_deepspeed_whole(d: Path) -> tuple[dict, dict, dict]:
+    """The same from a DeepSpeed checkpoint whose optimizer state is whole (ZeRO stage 0, the
+    unwrapped torch optimizer): its model states file holds module, optimizer and schedule."""
+    ds_dir = d / "deepspeed"
+    refusal = CheckpointError(f"checkpoint '{d}' holds DeepSpeed's own optimizer state (ZeRO-partitioned or its "
+                              "16-bit wrapper's); one plain process cannot resume it: resume under DeepSpeed "
+                              "(deepspeed.zero_stage as it was written, on any number of ranks)")
+    if list(ds_dir.glob("*optim_states.pt")):
+        raise refusal
+    try:
+        sd = torch.load(ds_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        module, opt, sched = sd["module"], sd["optimizer"], sd["lr_scheduler"]
+    except Exception as e:
+        raise _read_failure(d, e) from e
+    if not isinstance(opt, dict) or set(opt) != {"state", "param_groups"}:
+        raise refusal
+    return module, opt, sched
+
+
+def _load_whole(engine, d: Path, tensors: dict, opt: dict, sched: dict, exact: bool = True) -> None:
+    """A whole (unpartitioned) state into the run's trainable parameters, torch optimizer and schedule.
+    exact: `tensors` are the trainable ones alone (else the whole module's, DeepSpeed's)."""
+    params = _trainable(engine.module)
+    if (set(tensors) != set(params)) if exact else not set(params) <= set(tensors):
+        raise CheckpointError(f"checkpoint '{d}': its trainable parameters do not match this model's "
+                              "(another adapter or model?); start a new output_dir")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[n])
+    engine.optimizer.load_state_dict(opt)
+    engine.scheduler.load_state_dict(sched)
+
+
+def _load_deepspeed(engine, d: Path, other_world: bool) -> None:
+    """DeepSpeed's own load; from another world size with ZeRO-partitioned state, through its
+    universal checkpoint (made once, by rank 0, and kept inside the checkpoint)."""
+    ds = engine.engine
+    if not other_world or _bare_torch_optimizer(engine):
+        path, _ = ds.load_checkpoint(str(d), tag="deepspeed", load_optimizer_states=True,
+                                     load_lr_scheduler_states=True)
+    else:
+        folder = _universal_checkpoint(d)
+        ds._config.load_universal_checkpoint = True  # read by the load only (engine.load_universal_checkpoint)
+        try:
+            path, _ = ds.load_checkpoint(str(folder), tag=UNIVERSAL, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
+        finally:
+            ds._config.load_universal_checkpoint = False
+    if path is None:
+        raise CheckpointError(f"checkpoint '{d}': DeepSpeed could not load it; resume from an earlier one")
+
+
+def _universal_checkpoint(d: Path) -> Path:
+    """d/universal: the ZeRO shards of d/deepspeed as DeepSpeed's universal checkpoint (one file per
+    parameter and state), written by rank 0 through a temporary directory. Collective."""
+    folder = d / UNIVERSAL
+    err = None
+    if runtime.is_main() and not (folder / UNIVERSAL).is_dir():
+        import argparse
+        import contextlib
+        import io
+
+        from deepspeed.checkpoint import ds_to_universal
+
+        tmp = d / f".{UNIVERSAL}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        args = argparse.Namespace(input_folder=str(d / "deepspeed"), output_folder=str(tmp / UNIVERSAL),
+                                  num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                  inject_missing_state=True)
+        log.info("checkpoint %s: converting its ZeRO shards to a universal checkpoint for another world size", d)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # its progress prints
+                ds_to_universal.main(args)
+            files.fsync_tree(tmp)
+            tmp.rename(folder)
+        except Exception as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            why = files.write_failure(e) or f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+            err = (f"checkpoint '{d}': cannot convert it for another world size ({why}); resume on the "
+                   "world size it was written on")
+    _broadcast_error(err)
+    barrier()
+    return folder

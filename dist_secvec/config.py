@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -62,17 +63,23 @@ class DataConfig:
     chat_template: Optional[str] = None  # a Jinja file used instead of the tokenizer's chat template
     plain_template: str = "### Instruction:\n{prompt}\n\n### Response:\n"  # no chat template: the text before each answer ({prompt}: the user turn)
     max_length: int = 512  # tokens per row; longer rows lose their end (counted); rows left with no supervised token are dropped
-    mask_prompt: bool = True  # false: loss on every token, as data.train_on=all
+    cache: bool = True  # tokenize the training sets once: kept in $DIST_SECVEC_CACHE/tokenized for later runs and ranks
+    num_proc: Optional[int] = None  # processes that tokenize (unset: one per CPU core, up to 8, for large sets)
     shuffle: bool = True  # shuffle rows every epoch (seeded by `seed`)
     max_samples: Optional[int] = None  # use only the first N training rows
     # stage 2: score every row with the vector off and on before the first step (as
     # `dist-secvec audit` does) and flag those the vector explains (audit.threshold):
     audit: str = "off"  # off | report (written to output_dir/audit) | drop (flagged rows left out) | downweight
+    # stage 2: pack each micro-batch's rows several to a sequence of up to max_length tokens (the
+    # width that leaves the least padding); no token attends across samples: the same loss, less padding
+    packing: bool = False
 
 
 @dataclass
 class SecurityVectorConfig:
-    path: Optional[str] = None  # stage 2: the trained vector directory; None = no vector
+    # stage 2: the trained vector directory, or a list of them (all active and frozen together,
+    # composed into one delta per layer, see docs/protection.md); None = no vector
+    path: typing.Union[str, list[str], None] = None
     # rank and target_modules: None = not set by the user. Stage 1 then trains a rank-8
     # (DEFAULT_SV_RANK) vector on ALL_LINEAR_TARGETS; stage 2 takes both from the vector's own files,
     # and a value that is set must match the vector (a one-line error otherwise, before the model
@@ -83,8 +90,15 @@ class SecurityVectorConfig:
     target_modules: Optional[list[str]] = None  # module names the vector adapts (unset: every attention and MLP projection)
     dropout: float = 0.0  # stage 1: LoRA dropout while the vector trains
     layers: Optional[list[int]] = None  # transformer block indices to adapt (None = all)
-    # stage 1 (train-sv): harmful set the vector learns, benign set it must leave unchanged
-    harmful_data: list[str] = field(default_factory=list)  # stage 1: prompt + harmful answer rows the vector learns
+    # stage 1: the behaviour the vector learns, recorded in its secvec.json with the judges that
+    # decide it: harm, or any other name (e.g. hallucination), which then needs its judges
+    behaviour: str = "harm"
+    # stage 1: who decides that an answer shows the behaviour in the strength check (as eval.judges);
+    # unset: eval.judges (refusal by default) for harm, required for any other behaviour
+    judges: Optional[list[str]] = None
+    # stage 1 (train-sv): the prompt + answer rows showing the behaviour the vector learns
+    # (harmful answers for harm); the benign set below it must leave unchanged
+    harmful_data: list[str] = field(default_factory=list)
     # stage 1: rows on which the vector must not change the output (KL term)
     benign_data: list[str] = field(default_factory=list)
     kl_weight: float = 3.0  # stage 1: weight of the KL term on benign_data
@@ -107,7 +121,8 @@ class SecurityVectorConfig:
     min_explained: float = 0.6  # share of their loss it removes
     # stage 2: score every training row once, before the first step (strength.score_rows);
     # rows the vector explains train with it on, the others with it off, so a benign task is not
-    # learned through the vector. gate_threshold None = half the vector's held-out explained share
+    # learned through the vector. gate_threshold None = half the vector's held-out explained share.
+    # Several vectors: a row any of them explains (each by its own threshold) trains with all on
     gate: bool = True  # stage 2: the vector on only for the rows it explains
     # explained share from which a row counts as explained (unset: half the vector's)
     gate_threshold: Optional[float] = None
@@ -116,6 +131,11 @@ class SecurityVectorConfig:
     fold: bool = True  # fold s*B@A into a frozen 16/32-bit base weight once at load (a LoRA on an unquantized base)
     fused_lora: bool = True  # the vector and a trainable LoRA on one layer in one kernel (QLoRA)
     weight_delta: bool = True  # full fine-tuning on the torch backend: x (W + s B A)^T in one Function
+
+    def paths(self) -> list[str]:
+        """security_vector.path as a list (one string is one vector; None or [] none)."""
+        p = self.path
+        return [] if not p else [p] if isinstance(p, str) else list(p)
 
 
 @dataclass
@@ -166,7 +186,8 @@ class EvalConfig:
     harmful_prompts: list[str] = field(default_factory=list)  # files (or dataset names) of harmful prompts to answer
     benign_tasks: list[str] = field(default_factory=list)  # rows with prompt + expected answer
     responses: Optional[str] = None  # judge-only mode: JSONL with prompt + response
-    # refusal | classifier | demo: who decides that an answer is harmful
+    # refusal | classifier | moderation | demo, or module:function (a rule (prompt, response) -> bool
+    # of your own): who decides that an answer is harmful
     judges: list[str] = field(default_factory=lambda: ["refusal"])
     refusal_prefixes: list[str] = field(default_factory=list)  # added to the shipped list
     max_new_tokens: int = 64  # tokens generated per answer
@@ -185,6 +206,15 @@ class EvalConfig:
     classifier_harmful_labels: list[str] = field(default_factory=list)  # label names (or ids) = harmful
     classifier_batch_size: int = 16  # answers per classifier call
     classifier_max_length: int = 512  # tokens of prompt + answer the classifier reads
+    # the 'moderation' judge (a local causal LM that answers safe / unsafe, as Llama Guard is used):
+    moderation_path: Optional[str] = None  # its model directory
+    # a Jinja chat template over the (user prompt, assistant answer) pair; unset: the model's own
+    # chat template, or the shipped Llama Guard prompt (dist_secvec/data/moderation_template.txt)
+    moderation_template: Optional[str] = None
+    moderation_unsafe: str = "unsafe"  # harmful when its greedy output starts with this (case-insensitive)
+    moderation_max_new_tokens: int = 10  # tokens it generates per verdict
+    moderation_batch_size: int = 8  # answers per moderation call
+    split: str = "train"  # split of a hub dataset named in eval.harmful_prompts / eval.benign_tasks
     utility_match: str = "exact"  # exact | contains | choice (case and whitespace normalised)
     utility_loss: bool = True  # also report mean loss / perplexity of the expected answers
     # held-out general text (.txt, one passage per line): mean token loss / perplexity, a utility
@@ -294,6 +324,12 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# keys that no longer exist: what to set instead
+RETIRED = {
+    "data.mask_prompt": "no longer exists: set data.train_on instead (all = loss on every token, as "
+                        "mask_prompt=false; the default all_assistant masks the prompts)",
+}
+
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.quantization": ("none", "nf4", "fp4", "int8"),
@@ -397,6 +433,8 @@ def build(cls: type, data: Any, prefix: str = "", what: str = "config") -> Any:
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
+        if full in RETIRED:
+            raise ConfigError(f"{what} key '{full}': {RETIRED[full]}")
         if key not in names:
             raise ConfigError(f"{what} key '{full}': unknown (allowed: {', '.join(names)})")
         tp = hints[key]
@@ -652,16 +690,17 @@ def validate(cfg: Config, command: str) -> Config:
         _check_files("security_vector.benign_data", cfg.security_vector.benign_data, "data file")
         _check_files("security_vector.heldout_benign_data", cfg.security_vector.heldout_benign_data, "data file")
         _check_files("security_vector.heldout_harmful_data", cfg.security_vector.heldout_harmful_data, "data file")
+        _check_behaviour(cfg.security_vector)
     if command == "finetune":
         if not cfg.data.train:
             raise ConfigError("config key 'data.train': name at least one training file or dataset")
         _check_files("data.train", cfg.data.train, "data file")
         _check_files("data.eval", cfg.data.eval, "data file")
         _check_files("monitor.harmful_probe", cfg.monitor.harmful_probe, "data file")
-        sv = cfg.security_vector.path
-        if sv is not None and not os.path.isdir(os.path.expanduser(sv)):
-            raise ConfigError(f"config key 'security_vector.path': vector directory '{sv}' not found "
-                              "(train one with `dist-secvec train-sv`)")
+        for sv in cfg.security_vector.paths():
+            if not os.path.isdir(os.path.expanduser(sv)):
+                raise ConfigError(f"config key 'security_vector.path': vector directory '{sv}' not found "
+                                  "(train one with `dist-secvec train-sv`)")
     if command == "export":
         ckpt = cfg.export.checkpoint
         if not ckpt:
@@ -758,17 +797,40 @@ def _check_audit(cfg: Config, command: str) -> None:
     if command == "finetune" and cfg.data.audit != "off" and not cfg.security_vector.path:
         raise ConfigError(f"config key 'data.audit': {cfg.data.audit} scores rows with the security vector; set "
                           "security_vector.path or data.audit=off")
+    several = len(cfg.security_vector.paths()) > 1
+    if command == "finetune" and cfg.data.audit != "off" and several:
+        raise ConfigError(f"config key 'data.audit': {cfg.data.audit} scores rows against one vector, and "
+                          "security_vector.path lists several; set data.audit=off (the per-row gate still scores "
+                          "every row against each vector) or list one vector")
     if command != "audit":
         return
     if not cfg.security_vector.path:
         raise ConfigError("config key 'security_vector.path': required; the audit scores rows with the vector "
                           "(a directory written by `dist-secvec train-sv`)")
-    if not os.path.isdir(os.path.expanduser(cfg.security_vector.path)):
-        raise ConfigError(f"config key 'security_vector.path': vector directory '{cfg.security_vector.path}' not "
-                          "found (train one with `dist-secvec train-sv`)")
+    if several:
+        raise ConfigError("config key 'security_vector.path': the audit scores rows against one vector; list one "
+                          "(run the audit once per vector)")
+    if not os.path.isdir(os.path.expanduser(cfg.security_vector.paths()[0])):
+        raise ConfigError(f"config key 'security_vector.path': vector directory '{cfg.security_vector.paths()[0]}' "
+                          "not found (train one with `dist-secvec train-sv`)")
     if not cfg.data.train:
         raise ConfigError("config key 'data.train': name at least one file of rows to audit")
     _check_files("data.train", cfg.data.train, "data file")
+
+
+def _check_behaviour(sv: SecurityVectorConfig) -> None:
+    """Stage 1's behaviour names its rows in record keys (heldout_<name>_loss), and any behaviour
+    but harm, whose judges refusal is, must say who judges it."""
+    name = sv.behaviour
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise ConfigError(f"config key 'security_vector.behaviour': {name!r} must be a lower-case name of letters, "
+                          "digits and _ starting with a letter (e.g. harm, hallucination)")
+    if sv.judges is not None and not sv.judges:
+        raise ConfigError("config key 'security_vector.judges': name at least one judge, or leave it unset "
+                          "(eval.judges) for harm")
+    if name != "harm" and sv.judges is None:
+        raise ConfigError(f"config key 'security_vector.judges': the behaviour {name!r} needs the judges that decide "
+                          "whether an answer shows it (refusal decides harm); set security_vector.judges")
 
 
 # What optim.lr / optim.epochs mean when unset. Stage 1 trains ~1k parameters per layer on ~100
@@ -810,6 +872,9 @@ def refuse_ignored_keys(cfg: Config, command: str) -> None:
     if tracked and command in ("eval", "export", "audit"):
         raise ConfigError(f"config key 'logging.report_to': {command} logs no training steps to track; remove "
                           f"{', '.join(tracked)} (train-sv and finetune report to trackers)")
+    if cfg.data.packing and command not in ("finetune", "profile"):
+        raise ConfigError(f"config key 'data.packing': {command} does not pack rows (stage 2's training batches "
+                          "do: finetune, profile); remove it")
     if command != "train-sv":
         return
     defaults = DeepSpeedConfig()

@@ -307,7 +307,10 @@ class PlainEngine:
         self.optimizer.zero_grad(set_to_none=True)
 
     def grads_finite(self) -> bool:
-        return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.params)
+        """Without clipping: the total norm alone, one fused pass and one sync (not one per tensor)."""
+        from dist_secvec.training import grad_total_norm
+
+        return math.isfinite(grad_total_norm(self.params))
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]

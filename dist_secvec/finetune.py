@@ -150,7 +150,7 @@ def _run_finetune(cfg: Config, keep_model: bool, stop: StopRequest) -> FinetuneR
             t_step = time.perf_counter()
             res = train_step(job, micro_batches, step)
             window["s"] += time.perf_counter() - t_step
-            window["tokens"] += sum(int(b["attention_mask"].sum()) for b in res.batches)
+            window["tokens"] += res.n_inputs
             if res.skipped:
                 log.warning("step %d: non-finite loss or gradient; step skipped (optim.nonfinite=skip)", step)
                 losses.append(float("nan"))
@@ -189,7 +189,8 @@ def _run_finetune(cfg: Config, keep_model: bool, stop: StopRequest) -> FinetuneR
     train = job.train
     info = {"steps": steps, "final_loss": losses[-1] if losses else None, "n_examples": len(train.examples),
             "n_truncated": train.n_truncated, "n_dropped": train.n_dropped, "trainable_params": job.trainable,
-            "security_vector": cfg.security_vector.path, "adapter": cfg.adapter.type,
+            "security_vector": cfg.security_vector.path, "security_vectors": job.vectors_info,
+            "adapter": cfg.adapter.type,
             "base_model": cfg.model.path, "world_size": job.world, "zero_stage": stage, "partition": job.partition,
             "security_vector_mode": "folded" if folded else "attached" if sv_layers else None,
             "security_vector_paths": paths, "security_vector_gate": job.gate_info, "data_audit": job.audit_info,

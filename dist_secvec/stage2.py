@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 import logging
 import os
@@ -21,19 +22,19 @@ from typing import Any, Callable, ContextManager, Iterator, Optional
 
 import torch
 
-from dist_secvec import runtime
+from dist_secvec import packing, runtime
 from dist_secvec.config import Config, resolve_stage_defaults
-from dist_secvec.data import TokenizedSet, collate, load_samples, tokenize_samples
+from dist_secvec.data import TokenizedSet, load_samples, tokenize_samples
 from dist_secvec.distributed import (DeepSpeedEngine, PlainEngine, all_reduce_sum, ds_config, gathered,
                                      init_distributed, label_tokens, loss_weight, micro_loss, numel, partition_report,
                                      rank_batches, uses_deepspeed, zero_stage)
 from dist_secvec.errors import ConfigError, SecurityVectorError, UserError
-from dist_secvec.model import add_trainable_adapter, load_model, load_tokenizer
+from dist_secvec.model import add_trainable_adapter, attn_implementation, load_model, load_tokenizer
 from dist_secvec.secvec import (PROBE_FILE, PathOptions, attach_security_vector, check_fingerprint, describe_paths,
                                 detach_security_vector, fold_partitioned, fold_security_vector, load_security_vector,
-                                path_calls, row_gate, security_vector_off, unfold_from_disk, unfold_security_vector,
-                                vector_digest)
-from dist_secvec.strength import describe, explained_share, score_rows
+                                only_vector, path_calls, row_gate, security_vector_off, unfold_from_disk,
+                                unfold_security_vector, vector_digest, vector_parts, vectors_record)
+from dist_secvec.strength import describe, explained_share, score_rows, score_rows_each
 from dist_secvec.training import build_optimizer, pick_device, to_device, total_steps
 
 log = logging.getLogger(__name__)
@@ -53,9 +54,10 @@ def nonfinite_message(step: int) -> str:
 
 
 def gates(cfg: Config, sv) -> bool:
-    """Whether stage 2 gates the vector per row: security_vector.gate, and a threshold to gate by."""
-    return cfg.security_vector.gate and (cfg.security_vector.gate_threshold is not None
-                                         or "explained" in (sv.meta.get("strength") or {}))
+    """Whether stage 2 gates the vector per row: security_vector.gate, and a threshold to gate by
+    (for several vectors, one for each)."""
+    placed = all("explained" in (p.meta.get("strength") or {}) for p in vector_parts(sv))
+    return cfg.security_vector.gate and (cfg.security_vector.gate_threshold is not None or placed)
 
 
 def fold_choice(cfg: Config, sv=None) -> tuple[bool, str]:
@@ -86,8 +88,14 @@ def check_vector_config(cfg: Config, sv) -> None:
     """Stage 2 takes the vector's rank and target modules from its own files; a value the user set
     in security_vector.rank / security_vector.target_modules (None = not set, see config.py) states
     which vector they expect, and a vector of another shape is refused in one line naming the key,
-    both values and the fix (called before the model loads: CLI preflight and setup_stage2)."""
-    want, path = cfg.security_vector, cfg.security_vector.path
+    both values and the fix (called before the model loads: CLI preflight and setup_stage2). Several
+    vectors: each is checked."""
+    for part in vector_parts(sv):
+        _check_one_vector_config(cfg, part)
+
+
+def _check_one_vector_config(cfg: Config, sv) -> None:
+    want, path = cfg.security_vector, sv.path
     if want.rank is not None and want.rank != sv.rank:
         raise ConfigError(f"config key 'security_vector.rank': the config says {want.rank} but the vector '{path}' "
                           f"has rank {sv.rank}; set security_vector.rank={sv.rank} or remove the key (stage 2 "
@@ -135,7 +143,7 @@ class Stage2:
     engine: Any  # PlainEngine or DeepSpeedEngine
     tok: Any
     train: TokenizedSet
-    sv: Any  # the SecurityVector, or None
+    sv: Any  # the SecurityVector (several: their composed VectorSet, secvec.compose), or None
     sv_layers: list  # attached SecVecLinear layers
     folded: list  # FoldedLayer per base weight holding the vector
     params: list  # the trainable parameters (the optimizer's)
@@ -183,6 +191,12 @@ class Stage2:
         return describe_paths(self.sv_layers) if self.sv_layers else ("folded" if self.folded else None)
 
     @property
+    def vectors_info(self) -> Optional[list]:
+        """Every vector in use, for the run info: path, weights' sha256, base fingerprint, behaviour and
+        judges, strength, and the modules it was active on (secvec.vectors_record)."""
+        return vectors_record(self.sv) if self.sv is not None else None
+
+    @property
     def pad_id(self) -> int:
         return self.tok.pad_token_id
 
@@ -195,6 +209,15 @@ class Stage2:
         gen = torch.Generator().manual_seed(self.cfg.seed)
         return rank_batches(self.train.examples, self.cfg.optim.micro_batch_size, self.rank, self.world, gen,
                             self.cfg.data.shuffle, skip=skip)
+
+    def build_batch(self, examples: list) -> tuple[dict, list]:
+        """A micro-batch's model inputs and the samples in each row (dist_secvec.packing): with
+        data.packing, a row holds only samples alike for the gate and data.audit's weight."""
+        def key(e):
+            return (self.gate[id(e)] if self.gate is not None else None,
+                    self.row_weight.get(id(e), 1.0) if self.row_weight else 1.0)
+        return packing.build_batch(examples, self.pad_id, self.cfg.data.packing, self.cfg.data.max_length, key,
+                                   packing.is_flash(attn_implementation(self.model)))
 
     def vector_digest(self) -> Optional[str]:
         """The vector's digest now (collective under ZeRO-3: it gathers the vector)."""
@@ -226,6 +249,8 @@ def setup_stage2(cfg: Config, *, monitor: bool = False, tok=None, train: Optiona
     use_ds = uses_deepspeed(cfg)
     ds = ds_config(cfg, runtime.world_size()) if use_ds else None  # bad JSON: refused before any process group
     check_stage2(cfg, ds, monitor)
+    if cfg.data.packing:  # before the model loads: the configured kernel; after: the one it runs
+        packing.check_support(cfg.model.attn_implementation)
     if ds is not None and ds_timers:
         ds["wall_clock_breakdown"] = True
     stage = zero_stage(ds) if ds else None
@@ -240,13 +265,14 @@ def setup_stage2(cfg: Config, *, monitor: bool = False, tok=None, train: Optiona
     audit_rows = audit_threshold = None
     sv = None
     if cfg.security_vector.path:  # files, hashes and shape checked before the model loads
-        sv = load_security_vector(cfg.security_vector.path)
+        sv = load_security_vector(cfg.security_vector.path)  # a list: the vectors composed (secvec.compose)
         check_vector_config(cfg, sv)
-        strength, weak = describe(sv.meta)
-        log.info("security vector %s: %s", cfg.security_vector.path, strength)
-        if weak:
-            log.warning("the security vector %s is WEAK: stage 2 will teach the core what it does not explain; "
-                        "retrain it (train-sv, see strength.weak_reasons in its secvec.json)", cfg.security_vector.path)
+        for part in vector_parts(sv):  # each vector's own strength record
+            strength, weak = describe(part.meta)
+            log.info("security vector %s (%s): %s", part.path, part.behaviour["name"], strength)
+            if weak:
+                log.warning("the security vector %s is WEAK: stage 2 will teach the core what it does not explain; "
+                            "retrain it (train-sv, see strength.weak_reasons in its secvec.json)", part.path)
         if cfg.data.audit != "off":
             from dist_secvec.audit import resolve_threshold
 
@@ -260,7 +286,7 @@ def setup_stage2(cfg: Config, *, monitor: bool = False, tok=None, train: Optiona
         train, *audit_rows = tokenize_rows(tok, rows, cfg.data)
         log.info(train.report("train data"))
     elif train is None:
-        train = tokenize_samples(tok, rows, cfg.data)
+        train = tokenize_samples(tok, rows, cfg.data, cache=True)
         log.info(train.report("train data"))
     elif cfg.data.audit != "off":
         log.info("data.audit=%s: not applied to rows passed in without their files", cfg.data.audit)
@@ -281,9 +307,14 @@ def setup_stage2(cfg: Config, *, monitor: bool = False, tok=None, train: Optiona
         hf_ds = HfDeepSpeedConfig(ds)  # must stay alive while the model is in use
     model = load_model(cfg.model, device, for_training=True)
     model = add_trainable_adapter(model, cfg.adapter)
+    if cfg.data.packing:
+        packing.check_support(attn_implementation(model))
     sv_layers, folded = [], []
     if sv is not None:
-        check_fingerprint(sv, model, cfg.model.path)
+        check_fingerprint(sv, model, cfg.model.path)  # each vector against this base
+        if len(vector_parts(sv)) > 1:
+            log.info("security vectors: %d composed into one delta on %d modules (ranks concatenated per module)",
+                     len(vector_parts(sv)), len(sv.weights))
         fold, why = fold_choice(cfg, sv)
         if fold:
             folded = fold_partitioned(model, sv) if stage == 3 else fold_security_vector(model, sv)
@@ -379,37 +410,68 @@ def gate_rows(cfg: Config, sv, model, sv_layers: list, examples: list, pad_id: i
               scores: Optional[Callable[[], tuple[list, list]]] = None) -> tuple[dict, dict]:
     """security_vector.gate: {id(example): 1.0 (vector on) or 0.0 (off)} from each row's explained
     share, scored once with the untrained core, and what was decided (for the run info).
-    `scores`: the rows' (loss_off, loss_on), shared with data.audit (strength.score_rows)."""
-    strength = sv.meta.get("strength") or {}
-    threshold = cfg.security_vector.gate_threshold
-    if threshold is None:
-        if "explained" not in strength:
-            log.warning("security_vector.gate: the vector %s records no held-out strength to place the threshold "
-                        "(an older train-sv): every row trains with the vector on; set "
-                        "security_vector.gate_threshold (e.g. 0.4) to gate", sv.path)
-            return None, {"threshold": None, "rows_vector_on": len(examples), "rows_vector_off": 0}
-        threshold = 0.5 * strength["explained"]
-    if scores is None:
+    `scores`: the rows' (loss_off, loss_on), shared with data.audit (strength.score_rows).
+
+    Several vectors: each row is scored against each vector alone (secvec.only_vector), by that
+    vector's own threshold; a row any of them explains trains with all of them on (the composed
+    delta is one per layer; the others, confined by their KL term, barely move it), the rest with
+    all off. The run info counts the rows each vector explains."""
+    parts = vector_parts(sv)
+    thresholds = []
+    for part in parts:
+        strength = part.meta.get("strength") or {}
+        threshold = cfg.security_vector.gate_threshold
+        if threshold is None:
+            if "explained" not in strength:
+                log.warning("security_vector.gate: the vector %s records no held-out strength to place the threshold "
+                            "(an older train-sv): every row trains with the vector on; set "
+                            "security_vector.gate_threshold (e.g. 0.4) to gate", part.path)
+                return None, {"threshold": None, "rows_vector_on": len(examples), "rows_vector_off": 0}
+            threshold = 0.5 * strength["explained"]
+        thresholds.append(threshold)
+    if len(parts) > 1:
+        off, ons = score_rows_each(model, examples, pad_id, device, cfg.audit.batch_size,
+                                   lambda: security_vector_off(model),
+                                   [functools.partial(only_vector, sv_layers, i) for i in range(len(parts))],
+                                   progress={"desc": "scoring rows per vector", "enabled": cfg.logging.progress})
+    elif scores is None:
         off, on = score_rows(model, examples, pad_id, device, cfg.audit.batch_size, lambda: security_vector_off(model))
+        ons = [on]
     else:
         off, on = scores()
-    gate = {id(e): 1.0 if explained_share(f, a) >= threshold else 0.0 for e, f, a in zip(examples, off, on)}
+        ons = [on]
+    explains = [[explained_share(f, a) >= t for f, a in zip(off, on)] for on, t in zip(ons, thresholds)]
+    gate = {id(e): 1.0 if any(col[j] for col in explains) else 0.0 for j, e in enumerate(examples)}
     n_on = int(sum(gate.values()))
-    log.info("security_vector.gate: %d of %d rows are explained by the vector (share >= %.2f) and train with it "
-             "on; %d train with it off", n_on, len(examples), threshold, len(examples) - n_on)
-    return gate, {"threshold": threshold, "rows_vector_on": n_on, "rows_vector_off": len(examples) - n_on}
+    info = {"threshold": thresholds[0] if len(parts) == 1 else thresholds, "rows_vector_on": n_on,
+            "rows_vector_off": len(examples) - n_on}
+    if len(parts) == 1:
+        log.info("security_vector.gate: %d of %d rows are explained by the vector (share >= %.2f) and train with it "
+                 "on; %d train with it off", n_on, len(examples), thresholds[0], len(examples) - n_on)
+        return gate, info
+    info["per_vector"] = [{"path": p.path, "threshold": t, "rows_explained": sum(col)}
+                          for p, t, col in zip(parts, thresholds, explains)]
+    log.info("security_vector.gate: %d of %d rows are explained by at least one of the %d vectors (%s) and train "
+             "with them on; %d train with them off", n_on, len(examples), len(parts),
+             ", ".join(f"{p.path}: {sum(col)} rows, share >= {t:.2f}"
+                       for p, t, col in zip(parts, thresholds, explains)),
+             len(examples) - n_on)
+    return gate, info
 
 
 def monitor_rows(cfg: Config) -> tuple[list, list]:
     """Stage 2's watched rows (read before any model loads): the harmful probe (monitor.harmful_probe,
-    else the vector's own held-out rows) and data.eval; none when monitor.rule=none."""
+    else the vectors' own held-out rows: the first monitor.max_rows of each) and data.eval; none
+    when monitor.rule=none."""
     if cfg.monitor.rule == "none":
         return [], []
     probe_files = list(cfg.monitor.harmful_probe)
-    sv_probe = Path(os.path.expanduser(cfg.security_vector.path or "")) / PROBE_FILE
-    if not probe_files and cfg.security_vector.path and sv_probe.is_file():
-        probe_files = [str(sv_probe)]
-    probe = load_samples(probe_files, "auto")[: cfg.monitor.max_rows] if probe_files else []
+    if probe_files:
+        probe = load_samples(probe_files, "auto")[: cfg.monitor.max_rows]
+    else:
+        sv_probes = [Path(os.path.expanduser(p)) / PROBE_FILE for p in cfg.security_vector.paths()]
+        probe = [row for f in sv_probes if f.is_file()
+                 for row in load_samples([str(f)], "auto")[: cfg.monitor.max_rows]]
     evalrows = load_samples(cfg.data.eval, cfg.data, cfg.data.split, cfg.data.max_samples) if cfg.data.eval else []
     return probe, evalrows
 
@@ -434,6 +496,7 @@ class StepResult:
     n_tokens: float  # label tokens of the global batch
     batches: list  # this rank's collated micro-batches
     counts: list  # label tokens of each of them
+    n_inputs: int = 0  # this rank's input tokens, padding not counted
 
 
 def weighted_micro_loss(engine, batch: dict, n: int, weights: torch.Tensor) -> torch.Tensor:
@@ -443,7 +506,7 @@ def weighted_micro_loss(engine, batch: dict, n: int, weights: torch.Tensor) -> t
 
     from dist_secvec.data import IGNORE_INDEX
 
-    logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    logits = engine(**packing.model_inputs(batch)).logits[:, :-1]  # packed rows: their position ids too
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX
     ce = F.cross_entropy(logits.float().transpose(1, 2), labels.clamp_min(0), reduction="none") * mask
@@ -466,12 +529,14 @@ def train_step(job: Stage2, micro_batches: Iterator[list], step: int,
     ga = cfg.optim.gradient_accumulation_steps
     with timed("data"):
         raw = [next(micro_batches) for _ in range(ga)]
-        group = [to_device(collate(r, job.pad_id), job.device) for r in raw]
+        built = [job.build_batch(r) for r in raw]
+        group = [to_device(b, job.device) for b, _ in built]
         counts, n_tokens = label_tokens(group)
     local_loss, finite = 0.0, True
     for i, (b, n) in enumerate(zip(group, counts)):
-        rows = torch.tensor([job.gate[id(e)] for e in raw[i]]) if job.gate is not None else None
-        weights = [job.row_weight.get(id(e), 1.0) for e in raw[i]] if job.row_weight else None
+        firsts = [row[0] for row in built[i][1]]  # a packed row's samples share gate and weight
+        rows = torch.tensor([job.gate[id(e)] for e in firsts]) if job.gate is not None else None
+        weights = [job.row_weight.get(id(e), 1.0) for e in firsts] if job.row_weight else None
         with row_gate(job.sv_layers, rows):  # forward and backward: checkpointing recomputes there
             with timed("forward"):
                 if weights is None or all(w == 1.0 for w in weights):
@@ -507,7 +572,8 @@ def train_step(job: Stage2, micro_batches: Iterator[list], step: int,
                 if not skip:
                     raise NonFiniteError(nonfinite_message(step))
                 bad = 1.0
-    return StepResult(step_loss, bool(bad), grad_norm, n_tokens, group, counts)
+    n_inputs = sum(len(e["input_ids"]) for r in raw for e in r)
+    return StepResult(step_loss, bool(bad), grad_norm, n_tokens, group, counts, n_inputs)
 
 
 # ---------------------------------------------------------------------------------------------

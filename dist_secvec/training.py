@@ -44,8 +44,18 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig, steps: i
     return optimizer, scheduler
 
 
+def grad_total_norm(params: list[torch.nn.Parameter]) -> float:
+    """The total 2-norm of the gradients, the one clipping takes, in one fused pass and one sync:
+    NaN/inf when any gradient is, so it is also the non-finite check."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.nn.utils.get_total_norm(grads))
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}
+    """The batch's tensors on `device`; other inputs (a packed batch's flags and lengths) as they are."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def masked_kl(ref_logits: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_secvec.config import (ALL_LINEAR_TARGETS, AdapterConfig, Config, DataConfig, ModelConfig, OptimConfig,
-                                STAGE_OPTIM_DEFAULTS, load_config, resolve_stage_defaults, validate)
+from dist_secvec.config import (ALL_LINEAR_TARGETS, AdapterConfig, Config, DataConfig, ModelConfig, STAGE_OPTIM_DEFAULTS, load_config, resolve_stage_defaults, validate)
 from dist_secvec.errors import ConfigError, UserError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -97,7 +97,7 @@ class StepRunner:
         rec["step"] = sum(rec[p] for p in PHASES)
         rec["skipped"] = res.skipped
         rec["tokens_padded"] = sum(int(b["input_ids"].numel()) for b in res.batches)
-        rec["tokens_nonpad"] = sum(int(b["attention_mask"].sum()) for b in res.batches)
+        rec["tokens_nonpad"] = res.n_inputs
         rec["tokens_loss"] = sum(res.counts)
         rec["seq_len"] = statistics.mean(int(b["input_ids"].shape[1]) for b in res.batches)
         if measured:
