@@ -136,6 +136,21 @@ def test_shipped_embedded_study_parses():
     assert json.dumps(experiment.plan_runs(exp)[0].__dict__)
 
 
+@pytest.mark.parametrize("name", ["stress_study", "stress_corner", "stress_corner_audit", "stress_epochs"])
+def test_shipped_stress_studies_parse_and_plan_valid_runs(name):
+    """Every run the shipped stress studies plan is a valid stage-2 config (data.audit needs the vector)."""
+    from dist_secvec.config import load_config
+
+    exp = experiment.load_experiment(f"configs/experiments/{name}.yaml")
+    assert exp.world == "embedded"
+    for run in experiment.plan_runs(exp):
+        variant = exp.sweep.finetune.get(run.finetune, {}) if run.finetune else {}
+        d = experiment.deep_merge(experiment.deep_merge(exp.base, exp.stage("finetune")), variant)
+        d["security_vector"] = {"path": "/sv" if run.vector else None}
+        cfg = load_config(None, None, base=d)
+        assert cfg.data.audit == "off" or run.vector
+
+
 @pytest.mark.slow
 def test_sweep_through_the_deepspeed_launcher(tmp_path, monkeypatch):
     """`launcher:` sends every run's stage 2 through launch/deepspeed.sh (2 CPU ranks here), loads the
