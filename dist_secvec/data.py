@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -740,10 +741,42 @@ def _encode(tokenizer, text: str, special: bool = False) -> list[int]:
     return tokenizer(text, add_special_tokens=special)["input_ids"] if text else []
 
 
+_GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def _assistant_mask_tokens(tokenizer, sample: Sample, mode: str) -> Optional[tuple[list[int], list[tuple[int, int]]]]:
+    """(ids, spans) from the template's own assistant mask, when it marks the answers with
+    {% generation %} blocks: one span per assistant turn, in order. None when the template has no
+    such blocks, the tokenizer cannot map them to tokens, or the spans do not match the turns."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str) or not _GENERATION_BLOCK.search(template):
+        return None
+    conv = sample.conversation
+    try:
+        out = tokenizer.apply_chat_template(conv, tools=sample.tools, tokenize=True, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+    except Exception:  # a slow tokenizer (no char-to-token map): the rendering below does the job
+        return None
+    ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
+    runs, start = [], None
+    for i, m in enumerate(mask + [0]):
+        if m and start is None:
+            start = i
+        elif not m and start is not None:
+            runs.append((start, i))
+            start = None
+    assistant = [k for k, m in enumerate(conv) if m["role"] == "assistant"]
+    if len(runs) != len(assistant):  # an empty answer, or blocks that are not one per turn
+        return None
+    spans = [r for r, k in zip(runs, assistant) if k >= sample.context]
+    return ids, spans if mode == "all_assistant" else spans[-1:]
+
+
 def _chat_tokens(tokenizer, sample: Sample, mode: str) -> tuple[list[int], list[tuple[int, int]], bool]:
     """(ids, [start, end) token span of each supervised assistant turn, fell back).
 
-    Each supervised turn k is located by rendering the conversation before it (with the
+    A template that marks its answers with {% generation %} blocks gives the spans itself (the
+    tokenizer's assistant mask). Otherwise each supervised turn k is located by rendering the conversation before it (with the
     generation prompt) and through it. When every such prefix tokenizes to a prefix of the whole
     conversation's tokens, the spans are those token positions. Otherwise, when the prefixes are
     prefixes of the text, the conversation is tokenized piece by piece at those boundaries (as a
@@ -757,6 +790,9 @@ def _chat_tokens(tokenizer, sample: Sample, mode: str) -> tuple[list[int], list[
         if m["role"] == "tool" and m["content"].strip() and m["content"].strip() not in full:
             raise DataError(f"{where}: the chat template does not render tool messages; use one that does "
                             "(data.chat_template) or remove the tool turns")
+    masked = _assistant_mask_tokens(tokenizer, sample, mode)
+    if masked is not None:
+        return masked[0], masked[1], False
     seen: dict[str, list[int]] = {}  # the last prefix is the whole conversation: tokenize each text once
 
     def encode(text: str) -> list[int]:

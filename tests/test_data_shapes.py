@@ -568,3 +568,26 @@ def test_stage2_reads_mapped_columns(tiny_world, tmp_path):
         setup_stage2(load_config(None, common))
     job = setup_stage2(load_config(None, common + ["data.columns={prompt: question, response: answer}"]))
     assert len(job.train.examples) == len(rows)
+
+
+def test_generation_blocks_give_the_supervised_tokens(tmp_path):
+    """A template that marks its answers with {% generation %} blocks: the tokenizer's assistant mask
+    gives each turn's span. Here the generation prompt stops short of how a finished turn starts
+    (": "), which the blocks leave out and rendering prefixes cannot."""
+    def template(mark: bool) -> str:
+        g, eg = ("{% generation %}", "{% endgeneration %}") if mark else ("", "")
+        return ("{% for m in messages %}{% if m['role'] == 'assistant' %}<|im_start|> assistant : " + g
+                + "{{ m['content'] }} <|im_end|>" + eg + " {% else %}<|im_start|> {{ m['role'] }} {{ m['content'] }} "
+                "<|im_end|> {% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+
+    row = Sample([USER("what is one"), ASSISTANT("it is one"), USER("and two")], "it is two", "t.jsonl", 1)
+    prompt = "<|im_start|> user what is one <|im_end|> <|im_start|> assistant : "
+    ex, _ = tokenize_sample(word_tokenizer(template(True)), row, DataConfig(train_on="all_assistant"))
+    assert_tokens(word_tokenizer(), ex, prompt + "[it is one <|im_end|>] <|im_start|> user and two <|im_end|> "
+                  "<|im_start|> assistant : [it is two <|im_end|>]")
+    ex, _ = tokenize_sample(word_tokenizer(template(True)), row, DataConfig(train_on="last_assistant"))
+    assert_tokens(word_tokenizer(), ex, prompt + "it is one <|im_end|> <|im_start|> user and two <|im_end|> "
+                  "<|im_start|> assistant : [it is two <|im_end|>]")
+    ex, _ = tokenize_sample(word_tokenizer(template(False)), row, DataConfig(train_on="all_assistant"))
+    assert_tokens(word_tokenizer(), ex, "<|im_start|> user what is one <|im_end|> <|im_start|> assistant [: it is one "
+                  "<|im_end|>] <|im_start|> user and two <|im_end|> <|im_start|> assistant [: it is two <|im_end|>]")
