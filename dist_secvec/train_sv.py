@@ -38,7 +38,7 @@ from dist_secvec.config import ALL_LINEAR_TARGETS, DEFAULT_SV_RANK, Config, reso
 from dist_secvec.data import batches, collate, endless_batches, load_samples, refuse_text_rows, tokenize_samples
 from dist_secvec.files import atomic_dir, write_text_atomic
 from dist_secvec.judges import make_judges
-from dist_secvec.model import load_model, load_tokenizer, lora_config
+from dist_secvec.model import attn_implementation, load_model, load_tokenizer, lora_config
 from dist_secvec.secvec import (PEFT_PREFIX, PROBE_FILE, base_fingerprint, record_file_hashes, rows_word,
                                 save_security_vector)
 from dist_secvec.strength import answer_stats, judged_rate, strength_table, weak_reasons, write_probe
@@ -251,6 +251,7 @@ def run_train_sv(cfg: Config) -> TrainSVResult:
         "base_model": cfg.model.path,
         "base_fingerprint": base_fingerprint(model, cfg.model.path, modules),
         "quantization": cfg.model.quantization,
+        "dtype": cfg.model.dtype, "attn_implementation": attn_implementation(model),  # how it was trained
         "behaviour": {"name": sv_cfg.behaviour, "judges": judge_names},
         f"n_{word}_samples": len(harmful.examples),
         "n_benign_samples": len(benign.examples) if benign else 0,

@@ -149,7 +149,10 @@ def test_train_sv_reports_to_tensorboard(tiny_world, tmp_path):
         f"model.path={tiny_world.model_dir}", f"output_dir={out}", "logging.progress=false", "seed=0",
         f"security_vector.harmful_data={tiny_world.data['harmful_sv']}", "security_vector.kl_weight=0",
         "security_vector.rank=4", "optim.micro_batch_size=8", "optim.max_steps=3", "logging.log_every=1",
-        "eval.judges=[demo]", "eval.max_new_tokens=8", "logging.report_to=[tensorboard]"]))
+        "eval.judges=[demo]", "eval.max_new_tokens=8", "logging.report_to=[tensorboard]",
+        "model.attn_implementation=eager"]))
+    meta = json.loads((out / "secvec" / "secvec.json").read_text())
+    assert meta["attn_implementation"] == "eager" and meta["dtype"] == "float32"  # how the vector was trained
     log = read_log(out, "train_sv_log.jsonl")
     steps = [r for r in log if "harmful_ce" in r]
     held = [r for r in log if "heldout_harmful_loss" in r]
