@@ -591,3 +591,46 @@ def test_generation_blocks_give_the_supervised_tokens(tmp_path):
     ex, _ = tokenize_sample(word_tokenizer(template(False)), row, DataConfig(train_on="all_assistant"))
     assert_tokens(word_tokenizer(), ex, "<|im_start|> user what is one <|im_end|> <|im_start|> assistant [: it is one "
                   "<|im_end|>] <|im_start|> user and two <|im_end|> <|im_start|> assistant [: it is two <|im_end|>]")
+
+
+BPE_CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def bpe_tokenizer():
+    """A byte-level BPE tokenizer (as GPT-2, Llama 3, Qwen, SmolLM use), trained here on a few lines."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    corpus = ["system\nbe brief", "user\nwhat is one? and two?", "assistant\nit is one. it is two.",
+              "Hello there, how are you today? I am fine."] * 20
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|im_start|>", "<|im_end|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|im_end|>", pad_token="<|im_end|>",
+                                  bos_token="<|im_start|>")
+    tok.chat_template = BPE_CHATML
+    return tok
+
+
+@pytest.mark.parametrize("system", [False, True])
+def test_byte_level_bpe_template_supervises_exactly_each_answer(system):
+    """With a byte-level BPE tokenizer (merges across "\\n" and spaces): each assistant turn's
+    supervised tokens decode to exactly its text and the end-of-turn token, nothing else."""
+    tok = bpe_tokenizer()
+    turns = ([SYSTEM("be brief")] if system else []) + [USER("what is one?"), ASSISTANT("it is one."),
+                                                        USER("and two?")]
+    ex, _ = tokenize_sample(tok, Sample(turns, "it is two.", "t.jsonl", 1), DataConfig(train_on="all_assistant"))
+    full = tok.apply_chat_template(turns + [ASSISTANT("it is two.")], tokenize=False)
+    assert tok.decode(ex["input_ids"]) == full  # the whole conversation, as the template renders it
+    runs, cur = [], []
+    for t, lab in zip(ex["input_ids"], ex["labels"]):
+        if lab != IGNORE_INDEX:
+            cur.append(t)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    runs += [cur] if cur else []
+    assert [tok.decode(r) for r in runs] == ["it is one.<|im_end|>", "it is two.<|im_end|>"]
