@@ -30,6 +30,7 @@ GIB = 2**30
 EXPECTED_RECIPES = {
     "llama2_7b_full_sv_zero3_8gpu.yaml", "llama2_7b_qlora_sv_1gpu.yaml", "llama2_13b_qlora_sv_2gpu.yaml",
     "llama2_70b_qlora_sv_8gpu.yaml", "llama2_70b_qlora_sv_2node.yaml", "llama2_7b_train_sv.yaml",
+    "smollm2_135m_train_sv_cpu.yaml", "smollm2_135m_lora_sv_cpu.yaml",
 }
 EXPECTED_JSONS = {"ds_zero2.json": 2, "ds_zero3.json": 3, "ds_zero3_offload.json": 3}
 
@@ -147,7 +148,12 @@ def test_recipe_settings_are_consistent(recipe):
     else:
         assert cfg.security_vector.harmful_data and cfg.security_vector.benign_data
         assert cfg.security_vector.kl_weight > 0
-        assert cfg.output_dir == "runs/llama2_7b_sv"
+        # a stage-2 recipe reads the vector this one writes (output_dir/secvec)
+        assert any(load_config(str(r)).security_vector.path == f"{cfg.output_dir}/secvec"
+                   for r in RECIPES if command_for(r) == "finetune")
+    if name.endswith("_cpu.yaml"):
+        assert cfg.deepspeed.zero_stage is None and cfg.model.dtype == "float32"
+        assert cfg.model.quantization == "none"  # bitsandbytes' 4-bit needs a GPU
 
 
 def test_stage2_7b_recipes_use_the_stage1_output():
@@ -179,13 +185,16 @@ def test_recipe_header_names_its_launch_command(recipe):
         assert f"launch/deepspeed.sh --gpus {m.group(1)} -- " in text
     if recipe.name.endswith("_2node.yaml"):
         assert "launch/slurm.sbatch" in text and "--nodes 2" in text
-    if recipe.name.endswith("_1gpu.yaml") or "train_sv" in recipe.name:
+    if recipe.name.endswith(("_1gpu.yaml", "_cpu.yaml")) or "train_sv" in recipe.name:
         assert f"dist-secvec {command_for(recipe)} --config configs/{recipe.name}" in text
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_recipe_header_quotes_current_estimator_output(recipe, est, capsys):
     lines = header(recipe)
+    if recipe.name.endswith("_cpu.yaml"):  # no GPU: the header gives the RAM it needs instead
+        assert any("GiB of RAM" in ln for ln in lines)
+        return
     starts = [i for i, ln in enumerate(lines) if ln.startswith("#   $ python launch/estimate_memory.py")]
     assert len(starts) == 1, "the header quotes one estimate_memory.py run"
     i = starts[0]
@@ -417,3 +426,22 @@ def test_deepspeed_config_resolves_next_to_the_recipe_then_in_the_package(tmp_pa
     cfg = validate(load_config(str(copied), paths), "finetune")
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(str(tmp_path / "config.yaml")).deepspeed.config == str(work / "configs" / "ds_zero3.json")
+
+
+@pytest.mark.slow
+def test_cpu_recipes_run_both_stages_on_a_small_model(tiny_world, tmp_path, monkeypatch):
+    """The CPU pair as shipped, with the model and data paths pointed at the tiny world and the
+    runs shortened: stage 1 writes the vector where the stage-2 recipe reads it."""
+    from dist_secvec.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    d = tiny_world.data
+    common = [f"model.path={tiny_world.model_dir}", "logging.progress=false", "data.max_length=64"]
+    assert main(["train-sv", "--config", str(CONFIGS / "smollm2_135m_train_sv_cpu.yaml"), *common,
+                 f"security_vector.harmful_data={d['harmful_sv']}", f"security_vector.benign_data={d['kl_benign']}",
+                 f"security_vector.heldout_benign_data={d['heldout_benign']}", "optim.max_steps=4",
+                 "eval.judges=[demo]", "eval.max_new_tokens=8"]) == 0
+    assert (tmp_path / "runs" / "smollm2_135m_sv" / "secvec" / "secvec.json").is_file()
+    assert main(["finetune", "--config", str(CONFIGS / "smollm2_135m_lora_sv_cpu.yaml"), *common,
+                 f"data.train={d['finetune_mixed']}", "data.max_samples=32", "optim.max_steps=2"]) == 0
+    assert (tmp_path / "runs" / "smollm2_135m_lora_sv_cpu" / "final" / "adapter_model.safetensors").is_file()
