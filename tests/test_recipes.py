@@ -445,3 +445,38 @@ def test_cpu_recipes_run_both_stages_on_a_small_model(tiny_world, tmp_path, monk
     assert main(["finetune", "--config", str(CONFIGS / "smollm2_135m_lora_sv_cpu.yaml"), *common,
                  f"data.train={d['finetune_mixed']}", "data.max_samples=32", "optim.max_steps=2"]) == 0
     assert (tmp_path / "runs" / "smollm2_135m_lora_sv_cpu" / "final" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_a_wheel_runs_a_shipped_recipe_from_another_directory(tiny_world, random_vector, tmp_path):
+    """The package as a user installs it: a wheel built from the repository, installed on its own,
+    run from a directory that is not the repository: it lists and copies a shipped recipe, and
+    `finetune` runs with the copy."""
+    import os
+
+    wheels, site, work = tmp_path / "wheels", tmp_path / "site", tmp_path / "work"
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                        str(wheels), str(REPO)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (wheel,) = wheels.glob("dist_secvec-*.whl")
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    work.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(site), OMP_NUM_THREADS="1")
+
+    def run(*argv):
+        return subprocess.run([sys.executable, *argv], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+
+    r = run("-c", "import dist_secvec; print(dist_secvec.__file__)")
+    assert r.stdout.strip().startswith(str(site)), r.stdout + r.stderr  # the wheel's files, not the repository's
+    r = run("-m", "dist_secvec", "recipes")
+    assert r.returncode == 0 and "smollm2_135m_lora_sv_cpu" in r.stdout, r.stderr[-2000:]
+    r = run("-m", "dist_secvec", "recipes", "copy", "smollm2_135m_lora_sv_cpu")
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run("-m", "dist_secvec", "finetune", "--config", "smollm2_135m_lora_sv_cpu.yaml",
+            f"model.path={tiny_world.model_dir}", f"data.train={tiny_world.data['finetune_mixed']}",
+            f"security_vector.path={random_vector}", "security_vector.rank=4", "security_vector.alpha=8",
+            "data.max_samples=16", "data.max_length=48", "optim.max_steps=2", "logging.progress=false")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (work / "runs" / "smollm2_135m_lora_sv_cpu" / "final" / "adapter_model.safetensors").is_file()
