@@ -190,11 +190,53 @@ def test_report_to_bad_values(tiny_world, small_data, tmp_path, overrides, match
         validate(cfg, "finetune")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed here")
-def test_report_to_wandb_without_the_package_is_refused(tiny_world, small_data, tmp_path):
+def test_report_to_wandb_without_the_package_is_refused(tiny_world, small_data, tmp_path, monkeypatch):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
     cfg = make_cfg(tiny_world, small_data, tmp_path / "run", "logging.report_to=[wandb]")
     with pytest.raises(ConfigError, match="config key 'logging.report_to': wandb needs the wandb package"):
         validate(cfg, "finetune")
+
+
+def wandb_history(run_file: Path) -> list[dict]:
+    """The history records of an offline W&B run file (a LevelDB-style log of W&B's protobuf
+    records, 32 KiB blocks; the wandb package no longer ships a Python reader for it)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = run_file.read_bytes()
+    assert data[:4] == b":W&B"
+    out, pos, buf = [], 7, b""
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7]) if left >= 7 else (0, 0, 0)
+        if left < 7 or (length == 0 and kind == 0):  # the rest of the block is padding
+            pos += left
+            continue
+        buf, pos = buf + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # a full record, or the last piece of one
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(buf)
+            if rec.WhichOneof("record_type") == "history":
+                out.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item})
+            buf = b""
+    return out
+
+
+def test_finetune_reports_to_wandb_offline_what_train_log_holds(tiny_world, small_data, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    run_finetune(make_cfg(tiny_world, small_data, out, "optim.max_steps=3", "logging.report_to=[wandb]"))
+    (run_file,) = (out / "wandb").glob("offline-run-*/run-*.wandb")
+    hist = wandb_history(run_file)
+    train = [r for r in read_log(out) if "loss" in r]
+    assert [h["_step"] for h in hist] == [r["step"] for r in train] == [1, 2, 3]
+    for h, r in zip(hist, train):
+        for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+            assert h[f"train/{key}"] == pytest.approx(r[key], rel=1e-6), key
 
 
 def test_report_to_none_is_no_tracker_and_eval_refuses_one(tiny_world, small_data, tmp_path):
