@@ -27,13 +27,29 @@ def is_main() -> bool:
     return rank() == 0
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to sys.stderr as it is at each record, not as it was when logging was set up: a
+    caller that swaps stderr (a notebook, a test's capture) never leaves the handler on a closed stream."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(level: str = "info") -> None:
     """Rank 0 logs at `level`; other ranks only warnings and errors, each line tagged with its rank."""
     lvl = getattr(logging, level.upper())
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter(f"[rank {rank()}] %(asctime)s %(levelname)s %(name)s: %(message)s",
                                            datefmt="%H:%M:%S"))
     root.addHandler(handler)

@@ -393,3 +393,24 @@ def test_error_line_names_the_rank_under_a_launcher(tmp_path):
     assert r.stderr.strip().splitlines() == [
         f"dist-secvec finetune [rank 1]: error: config file '{tmp_path / 'none.yaml'}' not found: "
         "pass an existing YAML file to --config"]
+
+
+def test_logging_writes_to_stderr_as_it_is_now():
+    """A caller that swaps stderr after logging is set up (a notebook, a test's capture) and closes
+    the old stream: the next record goes to the new stream, not to a 'Logging error'."""
+    import io
+    import logging
+    import sys
+
+    from dist_secvec.runtime import setup_logging
+
+    saved = sys.stderr
+    try:
+        sys.stderr = first = io.StringIO()
+        setup_logging("info")
+        first.close()
+        sys.stderr = second = io.StringIO()
+        logging.getLogger("dist_secvec.test").warning("after the swap")
+    finally:
+        sys.stderr = saved
+    assert "after the swap" in second.getvalue() and "Logging error" not in second.getvalue()
