@@ -25,7 +25,7 @@ import os
 import socket
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -48,8 +48,11 @@ BASE_DS_CONFIG = {
 }
 
 
-def uses_deepspeed(cfg: Config) -> bool:
-    return cfg.deepspeed.zero_stage is not None or cfg.deepspeed.config is not None or runtime.world_size() > 1
+def uses_deepspeed(cfg: Config, several_ranks: bool = True) -> bool:
+    """several_ranks: a launch of several ranks alone also means DeepSpeed (stage 2); stage 1 uses
+    it only when deepspeed.zero_stage or deepspeed.config asks (else rank 0 trains alone)."""
+    asked = cfg.deepspeed.zero_stage is not None or cfg.deepspeed.config is not None
+    return asked or (several_ranks and runtime.world_size() > 1)
 
 
 def free_port() -> int:
@@ -177,6 +180,18 @@ def zero_stage(ds: dict) -> int:
     return int(ds.get("zero_optimization", {}).get("stage", 0))
 
 
+def partitioned_loading(ds: Optional[dict], quantization: str) -> Any:
+    """Under ZeRO-3 with a 16-bit/32-bit base: the HfDeepSpeedConfig that makes from_pretrained
+    partition the weights while loading (no rank holds the whole model) and makes generate keep
+    the ranks in step; None otherwise (transformers loads a bitsandbytes base whole on each rank,
+    deepspeed.initialize partitions it). Keep it alive while the model is in use."""
+    if not ds or zero_stage(ds) != 3 or quantization != "none":
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds)
+
+
 def is_partitioned(p: torch.nn.Parameter) -> bool:
     return hasattr(p, "ds_id")
 
@@ -207,6 +222,19 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.cpu().tolist()
 
 
+def from_rank0(values: list[float]) -> list[float]:
+    """Rank 0's values on every rank (identity in one process): a decision all ranks must share."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    if torch.cuda.is_available() and dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.broadcast(t, 0)
+    return t.cpu().tolist()
+
+
 def barrier() -> None:
     import torch.distributed as dist
 
@@ -215,10 +243,16 @@ def barrier() -> None:
 
 
 def rank_batches(examples: list, micro_batch_size: int, rank: int, world: int,
-                 generator: torch.Generator, shuffle: bool = True, skip: int = 0) -> Iterator[list]:
+                 generator: torch.Generator, shuffle: bool = True, skip: int = 0,
+                 key: Optional[Callable] = None, per_step: int = 1) -> Iterator[list]:
     """This rank's micro-batches of an endless stream of examples, reshuffled each epoch by the
     seeded generator (the same on every rank); the first `skip` micro-batches are passed over
-    (resume). Every micro-batch is full: the stream runs on into the next epoch."""
+    (resume). Every micro-batch is full: the stream runs on into the next epoch.
+
+    key, per_step: the rows of each optimizer step (per_step micro-batches on every rank) sorted by
+    key(example) before they are dealt out, so that rows alike (the per-row gate's vector on or
+    off) fill whole micro-batches. A step's gradient is a sum over its rows: the order inside it
+    changes nothing but rounding."""
     def stream():
         while True:
             order = torch.randperm(len(examples), generator=generator).tolist() if shuffle else range(len(examples))
@@ -226,12 +260,17 @@ def rank_batches(examples: list, micro_batch_size: int, rank: int, world: int,
 
     it = stream()
     size = micro_batch_size * world
+    group = per_step if key is not None else 1
     n = 0
     while True:
-        idx = [next(it) for _ in range(size)]
-        n += 1
-        if n > skip:
-            yield [examples[j] for j in idx[rank * micro_batch_size:(rank + 1) * micro_batch_size]]
+        idx = [next(it) for _ in range(size * group)]
+        if key is not None:
+            idx.sort(key=lambda j: key(examples[j]))  # stable: ties keep the shuffled order
+        for c in range(group):
+            n += 1
+            if n > skip:
+                mine = idx[c * size + rank * micro_batch_size:c * size + (rank + 1) * micro_batch_size]
+                yield [examples[j] for j in mine]
 
 
 def label_tokens(group: list[dict]) -> tuple[list[int], float]:

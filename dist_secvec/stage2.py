@@ -32,7 +32,7 @@ from dist_secvec.errors import ConfigError, SecurityVectorError, UserError
 from dist_secvec.model import add_trainable_adapter, attn_implementation, load_model, load_tokenizer
 from dist_secvec.secvec import (PROBE_FILE, PathOptions, attach_security_vector, check_fingerprint, describe_paths,
                                 detach_security_vector, fold_partitioned, fold_security_vector, load_security_vector,
-                                only_vector, path_calls, row_gate, security_vector_off, unfold_from_disk,
+                                layers_off, only_vector, path_calls, row_gate, security_vector_off, unfold_from_disk,
                                 unfold_security_vector, vector_digest, vector_parts, vectors_record)
 from dist_secvec.strength import describe, explained_share, score_rows, score_rows_each
 from dist_secvec.training import build_optimizer, pick_device, to_device, total_steps
@@ -80,8 +80,10 @@ def fold_choice(cfg: Config, sv=None) -> tuple[bool, str]:
 def path_options(cfg: Config, sv) -> PathOptions:
     """What the attached vector's layers may take (secvec.layer.choose_path picks per layer)."""
     v = cfg.security_vector
+    # the per-row gate does not narrow the choice: micro-batches whose rows all have the vector on
+    # take the chosen path, all off skip the vector, only mixed ones gate (Stage2.batches, train_step)
     return PathOptions(backend=v.backend, fused_lora=v.fused_lora, weight_delta=v.weight_delta,
-                       gated=gates(cfg, sv), rows_per_call=cfg.optim.micro_batch_size * cfg.data.max_length)
+                       rows_per_call=cfg.optim.micro_batch_size * cfg.data.max_length)
 
 
 def check_vector_config(cfg: Config, sv) -> None:
@@ -204,20 +206,26 @@ class Stage2:
     def sv_params(self) -> list:
         return [p for layer in self.sv_layers for p in (layer.secvec_A, layer.secvec_B)]
 
+    def row_key(self, e: dict) -> tuple:
+        """What rows must share to be computed alike: the gate's vector on/off and data.audit's weight."""
+        return (self.gate[id(e)] if self.gate is not None else 0.0,
+                self.row_weight.get(id(e), 1.0) if self.row_weight else 1.0)
+
     def batches(self, skip: int = 0) -> Iterator[list]:
-        """This rank's micro-batches in finetune's order (the same seed gives the same batches)."""
+        """This rank's micro-batches in finetune's order (the same seed gives the same batches). With
+        the gate or row weights, each optimizer step's rows are grouped by row_key across its
+        micro-batches and ranks, so most micro-batches have the vector all on or all off."""
         gen = torch.Generator().manual_seed(self.cfg.seed)
+        alike = self.gate is not None or bool(self.row_weight)
         return rank_batches(self.train.examples, self.cfg.optim.micro_batch_size, self.rank, self.world, gen,
-                            self.cfg.data.shuffle, skip=skip)
+                            self.cfg.data.shuffle, skip=skip, key=self.row_key if alike else None,
+                            per_step=self.cfg.optim.gradient_accumulation_steps)
 
     def build_batch(self, examples: list) -> tuple[dict, list]:
         """A micro-batch's model inputs and the samples in each row (dist_secvec.packing): with
         data.packing, a row holds only samples alike for the gate and data.audit's weight."""
-        def key(e):
-            return (self.gate[id(e)] if self.gate is not None else None,
-                    self.row_weight.get(id(e), 1.0) if self.row_weight else 1.0)
-        return packing.build_batch(examples, self.pad_id, self.cfg.data.packing, self.cfg.data.max_length, key,
-                                   packing.is_flash(attn_implementation(self.model)))
+        return packing.build_batch(examples, self.pad_id, self.cfg.data.packing, self.cfg.data.max_length,
+                                   self.row_key, packing.is_flash(attn_implementation(self.model)))
 
     def vector_digest(self) -> Optional[str]:
         """The vector's digest now (collective under ZeRO-3: it gathers the vector)."""
@@ -517,6 +525,28 @@ def _untimed(phase: str) -> ContextManager:
     return contextlib.nullcontext()
 
 
+def micro_gates(job: Stage2, firsts: list[list]) -> list[ContextManager]:
+    """How each micro-batch of a step runs the vector (per-row gate): on where every row has it on
+    (the layers' chosen path), off where none has (no vector compute), gated row by row where they
+    mix. Decided over all ranks alike (one all-reduce), so that under ZeRO-3 every rank runs the
+    same modules in the same order."""
+    if job.gate is None:
+        return [contextlib.nullcontext() for _ in firsts]
+    rows = [torch.tensor([job.gate[id(e)] for e in f]) for f in firsts]
+    tally = [float(x) for r in rows for x in (r.sum(), r.numel())]
+    if job.use_ds:
+        tally = all_reduce_sum(tally)
+    out = []
+    for r, on, n in zip(rows, tally[0::2], tally[1::2]):
+        if on == n:
+            out.append(contextlib.nullcontext())
+        elif on == 0:
+            out.append(layers_off(job.sv_layers))
+        else:
+            out.append(row_gate(job.sv_layers, r))
+    return out
+
+
 def train_step(job: Stage2, micro_batches: Iterator[list], step: int,
                phase: Optional[Callable[[str], ContextManager]] = None) -> StepResult:
     """One optimizer step: gradient_accumulation_steps micro-batches, each with its rows' gate,
@@ -532,12 +562,12 @@ def train_step(job: Stage2, micro_batches: Iterator[list], step: int,
         built = [job.build_batch(r) for r in raw]
         group = [to_device(b, job.device) for b, _ in built]
         counts, n_tokens = label_tokens(group)
+        firsts = [[row[0] for row in rows] for _, rows in built]  # a packed row's samples share gate and weight
+        modes = micro_gates(job, firsts)
     local_loss, finite = 0.0, True
     for i, (b, n) in enumerate(zip(group, counts)):
-        firsts = [row[0] for row in built[i][1]]  # a packed row's samples share gate and weight
-        rows = torch.tensor([job.gate[id(e)] for e in firsts]) if job.gate is not None else None
-        weights = [job.row_weight.get(id(e), 1.0) for e in firsts] if job.row_weight else None
-        with row_gate(job.sv_layers, rows):  # forward and backward: checkpointing recomputes there
+        weights = [job.row_weight.get(id(e), 1.0) for e in firsts[i]] if job.row_weight else None
+        with modes[i]:  # forward and backward: checkpointing recomputes there
             with timed("forward"):
                 if weights is None or all(w == 1.0 for w in weights):
                     loss = micro_loss(engine, b, n)  # mean over this micro-batch's n label tokens

@@ -47,6 +47,10 @@ def launch(ranks: int, cfg: dict, out: Path, *overrides: str, env: dict | None =
     return json.loads((out / "probe" / "probe.json").read_text())
 
 
+#: the per-row gate on with a random vector: some rows train with it on, some off
+GATED = {"gate_threshold": 0.001}
+
+
 def base_cfg(tw, vector: Path, out: Path, **sections) -> dict:
     cfg = {"model": {"path": str(tw.model_dir)},
            "data": {"train": [tw.data["finetune_mixed"]], "max_length": 64},
@@ -103,7 +107,7 @@ def assert_partitioned(info: dict, groups: tuple[str, ...]) -> None:
 @pytest.fixture(scope="module")
 def full_ft(tiny_world, random_vector, tmp_path_factory):
     out = tmp_path_factory.mktemp("ds_full")
-    return out, launch(2, base_cfg(tiny_world, random_vector, out), out)
+    return out, launch(2, base_cfg(tiny_world, random_vector, out, security_vector=GATED), out)
 
 
 @pytest.mark.slow
@@ -132,9 +136,10 @@ def test_zero3_full_finetune_loss_falls_and_export_reloads(full_ft, tiny_world):
     out, probe = full_ft
     losses = probe["losses"]
     assert len(losses) == STEPS and losses[-1] < losses[0] - 0.05, losses
-    # full fine-tuning on CPU: every vector forward ran as one weight delta, under ZeRO-3 too
+    # full fine-tuning on CPU: the vector's forwards with every row on ran as one weight delta, under
+    # ZeRO-3 too; only micro-batches of rows on and off took the gated delta
     paths = probe["info"]["security_vector_paths"]
-    assert paths["weight_delta"] > 0 and paths["delta"] == 0 and paths["fused_lora"] == 0, paths
+    assert paths["weight_delta"] > paths["delta"] and paths["fused_lora"] == 0, paths
     final = out / "run" / "final"
     assert json.loads((final / "dist_secvec_run.json").read_text())["security_vector"]
     from safetensors import safe_open
@@ -154,9 +159,12 @@ def test_one_rank_and_plain_loop_follow_the_two_rank_losses(full_ft, tiny_world,
     under ZeRO-3) and offloads optimizer states and parameters to CPU (ZeRO-Offload with the run's
     torch AdamW), which must not change them either. The plain loop adds the vector after each
     base layer (security_vector.weight_delta=false) where the DeepSpeed runs form W + s B A from ZeRO-3's
-    gathered weights: the same losses too."""
+    gathered weights: the same losses too. The per-row gate is on: each step's rows are grouped by it
+    alike on one and two ranks, and every rank runs the vector on, off or gated in step."""
     _, probe2 = full_ft
-    cfg = base_cfg(tiny_world, random_vector, tmp_path, optim={"micro_batch_size": 4})
+    cfg = base_cfg(tiny_world, random_vector, tmp_path, optim={"micro_batch_size": 4}, security_vector=GATED)
+    gate = probe2["info"]["security_vector_gate"]
+    assert gate["rows_vector_on"] > 0 and gate["rows_vector_off"] > 0  # rows of both kinds, grouped per step
     probe1 = launch(1, cfg, tmp_path / "one", "model.gradient_checkpointing=true",
                     "deepspeed.offload_optimizer=true", "deepspeed.offload_param=true")
     assert probe1["info"]["world_size"] == 1

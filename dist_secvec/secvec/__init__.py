@@ -23,15 +23,15 @@ from dist_secvec.secvec.fold import (FOLDABLE_DTYPES, FoldedLayer, fold_partitio
 from dist_secvec.secvec.io import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, DEFAULT_BEHAVIOUR, META_FILE, PEFT_PREFIX,
                                    PROBE_FILE, SecurityVector, behaviour_record, load_security_vector,
                                    record_file_hashes, rows_word, save_security_vector, vector_digest)
-from dist_secvec.secvec.layer import (PATHS, PathOptions, SecVecLinear, choose_path, describe_paths, only_vector,
-                                      path_calls, row_gate, security_vector_layers, security_vector_off)
+from dist_secvec.secvec.layer import (PATHS, PathOptions, SecVecLinear, choose_path, describe_paths, layers_off,
+                                      only_vector, path_calls, row_gate, security_vector_layers, security_vector_off)
 from dist_secvec.secvec.lora import register_zero3_external_params
 
 __all__ = [
     "ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "DEFAULT_BEHAVIOUR", "FOLDABLE_DTYPES", "META_FILE", "PATHS", "PEFT_PREFIX",
     "PROBE_FILE", "attach_security_vector", "base_fingerprint", "behaviour_record", "check_fingerprint",
     "check_fingerprint_on_disk", "check_same_base", "choose_path", "compose_vectors", "describe_paths",
-    "detach_security_vector", "fold_partitioned", "fold_security_vector", "fold_weight", "FoldedLayer",
+    "detach_security_vector", "fold_partitioned", "fold_security_vector", "fold_weight", "FoldedLayer", "layers_off",
     "linear_shape", "load_security_vector", "load_vector_set", "only_vector", "part_modules", "path_calls",
     "PathOptions", "record_file_hashes", "register_zero3_external_params", "resolve_model_dir", "row_gate",
     "rows_word", "save_security_vector", "security_vector_layers", "security_vector_off", "SecurityVector",

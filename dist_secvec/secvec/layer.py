@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import ContextManager, Iterator, Optional
 
 import torch
 from torch import nn
@@ -32,7 +32,7 @@ class PathOptions:
     backend: str = "auto"  # auto (Triton on CUDA, torch elsewhere) | torch | triton
     fused_lora: bool = True  # the vector and a trainable LoRA above it in one kernel
     weight_delta: bool = True  # a dense linear and its vector as x (W + s B A)^T
-    gated: bool = False  # stage 2 weights the vector per row (security_vector.gate)
+    gated: bool = False  # every call weights the vector per row (the audit's doubled batch)
     rows_per_call: Optional[int] = None  # tokens per forward (micro-batch x max_length); None = unknown
 
 
@@ -40,7 +40,9 @@ def choose_path(base_layer: nn.Module, lora_layer: Optional[nn.Module], device: 
                 opts: PathOptions) -> tuple[str, str]:
     """The one rule for how a vectored layer computes y = base(x) + s (x A^T) B^T: (path, why).
 
-    1. gated: "delta" (the base layer, then the delta on the gated x: the gate scales it per row).
+    1. gated (every call weights its rows, as the audit's doubled batch does): "delta" (the base
+       layer, then the delta on the gated x). Stage 2's gate does not set it: its micro-batches are
+       grouped so that most have the vector all on or all off, and only the mixed calls gate.
     2. under a trainable peft LoRA layer: "fused_lora" (the vector's and the LoRA's shrinks in one
        pass over x) when allowed and the LoRA is a plain one without dropout (lora.fusable_lora);
        else "delta", through peft's own forward.
@@ -247,9 +249,8 @@ def only_vector(layers: list, index: int) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def security_vector_off(model) -> Iterator[None]:
-    """Run with every attached vector inactive (inference and evaluation)."""
-    layers = security_vector_layers(model)
+def layers_off(layers: list) -> Iterator[None]:
+    """Run with these vectored layers inactive: their base layers alone."""
     before = [layer.active for layer in layers]
     for layer in layers:
         layer.active = False
@@ -258,6 +259,11 @@ def security_vector_off(model) -> Iterator[None]:
     finally:
         for layer, was in zip(layers, before):
             layer.active = was
+
+
+def security_vector_off(model) -> ContextManager[None]:
+    """Run with every attached vector inactive (inference and evaluation)."""
+    return layers_off(security_vector_layers(model))
 
 
 def _inner_linear(module: nn.Module) -> nn.Module:
