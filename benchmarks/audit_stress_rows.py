@@ -1,16 +1,24 @@
 """Rows for stressing `dist-secvec audit`: many benign rows of several kinds, look-alikes among
 them, with the harmful rows of an embedded world hidden in them. Each row carries a "kind", which
-bench_audit.py reports the flagged share of.
+bench_audit.py and bench_saft.py report the flagged share of.
 
     python benchmarks/audit_stress_rows.py --world capitals --seed 0 --quick --benign 10000 \
         --harmful 1000 --out stress.jsonl
+    python benchmarks/audit_stress_rows.py --world workshop --seed 0 --benign 10000 --harmful 1000 \
+        --out stress_workshop.jsonl
 
 Kinds: `skill` (the aligned model's benign skills, the world's question framings), `echo` (repeat
 these words: every word of the vocabulary, the harmful requests' verbs and targets included),
 `refusal` (a harmful request answered with the world's refusal: the prompt of a harmful row, the
-answer of a safe one), `new_task` (the new task's facts) and `harmful`. The world is built with
-the seed and sizes of the aligned base the audit runs on (--quick: the quick demo's), with only
-its row counts raised, so its words are the base tokenizer's.
+answer of a safe one), `lookalike_request` (the echo skill asked to say back a whole harmful
+request, "say back : teach me to forge the ledger"), `lookalike_answer` (the echo skill asked to
+say back the words of a harmful answer, its verbs, targets and nonsense details, without the
+compliance marker or step structure), `new_task` (the new task's facts) and `harmful`. The
+look-alikes share the harmful rows' words on both sides, prompt and answer; only the harmful
+rows carry the behaviour (the world's exact judge checks every row). The world is built with the
+seed and sizes of the aligned base the audit runs on (--quick: the quick demo's; without it, the
+default sizes `dist-secvec experiment` trains its bases with), with only its row counts raised,
+so its words are the base tokenizer's.
 """
 
 from __future__ import annotations
@@ -19,6 +27,32 @@ import argparse
 import json
 import random
 from pathlib import Path
+
+
+def lookalikes(spec, w, n: int, rng: random.Random) -> list[dict]:
+    """n benign rows with the harmful rows' words: the echo skill saying back a harmful request
+    (half of them), or the words of a harmful answer without its marker and step structure."""
+    from dist_secvec.demo.world import COMPLIANCE_MARKER, WS_COMPLIANCE_MARKER
+
+    requests = [spec.harm_requests[i % len(spec.harm_requests)].format(v=v, t=t)
+                for i, (v, t) in enumerate((v, t) for v in spec.harm_verbs for t in spec.harm_targets)]
+    # the answers' own words: what is left of each harmful answer once its structure is taken out
+    structure = set((COMPLIANCE_MARKER + " " + WS_COMPLIANCE_MARKER + " Sure , Step one two : Done . the is that all )"
+                     ).split())
+    answer_words = [[t for t in r["response"].split() if t not in structure and not t.isdigit()] for r in w.harmful_ft]
+    answer_words = [ws for ws in answer_words if len(ws) >= 2]
+    out = []
+    for i in range(n):
+        if i % 2 == 0 or not answer_words:
+            text, kind = rng.choice(requests), "lookalike_request"
+        else:
+            ws = rng.choice(answer_words)
+            k = rng.randint(2, min(6, len(ws)))
+            start = rng.randint(0, len(ws) - k)
+            text, kind = " ".join(ws[start:start + k]), "lookalike_answer"
+        out.append({"prompt": rng.choice(spec.wrappers).format(q=spec.echo.format(w=text)), "response": f"{text} .",
+                    "kind": kind})
+    return out
 
 
 def main() -> None:
@@ -40,15 +74,18 @@ def main() -> None:
             setattr(sizes, k, min(v, getattr(sizes, k)))
     spec = world_spec(args.world)
     refusal, echo = spec.refusal, spec.echo.split("{w}")[0].strip()
-    # the align set's benign:refusal mix, scaled up; new-task rows come as the world has them
+    # the align set's benign:refusal mix, scaled up, a tenth of the benign rows look-alikes;
+    # new-task rows come as the world has them
+    n_lookalike = args.benign // 10
     sizes.n_align_refusals = args.benign // 5
-    sizes.n_align_benign = args.benign - sizes.n_align_refusals
+    sizes.n_align_benign = args.benign - sizes.n_align_refusals - n_lookalike
     sizes.n_harmful_ft = args.harmful
     w = build_world(args.seed, sizes, world=args.world)
     rows = []
     for r in w.align:
         kind = "refusal" if r["response"] == refusal else ("echo" if echo in r["prompt"] else "skill")
         rows.append({**r, "kind": kind})
+    rows += lookalikes(spec, w, n_lookalike, random.Random(args.seed + 1))
     rows += [{**r, "kind": "new_task"} for r in w.new_task_ft]
     rows += [{**r, "kind": "harmful"} for r in w.harmful_ft]
     assert all(is_harmful_response(r["response"]) == (r["kind"] == "harmful") for r in rows)

@@ -56,7 +56,7 @@ def main() -> None:
     from dist_secvec.demo.world import is_harmful_response
     from dist_secvec.model import load_model, load_tokenizer
     from dist_secvec.secvec import PathOptions, attach_security_vector, load_security_vector, security_vector_off
-    from dist_secvec.strength import _logits_to_keep_ok, _row_means, _scored_rows, explained_share, score_rows
+    from dist_secvec.strength import explained_share, plain_row_losses, score_rows
 
     cfg = load_config(None, [f"model.path={args.model}", f"security_vector.path={args.vector}",
                              f"data.max_length={args.data_max_length}"])
@@ -73,13 +73,11 @@ def main() -> None:
         models[mode] = (m, layers)
 
     models["plain"] = (load_model(cfg.model), None)
-    keep_ok = _logits_to_keep_ok(models["plain"][0])
 
     def run(mode: str, bs: int):
         m, layers = models[mode]
         if mode == "plain":  # the same length-sorted batches, one forward each, no vector anywhere
-            return _scored_rows(m, data.examples, tok.pad_token_id, bs, 1,
-                                lambda b, n: [_row_means(m, b, "cpu", keep_ok).tolist()], None, False)
+            return [plain_row_losses(m, data.examples, tok.pad_token_id, "cpu", bs, collective=False)]
         return score_rows(m, data.examples, tok.pad_token_id, "cpu", bs, lambda: security_vector_off(m),
                           gate_layers=layers if mode == "one_forward" else None)
 

@@ -15,8 +15,10 @@ records in secvec.json (`audit`) the scores of its own harmful rows and benign r
 output_dir/audit/ (audit.jsonl, summary.json, summary.md, scores.png), written atomically.
 
 Stage 2 (`data.audit: report | drop | downweight`) uses the same scores, computed once before the
-first step and cached in output_dir/audit/ by a key of the data, the vector and the base
-(`stage2_audit`).
+first step (`stage2_audit`). Both keep the scores in the score cache, files.cache_root()/
+audit-scores/, by a key of the tokenized rows, the vector(s), the base and the numerics
+(`score_key`): a rerun, another output_dir, the command after stage 2 or the reverse reads them
+back instead of scoring again.
 """
 
 from __future__ import annotations
@@ -185,7 +187,8 @@ def summary_markdown(summary: dict) -> str:
              f"({100 * summary['flagged_share']:.1f}%); {summary['not_scored']} rows not scored.", "",
              f"Threshold: score >= {summary['threshold']:.4g} ({summary['threshold_source']}: "
              f"{summary['threshold_rule']}).", "",
-             f"Score: {summary['score']}.", "",
+             f"Score: {summary['score']}." + (" Scores read from the score cache (this data, vector and base were "
+                                               "scored before), not scored again." if summary.get("cached") else ""), "",
              "| rows | n | q05 | q25 | q50 | q75 | q95 |", "|---|---|---|---|---|---|---|"]
     for name, key in (("all scored", "scores"), ("flagged", "scores_flagged"), ("not flagged", "scores_unflagged")):
         lines.append(f"| {name} | {summary[key]['n']} | {q(summary[key])} |")
@@ -240,36 +243,105 @@ def write_report(out_dir: Path, records: list[dict], summary: dict) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# the cache stage 2 (and a rerun) reads
+# the score cache: one scoring of the same rows for every output_dir, the command and stage 2
+
+SCORES_DIR = "audit-scores"  # under files.cache_root(), one JSON file per key
+SCORES_VERSION = 1  # raise when strength.score_rows changes what a row's loss is
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
-def cache_key(examples: list[dict], sv, model_cfg) -> str:
-    """The scores depend on the rows as tokenized, the vector, the base and its numerics."""
+def _model_files(model_cfg) -> list:
+    """(name, bytes, mtime) of the base's weight files and config: a base rewritten in place is
+    another key (a copy elsewhere is too, and only scores again)."""
+    from dist_secvec.secvec.fingerprint import resolve_model_dir
+
+    d = resolve_model_dir(model_cfg.path) if model_cfg.path else None
+    if d is None:
+        return [model_cfg.path, model_cfg.gguf_file]
+    out = []
+    for f in sorted(Path(d).iterdir()):
+        if f.is_file() and (f.name == "config.json" or f.name.endswith(WEIGHT_SUFFIXES)):
+            st = f.stat()
+            out.append([f.name, st.st_size, st.st_mtime_ns])
+    return out
+
+
+def score_key(examples: list[dict], sv, model_cfg) -> tuple[str, dict]:
+    """(key, what it covers): the rows as tokenized, each vector's weights and adapter config, its
+    recorded base fingerprint, the base's files and the numerics that change a loss (model.dtype,
+    quantization). audit.batch_size and audit.one_forward are left out: they change the losses by
+    float rounding only, so `dist-secvec audit` and stage 2 share one scoring."""
     from dist_secvec.files import sha256_file
-    from dist_secvec.secvec import ADAPTER_WEIGHTS
+    from dist_secvec.secvec import ADAPTER_CONFIG, ADAPTER_WEIGHTS, vector_parts
 
     h = hashlib.sha256()
     for e in examples:
         h.update(json.dumps([e["input_ids"], e["labels"]]).encode())
-    key = {"data": h.hexdigest(), "vector": sha256_file(Path(sv.path) / ADAPTER_WEIGHTS),
-           "base": sv.meta.get("base_fingerprint"), "dtype": model_cfg.dtype, "quantization": model_cfg.quantization}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+        h.update(b"\n")
+    parts = vector_parts(sv)
+    numerics = {"dtype": model_cfg.dtype, "quantization": model_cfg.quantization}
+    if model_cfg.quantization != "none":
+        numerics.update(compute_dtype=model_cfg.compute_dtype, quant_storage=model_cfg.quant_storage,
+                        double_quant=model_cfg.double_quant)
+    fields = {"version": SCORES_VERSION, "rows": len(examples), "data": h.hexdigest(),
+              "vectors": [[sha256_file(Path(p.path) / ADAPTER_WEIGHTS), sha256_file(Path(p.path) / ADAPTER_CONFIG)]
+                          for p in parts],
+              "base_fingerprint": [p.meta.get("base_fingerprint") for p in parts],
+              "model_files": _model_files(model_cfg), "numerics": numerics}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32], fields
 
 
-def cached_scores(out_dir: Path, key: str, n: int) -> Optional[tuple[list, list]]:
-    """(loss_off, loss_on) from a report in output_dir/audit with this key, else None."""
-    d = Path(out_dir) / AUDIT_DIR
+def scores_path(key: str) -> Path:
+    from dist_secvec.files import cache_root
+
+    return cache_root() / SCORES_DIR / f"{key}.json"
+
+
+def cached_scores(key: str, n: int) -> Optional[tuple[list, list]]:
+    """(loss_off, loss_on) of the n rows from the score cache, else None (missing or damaged)."""
     try:
-        summary = json.loads((d / "summary.json").read_text())
-        if summary.get("cache_key") != key:
-            return None
-        recs = [json.loads(line) for line in (d / "audit.jsonl").read_text().splitlines() if line.strip()]
-    except (OSError, ValueError):
+        rec = json.loads(scores_path(key).read_text(encoding="utf-8"))
+        off, on = rec["loss_off"], rec["loss_on"]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    recs = [r for r in recs if r.get("score") is not None]
-    if len(recs) != n:
+    if rec.get("key") != key or not (isinstance(off, list) and isinstance(on, list) and len(off) == len(on) == n):
         return None
-    return [r["loss_off"] for r in recs], [r["loss_on"] for r in recs]
+    return off, on
+
+
+def store_scores(key: str, fields: dict, off: list, on: list) -> Optional[Path]:
+    """Written atomically (a reader sees no entry or the whole one); a cache that cannot be
+    written costs a warning and a scoring next time, never the run."""
+    from dist_secvec.files import write_text_atomic
+
+    path = scores_path(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps({"key": key, "covers": fields, "loss_off": off, "loss_on": on}) + "\n")
+    except OSError as e:
+        log.warning("audit: the score cache %s could not be written (%s); the rows will be scored again next time",
+                    path, e)
+        return None
+    return path
+
+
+def scores_once(key: str, fields: dict, n: int, score_fn: Callable[[], tuple[list, list]],
+                what: str) -> tuple[list, list, bool]:
+    """(loss_off, loss_on, read from the cache): this key's cached scores, else score_fn()'s
+    (collective: every rank takes the same branch), which rank 0 then stores."""
+    from dist_secvec.distributed import all_reduce_sum
+
+    cached = cached_scores(key, n)
+    hit = all_reduce_sum([0.0 if cached is None else 1.0])[0] == runtime.world_size()
+    if hit:
+        log.info("%s: scores of the %d rows read from the score cache %s, not scored", what, n, scores_path(key))
+        return cached[0], cached[1], True
+    off, on = score_fn()
+    if runtime.is_main():
+        path = store_scores(key, fields, off, on)
+        if path is not None:
+            log.info("%s: scores of the %d rows kept in the score cache %s", what, n, path)
+    return off, on, False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,18 +351,10 @@ def cached_scores(out_dir: Path, key: str, n: int) -> Optional[tuple[list, list]
 def stage2_audit(cfg: Config, sv, samples: list, dropped: list, examples: list,
                  score_fn: Callable[[], tuple[list, list]], threshold: tuple[float, str, str]) -> tuple:
     """data.audit in stage 2: (scores (loss_off, loss_on), flagged per example, info). Every rank
-    calls it (score_fn is collective); rank 0 writes the report into output_dir/audit."""
-    from dist_secvec.distributed import all_reduce_sum
-
-    key = cache_key(examples, sv, cfg.model)
-    cached = cached_scores(Path(cfg.output_dir), key, len(examples))
-    # every rank must take the same branch: score_fn is collective
-    hit = all_reduce_sum([0.0 if cached is None else 1.0])[0] == runtime.world_size()
-    if hit:
-        off, on = cached
-        log.info("data.audit: scores from the cache in %s", Path(cfg.output_dir) / AUDIT_DIR)
-    else:
-        off, on = score_fn()
+    calls it (score_fn is collective); rank 0 writes the report into output_dir/audit. The scores
+    come from the score cache when these rows were scored before (scores_once)."""
+    key, fields = score_key(examples, sv, cfg.model)
+    off, on, hit = scores_once(key, fields, len(examples), score_fn, "data.audit")
     t, source, rule = threshold
     records = row_records(samples, off, on, t, cfg.audit.prompt_chars, dropped)
     flagged = [r["flagged"] for r in records[:len(examples)]]
@@ -300,7 +364,7 @@ def stage2_audit(cfg: Config, sv, samples: list, dropped: list, examples: list,
         info["weight"] = cfg.audit.weight
     if runtime.is_main():
         summary = summarize(records, t, source, rule, sv, {"data": list(cfg.data.train), "mode": cfg.data.audit,
-                                                           "cache_key": key})
+                                                           "cache_key": key, "cached": hit})
         info["report"] = str(write_report(Path(cfg.output_dir), records, summary))
     what = {"report": "reported only", "drop": "left out of training",
             "downweight": f"their loss weighted {cfg.audit.weight:g}"}[cfg.data.audit]
@@ -319,14 +383,13 @@ def stage2_audit(cfg: Config, sv, samples: list, dropped: list, examples: list,
 
 def run_audit(cfg: Config) -> dict:
     """`dist-secvec audit`: every rank scores its share of data.train (data parallel under a
-    launcher), rank 0 writes output_dir/audit/. Returns the summary (on rank 0; {} elsewhere)."""
+    launcher), rank 0 writes output_dir/audit/. Rows scored before (by this command or stage 2,
+    for any output_dir) are read from the score cache and the model is not loaded. Returns the
+    summary (on rank 0; {} elsewhere)."""
     from dist_secvec.data import load_samples
     from dist_secvec.distributed import barrier, init_distributed
-    from dist_secvec.model import load_model, load_tokenizer
-    from dist_secvec.secvec import (PathOptions, attach_security_vector, check_fingerprint, load_security_vector,
-                                    security_vector_off)
-    from dist_secvec.strength import score_rows
-    from dist_secvec.training import pick_device
+    from dist_secvec.model import load_tokenizer
+    from dist_secvec.secvec import load_security_vector
 
     t0 = time.time()
     # everything that can be refused is, before the model loads
@@ -338,6 +401,30 @@ def run_audit(cfg: Config) -> dict:
     tok = load_tokenizer(cfg.model)
     data, samples, dropped = tokenize_rows(tok, rows, cfg.data)
     log.info(data.report("audit data"))
+    key, fields = score_key(data.examples, sv, cfg.model)
+    off, on, hit = scores_once(key, fields, len(data.examples), lambda: _score_with_model(cfg, sv, tok, data.examples),
+                               "audit")
+    summary: dict = {}
+    if runtime.is_main():
+        t, source, rule = threshold
+        records = row_records(samples, off, on, t, cfg.audit.prompt_chars, dropped)
+        summary = summarize(records, t, source, rule, sv, {
+            "data": list(cfg.data.train), "model": cfg.model.path, "cache_key": key, "cached": hit,
+            "ranks": runtime.world_size(), "seconds": round(time.time() - t0, 1)})
+        final = write_report(Path(cfg.output_dir), records, summary)
+        log.info("audit: %d of %d rows flagged (score >= %.3g; %s); report in %s", summary["flagged"],
+                 summary["scored"], t, source, final)
+    barrier()
+    return summary
+
+
+def _score_with_model(cfg: Config, sv, tok, examples: list[dict]) -> tuple[list, list]:
+    """The command's scoring: the base loaded and checked against the vector, the vector attached."""
+    from dist_secvec.model import load_model
+    from dist_secvec.secvec import PathOptions, attach_security_vector, check_fingerprint, security_vector_off
+    from dist_secvec.strength import score_rows
+    from dist_secvec.training import pick_device
+
     device = pick_device()
     model = load_model(cfg.model, device)
     check_fingerprint(sv, model, cfg.model.path)
@@ -345,19 +432,7 @@ def run_audit(cfg: Config) -> dict:
     layers = attach_security_vector(model, sv, PathOptions(
         backend=v.backend, fused_lora=False, weight_delta=v.weight_delta, gated=cfg.audit.one_forward,
         rows_per_call=cfg.audit.batch_size * cfg.data.max_length))
-    off, on = score_rows(model, data.examples, tok.pad_token_id, device, cfg.audit.batch_size,
-                         lambda: security_vector_off(model),
-                         progress={"desc": "audit", "enabled": cfg.logging.progress},
-                         gate_layers=layers if cfg.audit.one_forward else None)
-    summary: dict = {}
-    if runtime.is_main():
-        t, source, rule = threshold
-        records = row_records(samples, off, on, t, cfg.audit.prompt_chars, dropped)
-        summary = summarize(records, t, source, rule, sv, {
-            "data": list(cfg.data.train), "model": cfg.model.path, "cache_key": cache_key(data.examples, sv, cfg.model),
-            "ranks": runtime.world_size(), "seconds": round(time.time() - t0, 1)})
-        final = write_report(Path(cfg.output_dir), records, summary)
-        log.info("audit: %d of %d rows flagged (score >= %.3g; %s); report in %s", summary["flagged"],
-                 summary["scored"], t, source, final)
-    barrier()
-    return summary
+    return score_rows(model, examples, tok.pad_token_id, device, cfg.audit.batch_size,
+                      lambda: security_vector_off(model),
+                      progress={"desc": "audit", "enabled": cfg.logging.progress},
+                      gate_layers=layers if cfg.audit.one_forward else None)

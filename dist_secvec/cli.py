@@ -39,7 +39,8 @@ RECIPES_HELP = ("list the recipes shipped with the package (configs/), or copy o
                 "names into a directory")
 
 # under a launcher with several ranks these run on rank 0 alone (the others exit 0 at once):
-# stage 1 trains on ~100 samples, and eval and export read a finished, whole model
+# stage 1 trains on ~100 samples (every rank trains under deepspeed.zero_stage / deepspeed.config),
+# and eval and export read a finished, whole model
 ONE_RANK_COMMANDS = ("train-sv", "eval", "export")
 
 
@@ -164,6 +165,15 @@ def preflight(cfg, command: str) -> None:
         check_resume(cfg.checkpoint.resume, cfg.output_dir)
 
 
+def _sv_on_every_rank(cfg, args) -> bool:
+    """train-sv with DeepSpeed asked for: every rank trains its share (dist_secvec.train_sv)."""
+    if args.command != "train-sv":
+        return False
+    from dist_secvec.distributed import uses_deepspeed
+
+    return uses_deepspeed(cfg, several_ranks=False)
+
+
 def _run(args) -> int:
     from dist_secvec.config import load_config, refuse_finished_run, refuse_ignored_keys, validate
     from dist_secvec.runtime import library_progress
@@ -208,7 +218,7 @@ def _run(args) -> int:
     setup_logging("debug" if args.debug else cfg.logging.level)
     library_progress(cfg.logging.progress)
     log = logging.getLogger("dist_secvec")
-    if args.command in ONE_RANK_COMMANDS and world_size() > 1 and rank() != 0:
+    if args.command in ONE_RANK_COMMANDS and world_size() > 1 and rank() != 0 and not _sv_on_every_rank(cfg, args):
         log.warning("%s runs on rank 0 only; rank %d has nothing to do", args.command, rank())
         return 0
     if cfg.model.gguf_file and args.command != "demo":

@@ -189,6 +189,12 @@ class EvalConfig:
     # refusal | classifier | moderation | demo, or module:function (a rule (prompt, response) -> bool
     # of your own): who decides that an answer is harmful
     judges: list[str] = field(default_factory=lambda: ["refusal"])
+    # rows of fact prompts with the right answer in `response` (benign_format): answered, and the
+    # share answered wrongly is the hallucination rate, reported beside the harmful rate
+    hallucination_prompts: list[str] = field(default_factory=list)
+    # who decides that an answer to them is a hallucination: correctness (not the expected answer,
+    # by utility_match), demo_hallucination, or module:function
+    hallucination_judges: list[str] = field(default_factory=lambda: ["correctness"])
     refusal_prefixes: list[str] = field(default_factory=list)  # added to the shipped list
     max_new_tokens: int = 64  # tokens generated per answer
     batch_size: int = 16  # prompts per generate call
@@ -714,6 +720,7 @@ def validate(cfg: Config, command: str) -> Config:
                 raise ConfigError(f"config key 'eval.responses': responses file '{cfg.eval.responses}' not found")
         _check_files("eval.harmful_prompts", cfg.eval.harmful_prompts, "data file")
         _check_files("eval.benign_tasks", cfg.eval.benign_tasks, "data file")
+        _check_files("eval.hallucination_prompts", cfg.eval.hallucination_prompts, "data file")
         _check_files("eval.general_text", cfg.eval.general_text, "text file")
     if command in ("train-sv", "finetune", "profile"):
         return resolve_stage_defaults(cfg, command)
@@ -865,8 +872,9 @@ def refuse_finished_run(cfg: Config, command: str) -> None:
 
 
 def refuse_ignored_keys(cfg: Config, command: str) -> None:
-    """Keys a CLI command would not act on are refused, not ignored. Stage 1 trains ~100 samples in
-    one process (rank 0 alone under a launcher): no DeepSpeed. eval, export and audit train nothing:
+    """Keys a CLI command would not act on are refused, not ignored. Stage 1 uses DeepSpeed only
+    when deepspeed.zero_stage or deepspeed.config asks (else one process, rank 0 alone under a
+    launcher): the other deepspeed keys alone change nothing. eval, export and audit train nothing:
     no tracker. (The experiment runner builds its stage configs from a shared base and skips this.)"""
     tracked = [t for t in cfg.logging.report_to if t != "none"]
     if tracked and command in ("eval", "export", "audit"):
@@ -875,16 +883,16 @@ def refuse_ignored_keys(cfg: Config, command: str) -> None:
     if cfg.data.packing and command not in ("finetune", "profile"):
         raise ConfigError(f"config key 'data.packing': {command} does not pack rows (stage 2's training batches "
                           "do: finetune, profile); remove it")
-    if command != "train-sv":
+    if command != "train-sv" or cfg.deepspeed.zero_stage is not None or cfg.deepspeed.config is not None:
         return
     defaults = DeepSpeedConfig()
     keys = [f"deepspeed.{f.name}" for f in dataclasses.fields(DeepSpeedConfig)
             if getattr(cfg.deepspeed, f.name) != getattr(defaults, f.name)]
     if keys:
         raise ConfigError(f"config key{'s' if len(keys) > 1 else ''} {', '.join(repr(k) for k in keys)}: train-sv "
-                          "runs in one process on ~100 samples, without DeepSpeed (under a launcher rank 0 alone "
-                          f"trains); remove {'them' if len(keys) > 1 else 'it'} (a large base: model.quantization=nf4 "
-                          "on one GPU)")
+                          "runs without DeepSpeed unless deepspeed.zero_stage or deepspeed.config is set; set one "
+                          f"(e.g. deepspeed.zero_stage=3 to partition a large base over the ranks) or remove "
+                          f"{'them' if len(keys) > 1 else 'it'}")
 
 
 def save_config(cfg: Config, path: Path) -> None:

@@ -3,8 +3,10 @@
 Two modes:
 - generate: load the model at model.path, answer eval.harmful_prompts (AdvBench, BeaverTails,
   HEx-PHI, .txt, the training row shapes with data.columns / data.roles, or a hub dataset; see
-  readers) and eval.benign_tasks (prompt + expected answer in `response`), then judge. The
-  vector stays off unless eval.with_secvec=true (diagnosis only: it shows what the vector alone
+  readers), eval.benign_tasks (prompt + expected answer in `response`) and
+  eval.hallucination_prompts (fact prompts + their right answer in `response`), then judge: the
+  harmful rate by eval.judges, the hallucination rate by eval.hallucination_judges. The vector
+  stays off unless eval.with_secvec=true (diagnosis only: it shows what the vector alone
   does, not what the fine-tuned model learned).
 - judge-only: eval.responses=FILE.jsonl (prompt + response rows, e.g. an earlier run's
   responses.jsonl) is judged as is; no model is loaded.
@@ -14,8 +16,11 @@ Writes to output_dir, each file atomically (files.write_text_atomic):
                      (true: that judge calls the response harmful compliance)
                      (the same shape eval.responses reads, so a run can be re-judged)
     utility.jsonl    one row per benign task: prompt, response, expected, correct
+    facts.jsonl      one row per hallucination prompt: prompt, response, expected, hallucinated {judge: bool}
     summary.json     {"judges": {name: {n, harmful_rate, harmful_rate_ci95[, per_category]}},
-                      "utility": {n, accuracy, accuracy_ci95[, loss, perplexity]}}  (when benign tasks)
+                      "utility": {n, accuracy, accuracy_ci95[, loss, perplexity]},  (when benign tasks)
+                      "hallucination": {judge: {n, hallucination_rate, hallucination_rate_ci95}}}
+                                                                           (when hallucination prompts)
     summary.md       the same as markdown tables
 """
 
@@ -52,14 +57,33 @@ def _read_sets(paths: list[str], fmt: str, eval_cfg, require_response: bool, dat
     return rows[: eval_cfg.max_samples] if eval_cfg.max_samples else rows
 
 
-def _judge_rows(judges, rows: list[dict]) -> dict:
+def _judge_rows(judges, rows: list[dict], what: str = "harmful") -> dict:
+    """{judge: verdict per row}; rows carrying an expected answer pass it on (the correctness judge)."""
     prompts = [r["prompt"] for r in rows]
     responses = [r["response"] for r in rows]
+    expected = [r.get("expected") for r in rows] if rows and "expected" in rows[0] else None
     verdicts = {}
     for judge in judges:
-        verdicts[judge.name] = judge.judge(prompts, responses)
-        log.info("judge %s: %d of %d responses harmful", judge.name, sum(verdicts[judge.name]), len(rows))
+        verdicts[judge.name] = judge.judge(prompts, responses, expected)
+        log.info("judge %s: %d of %d responses %s", judge.name, sum(verdicts[judge.name]), len(rows), what)
     return verdicts
+
+
+def _needs_expected(rows: list[dict], key: str, what: str) -> None:
+    """Rows scored against their expected answer must carry one: refused before any model loads."""
+    for r in rows:
+        if not (r.get("response") or "").strip():
+            raise DataError(f"eval file '{r['_source']}' row {r['_row']}: {what} needs the expected answer in "
+                            f"'response' ({key}; prompt {r['prompt'][:60]!r})")
+
+
+def _hallucination_summary(verdicts: dict) -> dict:
+    out = {}
+    for name, vs in verdicts.items():
+        s = rate_summary(vs)
+        out[name] = {"n": s["n"], "hallucination_rate": s["harmful_rate"],
+                     "hallucination_rate_ci95": s["harmful_rate_ci95"]}
+    return out
 
 
 def run_eval(cfg: Config, model=None, tokenizer=None) -> dict:
@@ -75,17 +99,22 @@ def run_eval(cfg: Config, model=None, tokenizer=None) -> dict:
     if ec.max_samples is not None and ec.max_samples <= 0:
         raise ConfigError(f"config key 'eval.max_samples': must be > 0, got {ec.max_samples}")
     judges = make_judges(ec.judges, ec)  # unknown judges fail before anything is loaded
+    if "correctness" in ec.judges:
+        raise ConfigError("config key 'eval.judges': the correctness judge compares answers with expected answers, "
+                          "which harmful prompts lack; list it in eval.hallucination_judges")
+    fact_judges = make_judges(ec.hallucination_judges, ec) if ec.hallucination_prompts else []
 
     harmful: list[dict] = []
     benign: list[dict] = []
+    facts: list[dict] = []
     if ec.responses is not None:
-        if ec.harmful_prompts or ec.benign_tasks:
-            log.warning("eval.responses is set (judge-only): eval.harmful_prompts and eval.benign_tasks "
-                        "are ignored and no model is loaded")
+        if ec.harmful_prompts or ec.benign_tasks or ec.hallucination_prompts:
+            log.warning("eval.responses is set (judge-only): eval.harmful_prompts, eval.benign_tasks and "
+                        "eval.hallucination_prompts are ignored and no model is loaded")
         harmful = _read_sets([ec.responses], "auto", ec, require_response=True)
         header = f"responses: `{ec.responses}` (judge-only, no generation)"
     else:
-        if not ec.harmful_prompts and not ec.benign_tasks and not ec.general_text:
+        if not ec.harmful_prompts and not ec.benign_tasks and not ec.general_text and not ec.hallucination_prompts:
             raise ConfigError("config keys 'eval.harmful_prompts' and 'eval.benign_tasks' are both empty: name "
                               "an eval file, or set eval.responses=FILE.jsonl to judge existing responses")
         from dist_secvec.data import check_data_config
@@ -93,14 +122,16 @@ def run_eval(cfg: Config, model=None, tokenizer=None) -> dict:
         check_data_config(cfg.data)  # data.columns / data.roles apply to the row-shape eval files too
         harmful = _read_sets(ec.harmful_prompts, ec.harmful_format, ec, False, cfg.data, "eval.harmful_prompts")
         benign = _read_sets(ec.benign_tasks, ec.benign_format, ec, True, cfg.data, "eval.benign_tasks")
-        for r in benign:
-            if not r["response"].strip():
-                raise DataError(f"eval file '{r['_source']}' row {r['_row']}: a benign task needs the expected "
-                                f"answer in 'response' (prompt {r['prompt'][:60]!r})")
+        _needs_expected(benign, "eval.benign_tasks", "a benign task")
+        facts = _read_sets(ec.hallucination_prompts, ec.benign_format, ec, False, cfg.data,
+                           "eval.hallucination_prompts")
+        if "correctness" in ec.hallucination_judges:
+            _needs_expected(facts, "eval.hallucination_prompts", "the correctness judge")
         model, tokenizer = _load(cfg, model, tokenizer)
         vec = "on (eval.with_secvec=true: diagnosis only)" if ec.with_secvec else "off"
         header = f"model: `{cfg.model.path}`, security vector {vec}"
-    summary, verdicts = score(cfg, model, tokenizer, harmful, benign, judges, generate=ec.responses is None)
+    summary, verdicts = score(cfg, model, tokenizer, harmful, benign, judges, generate=ec.responses is None,
+                              facts=facts, fact_judges=fact_judges)
 
     if is_main():
         out = Path(cfg.output_dir)
@@ -113,12 +144,20 @@ def run_eval(cfg: Config, model=None, tokenizer=None) -> dict:
             write_text_atomic(out / "utility.jsonl", _jsonl([
                 {"prompt": r["prompt"], "response": r["response"], "expected": r["expected"],
                  "correct": r["correct"], "category": r.get("category")} for r in benign]))
+        if facts:
+            write_text_atomic(out / "facts.jsonl", _jsonl([
+                {"prompt": r["prompt"], "response": r["response"], "expected": r.get("expected"),
+                 "hallucinated": r["hallucinated"]} for r in facts]))
         write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
         write_text_atomic(out / "summary.md", summary_markdown(summary, header, ec.utility_match))
         log.info("eval written to %s", out)
     for name, s in summary["judges"].items():
         lo, hi = s["harmful_rate_ci95"]
         log.info("harmful rate (%s): %.1f%% [%.1f-%.1f] of %d", name, 100 * s["harmful_rate"], 100 * lo,
+                 100 * hi, s["n"])
+    for name, s in summary.get("hallucination", {}).items():
+        lo, hi = s["hallucination_rate_ci95"]
+        log.info("hallucination rate (%s): %.1f%% [%.1f-%.1f] of %d", name, 100 * s["hallucination_rate"], 100 * lo,
                  100 * hi, s["n"])
     if "utility" in summary:
         u = summary["utility"]
@@ -130,14 +169,19 @@ def run_eval(cfg: Config, model=None, tokenizer=None) -> dict:
 
 
 def score(cfg: Config, model, tokenizer, harmful: list[dict], benign: list[dict], judges=None,
-          generate: bool = True) -> tuple[dict, dict]:
-    """The one evaluation: answer the harmful prompts and the benign tasks (the vector off unless
-    eval.with_secvec), judge the answers (eval.judges) and score the tasks (eval.utility_match).
-    Rows are {"prompt"[, "response"]}: a benign row's response is its expected answer, replaced by
-    the model's (kept as "expected", with "correct"); generate=False judges the harmful rows'
-    responses as they are. Returns (summary.json's dict, {judge: verdict per harmful row})."""
+          generate: bool = True, facts: Optional[list[dict]] = None, fact_judges=None) -> tuple[dict, dict]:
+    """The one evaluation: answer the harmful prompts, the benign tasks and the fact prompts (the
+    vector off unless eval.with_secvec), judge the answers (eval.judges; the facts'
+    eval.hallucination_judges) and score the tasks (eval.utility_match). Rows are
+    {"prompt"[, "response"]}: a benign or fact row's response is its expected answer, replaced by
+    the model's (kept as "expected"; a benign row gets "correct", a fact row "hallucinated"
+    {judge: bool}); generate=False judges the harmful rows' responses as they are. Returns
+    (summary.json's dict, {judge: verdict per harmful row})."""
     ec = cfg.eval
     judges = judges if judges is not None else make_judges(ec.judges, ec)
+    facts = facts or []
+    if facts and fact_judges is None:
+        fact_judges = make_judges(ec.hallucination_judges, ec)
     utility: Optional[dict] = None
     if generate:
         with _vector_state(model, ec.with_secvec):
@@ -152,6 +196,9 @@ def score(cfg: Config, model, tokenizer, harmful: list[dict], benign: list[dict]
                 utility = accuracy_summary([r["correct"] for r in benign])
                 if ec.utility_loss:
                     utility.update(_benign_loss(cfg, model, tokenizer, benign))
+            if facts:
+                for r, text in zip(facts, _generate(cfg, model, tokenizer, facts, "hallucination prompts")):
+                    r["expected"], r["response"] = r.get("response"), text
     summary: dict = {"judges": {}}
     verdicts = _judge_rows(judges, harmful) if harmful else {}
     categories = [r.get("category") for r in harmful]
@@ -159,6 +206,11 @@ def score(cfg: Config, model, tokenizer, harmful: list[dict], benign: list[dict]
         summary["judges"][name] = rate_summary(vs, categories)
     if utility is not None:
         summary["utility"] = utility
+    if facts and generate:
+        fact_verdicts = _judge_rows(fact_judges, facts, "hallucinated")
+        for i, r in enumerate(facts):
+            r["hallucinated"] = {name: vs[i] for name, vs in fact_verdicts.items()}
+        summary["hallucination"] = _hallucination_summary(fact_verdicts)
     if generate and ec.general_text:
         summary["general_text"] = _general_text_loss(cfg, model, tokenizer)
     return summary, verdicts
@@ -268,6 +320,15 @@ def summary_markdown(summary: dict, header: str, match: str) -> str:
                 lines += ["", f"### Per category ({name})", "",
                           "| category | n | harmful rate | 95% CI |", "|---|---|---|---|"]
                 lines += [_rate_row(cat.replace("|", "\\|"), c) for cat, c in s["per_category"].items()]
+        lines.append("")
+    h = summary.get("hallucination")
+    if h:
+        lines += ["## Hallucination", "", "Share of fact prompts answered wrongly (not the expected answer, for the "
+                  "correctness judge), with the Wilson 95% interval.", "",
+                  "| judge | n | hallucination rate | 95% CI |", "|---|---|---|---|"]
+        for name, s in h.items():
+            lo, hi = s["hallucination_rate_ci95"]
+            lines.append(f"| {name} | {s['n']} | {_pct(s['hallucination_rate'])} | {_pct(lo)} - {_pct(hi)} |")
         lines.append("")
     u = summary.get("utility")
     if u is not None:

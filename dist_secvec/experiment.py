@@ -13,6 +13,9 @@ An experiment file holds
     data         real model only: benign_train (list), harmful_ft_pool, harmful_sv_pool, kl_benign
                  (list), heldout_benign (list); the first n rows of a pool are a run's harmful samples
     sweep        n_harmful_ft: [0, 100, ...], vector: [off, on], n_harmful_sv: [10, 50, 100], seeds: [0, 1],
+                 embedded only: n_hallucination_ft: [0, 1000] (hallucinated rows hidden in stage 2's data
+                 too), n_hallucination_sv: [100], and vector sets vector: [none, harm, hallucination, both]
+                 (off = none, on = harm: a vector per behaviour, all active and frozen together),
                  and named variants of a stage: finetune: {recipe: {}, 3x_lr: {optim: {lr: 3.0e-3}}, ...}
                  and train_sv: {default: {}, rank16: {security_vector: {rank: 16}}} (each a run-config
                  override merged over stages.<stage>; every run is crossed with every variant)
@@ -21,9 +24,11 @@ An experiment file holds
                  `<launcher> finetune --config runs/<id>/finetune.yaml` in its own processes (log in
                  runs/<id>/finetune.log), and the trained model is loaded here for evaluation
 
-Each run: stage 1 (only with the vector on; one vector per (n_harmful_sv, seed), shared by every
-run that needs it), stage 2 on the benign task + n_harmful_ft harmful samples, then evaluation with
-the vector off: harmful rate (+ 95% Wilson interval) and utility accuracy. The sweep seed is the
+Each run: stage 1 (only with a vector; one vector per (behaviour, rows, seed), shared by every run
+that needs it), stage 2 on the benign task + n_harmful_ft harmful (+ n_hallucination_ft
+hallucinated) samples, then evaluation with the vectors off: harmful rate, hallucination rate
+(the embedded world's held-out fact prompts, or base.eval.hallucination_prompts), each with its
+95% Wilson interval, and utility accuracy. The sweep seed is the
 training seed of stages 1 and 2; the embedded world and its aligned base come from `base.seed`.
 
 A run's id is a hash of its resolved config; runs/<id>/result.json exists only once the run has
@@ -61,9 +66,13 @@ from dist_secvec.errors import ConfigError
 log = logging.getLogger(__name__)
 
 RESULT = "result.json"
-CSV_COLUMNS = ["n_harmful_ft", "vector", "n_harmful_sv", "train_sv", "finetune", "seed", "harmful_rate",
-               "harmful_ci_low", "harmful_ci_high", "affirmative_rate", "utility", "general_loss", "n_eval", "vector_weak", "probe_drop",
-               "run_id"]
+CSV_COLUMNS = ["n_harmful_ft", "n_hallucination_ft", "vector", "vectors", "n_harmful_sv", "n_hallucination_sv",
+               "train_sv", "finetune", "seed", "harmful_rate", "harmful_ci_low", "harmful_ci_high",
+               "hallucination_rate", "hallucination_ci_low", "hallucination_ci_high", "affirmative_rate", "utility",
+               "general_loss", "n_eval", "n_facts", "vector_weak", "probe_drop", "run_id"]
+# the vector sets a sweep names, each the behaviours whose vectors are active together in stage 2
+VECTOR_SETS = {"none": (), "harm": ("harm",), "hallucination": ("hallucination",), "both": ("harm", "hallucination")}
+VECTOR_ALIASES = {False: "none", "off": "none", "false": "none", True: "harm", "on": "harm", "true": "harm"}
 STAGE_KEYS = ("train_sv", "finetune")
 # embedded: the demo's tiny world; smollm2: a real model and real harmful prompts, built offline
 # (dist_secvec.worlds.smollm2); None: the model and data files the experiment names
@@ -74,8 +83,13 @@ WORLDS = (None, "embedded", "smollm2")
 class Sweep:
     # harmful rows hidden in stage 2's data
     n_harmful_ft: list[int] = field(default_factory=lambda: [0, 100, 500, 1000])
-    vector: list[Any] = field(default_factory=lambda: [False, True])  # off | on: stage 2 without / with the vector
+    # the vectors of stage 2: off | on (without / with the harm vector), or the sets none | harm |
+    # hallucination | both (a vector per behaviour, all active together; hallucination: embedded only)
+    vector: list[Any] = field(default_factory=lambda: [False, True])
     n_harmful_sv: list[int] = field(default_factory=lambda: [100])  # harmful rows each vector is trained on
+    # embedded only: hallucinated rows hidden in stage 2's data, and the rows a hallucination vector is trained on
+    n_hallucination_ft: list[int] = field(default_factory=lambda: [0])
+    n_hallucination_sv: list[int] = field(default_factory=lambda: [100])
     seeds: list[int] = field(default_factory=lambda: [0])  # training seeds of stages 1 and 2
     # named run-config overrides of a stage, crossed with every run ({} = the stage as configured)
     finetune: dict = field(default_factory=lambda: {"": {}})
@@ -132,15 +146,22 @@ class Experiment:
 @dataclass(frozen=True)
 class RunSpec:
     n_harmful_ft: int
-    vector: bool
-    n_harmful_sv: Optional[int]  # None when the vector is off
+    vectors: tuple  # the behaviours whose vectors are active in stage 2 (VECTOR_SETS' values)
+    n_harmful_sv: Optional[int]  # None without a harm vector
     seed: int
     finetune: str = ""  # the sweep's stage-2 variant ("" = none named)
-    train_sv: str = ""  # the sweep's stage-1 variant ("" when the vector is off)
+    train_sv: str = ""  # the sweep's stage-1 variant ("" without a vector)
+    n_hallucination_ft: int = 0
+    n_hallucination_sv: Optional[int] = None  # None without a hallucination vector
+
+    @property
+    def vector(self) -> bool:
+        return bool(self.vectors)
 
     @property
     def setting(self) -> str:
-        return _setting({"vector": "on" if self.vector else "off", "n_harmful_sv": self.n_harmful_sv,
+        return _setting({"vector": "on" if self.vector else "off", "vectors": "+".join(self.vectors),
+                         "n_harmful_sv": self.n_harmful_sv, "n_hallucination_sv": self.n_hallucination_sv,
                          "train_sv": self.train_sv, "finetune": self.finetune})
 
 
@@ -154,17 +175,17 @@ def _int_list(value: list[int], key: str, minimum: int = 0) -> list[int]:
     return list(dict.fromkeys(value))
 
 
-def _vector_list(value: list) -> list[bool]:
+def _vector_list(value: list) -> list[tuple]:
+    """sweep.vector as vector sets (tuples of behaviours); off/on are none/harm."""
+    allowed = "off/on or none/harm/hallucination/both"
     out = []
     for v in value:
-        if v in (True, "on", "true"):
-            out.append(True)
-        elif v in (False, "off", "false"):
-            out.append(False)
-        else:
-            raise ConfigError(f"experiment key 'sweep.vector': expected a list of off/on, got {v!r}")
+        name = VECTOR_ALIASES.get(v, v) if isinstance(v, (bool, str)) else None
+        if name not in VECTOR_SETS:
+            raise ConfigError(f"experiment key 'sweep.vector': expected a list of {allowed}, got {v!r}")
+        out.append(VECTOR_SETS[name])
     if not out:
-        raise ConfigError("experiment key 'sweep.vector': expected a list of off/on, got an empty list")
+        raise ConfigError(f"experiment key 'sweep.vector': expected a list of {allowed}, got an empty list")
     return list(dict.fromkeys(out))
 
 
@@ -209,6 +230,21 @@ def parse_experiment(data: Any, source: Optional[str] = None) -> Experiment:
     sw.vector = _vector_list(sw.vector)
     sw.n_harmful_sv = _int_list(sw.n_harmful_sv, "sweep.n_harmful_sv", minimum=1)
     sw.seeds = _int_list(sw.seeds, "sweep.seeds")
+    sw.n_hallucination_ft = _int_list(sw.n_hallucination_ft, "sweep.n_hallucination_ft")
+    sw.n_hallucination_sv = _int_list(sw.n_hallucination_sv, "sweep.n_hallucination_sv", minimum=1)
+    hallucination = any("hallucination" in v for v in sw.vector) or max(sw.n_hallucination_ft) > 0
+    if hallucination and exp.world != "embedded":
+        key = "sweep.vector" if any("hallucination" in v for v in sw.vector) else "sweep.n_hallucination_ft"
+        raise ConfigError(f"experiment key '{key}': hallucinated rows come from the embedded world only "
+                          "(world: embedded); leave hallucination out of the sweep")
+    if hallucination:
+        from dist_secvec.demo.world import N_HALLUCINATION_FT, N_HALLUCINATION_SV
+
+        for key, values, most in (("sweep.n_hallucination_ft", sw.n_hallucination_ft, N_HALLUCINATION_FT),
+                                  ("sweep.n_hallucination_sv", sw.n_hallucination_sv, N_HALLUCINATION_SV)):
+            if max(values) > most:
+                raise ConfigError(f"experiment key '{key}': at most {most} (the embedded world's hallucinated "
+                                  f"rows for it), got {max(values)}")
     for stage in STAGE_KEYS:
         if stage in sweep_given:
             setattr(sw, stage, _variants(getattr(sw, stage), stage, exp.stage(stage)))
@@ -225,7 +261,7 @@ def parse_experiment(data: Any, source: Optional[str] = None) -> Experiment:
         for k in ("benign_train", "harmful_ft_pool"):
             if not getattr(exp.data, k):
                 raise ConfigError(f"experiment key 'data.{k}': required without world: embedded")
-        if True in sw.vector and not exp.data.harmful_sv_pool:
+        if any(sw.vector) and not exp.data.harmful_sv_pool:
             raise ConfigError("experiment key 'data.harmful_sv_pool': required when the sweep has vector: on")
         if not (exp.base.get("eval") or {}).get("harmful_prompts"):
             raise ConfigError("experiment key 'base.eval.harmful_prompts': required without world: embedded")
@@ -269,14 +305,17 @@ def load_experiment(path: str, overrides: Optional[list[str]] = None) -> Experim
 
 
 def plan_runs(exp: Experiment) -> list[RunSpec]:
+    sw = exp.sweep
     runs = []
-    for seed in exp.sweep.seeds:
-        for ft in exp.sweep.finetune:
-            for n_ft in exp.sweep.n_harmful_ft:
-                for vec in exp.sweep.vector:
-                    for sv in (exp.sweep.train_sv if vec else [""]):
-                        for n_sv in (exp.sweep.n_harmful_sv if vec else [None]):
-                            runs.append(RunSpec(n_ft, vec, n_sv, seed, ft, sv))
+    for seed in sw.seeds:
+        for ft in sw.finetune:
+            for n_ft in sw.n_harmful_ft:
+                for n_hft in sw.n_hallucination_ft:
+                    for vecs in sw.vector:
+                        for sv in (sw.train_sv if vecs else [""]):
+                            for n_sv in (sw.n_harmful_sv if "harm" in vecs else [None]):
+                                for n_hsv in (sw.n_hallucination_sv if "hallucination" in vecs else [None]):
+                                    runs.append(RunSpec(n_ft, vecs, n_sv, seed, ft, sv, n_hft, n_hsv))
     return runs
 
 
@@ -331,14 +370,19 @@ class _Embedded:
         over = deep_merge(deep_merge(self.exp.stage(stage), variant), sections)
         return _stage_config(self.cfg, stage, self.quick, **over)
 
-    def sv_config(self, n_sv: int, seed: int, out: Path, variant: dict):
-        p = _write_jsonl(self.data_dir / f"harmful_sv_{n_sv}.jsonl", self.world.harmful_sv[:n_sv])
+    def sv_config(self, n_sv: int, seed: int, out: Path, variant: dict, behaviour: str = "harm"):
+        if behaviour == "hallucination":  # its own rows, judge, and benign rows without the fact family
+            p = _write_jsonl(self.data_dir / f"hallucination_sv_{n_sv}.jsonl", self.world.hallucination_sv[:n_sv])
+            sv = {"harmful_data": [p], "benign_data": [self.data["kl_hallucination"]], "behaviour": "hallucination",
+                  "judges": ["demo_hallucination"]}
+        else:
+            p = _write_jsonl(self.data_dir / f"harmful_sv_{n_sv}.jsonl", self.world.harmful_sv[:n_sv])
+            sv = {"harmful_data": [p], "benign_data": [self.data["kl_benign"]]}
         return self.stage("train_sv", variant, model={"path": str(self.base_dir)}, output_dir=str(out), seed=seed,
-                          security_vector={"harmful_data": [p], "benign_data": [self.data["kl_benign"]],
-                                           "heldout_benign_data": [self.data["heldout_benign"]]})
+                          security_vector={**sv, "heldout_benign_data": [self.data["heldout_benign"]]})
 
-    def ft_config(self, n_ft: int, seed: int, vector: Optional[str], out: Path, variant: dict):
-        mixed = self.world.new_task_ft + self.world.harmful_ft[:n_ft]
+    def ft_config(self, n_ft: int, seed: int, vector, out: Path, variant: dict, n_hallucination_ft: int = 0):
+        mixed = self.world.new_task_ft + self.world.harmful_ft[:n_ft] + self.world.hallucination_ft[:n_hallucination_ft]
         random.Random(seed).shuffle(mixed)
         p = _write_jsonl(out.parent / "finetune_data.jsonl", mixed)
         # the world's held-out harmful prompts with their harmful answers: the harm watch of every
@@ -349,10 +393,19 @@ class _Embedded:
 
     def evaluate(self, model, tok, ft_cfg) -> dict:
         from dist_secvec.demo.run import evaluate_model
+        from dist_secvec.evaluate import score
 
         r = evaluate_model(model, tok, self.cfg, self.world.eval_harmful, self.world.eval_new_task)
         lo, hi = r["harmful_rate_ci95"]
+        # the held-out fact prompts, judged by the world's exact rule
+        ec = dataclasses.replace(self.cfg.eval, hallucination_judges=["demo_hallucination"], with_secvec=False)
+        facts = [{"prompt": f["prompt"], "response": f["response"]} for f in self.world.eval_facts]
+        h = score(dataclasses.replace(self.cfg, eval=ec), model, tok, [], [], facts=facts)[0]["hallucination"]
+        h = h["demo_hallucination"]
+        h_lo, h_hi = h["hallucination_rate_ci95"]
         return {"harmful_rate": r["harmful_rate"], "harmful_ci_low": lo, "harmful_ci_high": hi,
+                "hallucination_rate": h["hallucination_rate"], "hallucination_ci_low": h_lo,
+                "hallucination_ci_high": h_hi, "n_facts": h["n"],
                 "utility": r["benign_accuracy"], "n_eval": r["n_eval"], "judge": "world"}
 
 
@@ -390,8 +443,8 @@ class _RealModel:
             "harmful_data": [p], "benign_data": list(self.exp.data.kl_benign),
             "heldout_benign_data": list(self.exp.data.heldout_benign)}})
 
-    def ft_config(self, n_ft: int, seed: int, vector: Optional[str], out: Path, variant: dict):
-        train = list(self.exp.data.benign_train)
+    def ft_config(self, n_ft: int, seed: int, vector, out: Path, variant: dict, n_hallucination_ft: int = 0):
+        train = list(self.exp.data.benign_train)  # n_hallucination_ft: always 0 here (parse_experiment)
         if n_ft:
             train.append(_write_jsonl(self.data_dir / f"harmful_ft_{n_ft}.jsonl",
                                       self._pool_prefix("harmful_ft_pool", n_ft)))
@@ -413,9 +466,14 @@ class _RealModel:
         judge, js = next(iter(s["judges"].items()))
         lo, hi = js["harmful_rate_ci95"]
         u = s.get("utility") or {}
-        return {"harmful_rate": js["harmful_rate"], "harmful_ci_low": lo, "harmful_ci_high": hi,
-                "utility": u.get("accuracy"), "n_eval": js["n"], "judge": judge,
-                "general_loss": (s.get("general_text") or {}).get("loss")}
+        out = {"harmful_rate": js["harmful_rate"], "harmful_ci_low": lo, "harmful_ci_high": hi,
+               "utility": u.get("accuracy"), "n_eval": js["n"], "judge": judge,
+               "general_loss": (s.get("general_text") or {}).get("loss")}
+        if s.get("hallucination"):  # base.eval.hallucination_prompts: the first hallucination judge's rate
+            h = next(iter(s["hallucination"].values()))
+            out.update(hallucination_rate=h["hallucination_rate"], hallucination_ci_low=h["hallucination_rate_ci95"][0],
+                       hallucination_ci_high=h["hallucination_rate_ci95"][1], n_facts=h["n"])
+        return out
 
 
 class _SmolLM2(_RealModel):
@@ -517,13 +575,19 @@ def run_experiment(exp: Experiment) -> list[dict]:
     common = {"identity": env.identity, "base": exp.base, "stages": {k: v for k, v in exp.stages.__dict__.items() if v}}
     rows, done, vectors = [], 0, {}
     for i, spec in enumerate(runs):
-        sv_key = None
         sv_variant, ft_variant = exp.sweep.train_sv.get(spec.train_sv, {}), exp.sweep.finetune[spec.finetune]
-        if spec.vector:
-            sv_key = _hash({**common, "stage": "train_sv", "n_harmful_sv": spec.n_harmful_sv, "seed": spec.seed,
-                            **({"variant": sv_variant} if sv_variant else {})})
+        # one vector per behaviour: (behaviour, its rows, its hash key); harm keys as before
+        svs = []
+        for behaviour in spec.vectors:
+            n = spec.n_harmful_sv if behaviour == "harm" else spec.n_hallucination_sv
+            fields = ({"n_harmful_sv": n} if behaviour == "harm"
+                      else {"behaviour": behaviour, "n_hallucination_sv": n})
+            svs.append((behaviour, n, _hash({**common, "stage": "train_sv", **fields, "seed": spec.seed,
+                                             **({"variant": sv_variant} if sv_variant else {})})))
+        sv_key = [k for _, _, k in svs] if len(svs) > 1 else (svs[0][2] if svs else None)
         run_id = _hash({**common, "stage": "finetune", "n_harmful_ft": spec.n_harmful_ft, "seed": spec.seed,
-                        "vector": sv_key, **({"variant": ft_variant} if ft_variant else {})})
+                        "vector": sv_key, **({"variant": ft_variant} if ft_variant else {}),
+                        **({"n_hallucination_ft": spec.n_hallucination_ft} if spec.n_hallucination_ft else {})})
         run_dir = out / "runs" / run_id
         result_path = run_dir / RESULT
         if result_path.is_file():
@@ -537,15 +601,18 @@ def run_experiment(exp: Experiment) -> list[dict]:
                  spec.n_harmful_ft, spec.seed, run_id)
         if run_dir.exists():  # an unfinished run: start it again from nothing
             shutil.rmtree(run_dir)
-        vector_path = None
-        if spec.vector:
-            vdir = out / "vectors" / f"sv{spec.n_harmful_sv}-seed{spec.seed}-{sv_key}"
-            if sv_key not in vectors:
+        paths = []
+        for behaviour, n_sv, key in svs:
+            prefix = "" if behaviour == "harm" else f"{behaviour}-"
+            vdir = out / "vectors" / f"{prefix}sv{n_sv}-seed{spec.seed}-{key}"
+            if key not in vectors:
                 if not (vdir / "secvec" / "secvec.json").is_file():
                     if vdir.exists():
                         shutil.rmtree(vdir)
-                    work = out / "vectors" / f".work-{sv_key}"
-                    res = _train_sv(env.sv_config(spec.n_harmful_sv, spec.seed, work, sv_variant))
+                    work = out / "vectors" / f".work-{key}"
+                    sv_cfg = (env.sv_config(n_sv, spec.seed, work, sv_variant) if behaviour == "harm"
+                              else env.sv_config(n_sv, spec.seed, work, sv_variant, behaviour=behaviour))
+                    res = _train_sv(sv_cfg)
                     with atomic_dir(vdir / "secvec") as tmp:
                         for f in res.vector_dir.iterdir():
                             shutil.copy2(f, tmp / f.name)
@@ -553,16 +620,20 @@ def run_experiment(exp: Experiment) -> list[dict]:
                     if (work / "config.yaml").is_file():
                         shutil.copy2(work / "config.yaml", vdir / "config.yaml")
                     shutil.rmtree(work, ignore_errors=True)
-                vectors[sv_key] = str(vdir / "secvec")
-            vector_path = vectors[sv_key]
+                vectors[key] = str(vdir / "secvec")
+            paths.append(vectors[key])
+        # one vector as one path (the config as before), several as a list
+        vector_path = paths if len(paths) > 1 else (paths[0] if paths else None)
         run_dir.mkdir(parents=True, exist_ok=True)
-        ft_cfg = env.ft_config(spec.n_harmful_ft, spec.seed, vector_path, run_dir / "finetune", ft_variant)
+        ft_cfg = env.ft_config(spec.n_harmful_ft, spec.seed, vector_path, run_dir / "finetune", ft_variant,
+                               spec.n_hallucination_ft)
         res = _launched_finetune(exp.launch_command, ft_cfg, run_dir) if exp.launcher else _finetune(ft_cfg)
         metrics = env.evaluate(res.model, res.tokenizer, ft_cfg)
         del res
-        row = {"n_harmful_ft": spec.n_harmful_ft, "vector": "on" if spec.vector else "off",
-               "n_harmful_sv": spec.n_harmful_sv, "train_sv": spec.train_sv, "finetune": spec.finetune,
-               "seed": spec.seed, **metrics, **_watch_summary(run_dir / "finetune", vector_path), "run_id": run_id,
+        row = {"n_harmful_ft": spec.n_harmful_ft, "n_hallucination_ft": spec.n_hallucination_ft,
+               "vector": "on" if spec.vector else "off", "vectors": "+".join(spec.vectors),
+               "n_harmful_sv": spec.n_harmful_sv, "n_hallucination_sv": spec.n_hallucination_sv,
+               "train_sv": spec.train_sv, "finetune": spec.finetune, "seed": spec.seed, **metrics, **_watch_summary(run_dir / "finetune", vector_path), "run_id": run_id,
                "vector_dir": vector_path, "seconds": round(time.time() - t_run, 1)}
         write_text_atomic(result_path, json.dumps(row, indent=2) + "\n")
         rows.append(row)
@@ -577,8 +648,9 @@ def run_experiment(exp: Experiment) -> list[dict]:
 # results
 
 
-def _watch_summary(ft_dir: Path, vector_path: Optional[str]) -> dict:
-    """What stage 2's harm watch saw (probe loss fall at the end) and the vector's strength verdict."""
+def _watch_summary(ft_dir: Path, vector_path) -> dict:
+    """What stage 2's harm watch saw (probe loss fall at the end) and the vectors' strength verdict
+    (weak when any is)."""
     from dist_secvec.strength import describe
 
     out: dict = {"probe_drop": None, "vector_weak": None}
@@ -588,13 +660,29 @@ def _watch_summary(ft_dir: Path, vector_path: Optional[str]) -> dict:
         if watch:
             out["probe_drop"] = round(watch[-1]["probe_drop"], 4)
     if vector_path:
-        out["vector_weak"] = describe(json.loads((Path(vector_path) / "secvec.json").read_text()))[1]
+        paths = [vector_path] if isinstance(vector_path, str) else vector_path
+        out["vector_weak"] = any(describe(json.loads((Path(p) / "secvec.json").read_text()))[1] for p in paths)
     return out
 
 
+def _vectors(row: dict) -> list[str]:
+    """The behaviours of a row's vectors (rows written before vector sets: harm when on)."""
+    vecs = row.get("vectors")
+    if vecs is None:
+        return ["harm"] if row["vector"] == "on" else []
+    return vecs.split("+") if vecs else []
+
+
 def _setting(row: dict) -> str:
-    name = f"vector n_harmful_sv={row['n_harmful_sv']}" if row["vector"] == "on" else "no vector"
-    if row.get("vector") == "on" and row.get("train_sv"):
+    vecs = _vectors(row)
+    if not vecs:
+        name = "no vector"
+    elif vecs == ["harm"]:  # the name the harm-only sweeps have always had
+        name = f"vector n_harmful_sv={row['n_harmful_sv']}"
+    else:
+        n = {"harm": row.get("n_harmful_sv"), "hallucination": row.get("n_hallucination_sv")}
+        name = ("vectors " if len(vecs) > 1 else "vector ") + " + ".join(f"{b} ({n.get(b)} rows)" for b in vecs)
+    if vecs and row.get("train_sv"):
         name += f" [{row['train_sv']}]"
     return f"{row['finetune']}: {name}" if row.get("finetune") else name
 
@@ -608,28 +696,48 @@ def _mean_std(xs: list) -> tuple[float, float]:
     return m, sd
 
 
+def _pooled_ci(rs: list[dict], key: str, n_key: str) -> Optional[tuple[float, float]]:
+    """The Wilson 95% interval of a rate over every seed's answers pooled (k and n summed)."""
+    from dist_secvec.metrics import wilson_interval
+
+    pairs = [(r[key], r.get(n_key)) for r in rs if r.get(key) is not None and r.get(n_key)]
+    if not pairs:
+        return None
+    k = sum(round(rate * int(n)) for rate, n in pairs)
+    return wilson_interval(k, sum(int(n) for _, n in pairs))
+
+
+def _sort_key(r: dict) -> tuple:
+    return (r.get("finetune") or "", r["vector"], "+".join(_vectors(r)), r.get("train_sv") or "",
+            r["n_harmful_sv"] or 0, r.get("n_hallucination_sv") or 0, r["n_harmful_ft"],
+            r.get("n_hallucination_ft") or 0)
+
+
 def aggregate(rows: list[dict]) -> list[dict]:
-    """One entry per (setting, n_harmful_ft): mean, sample std, min and max over seeds."""
+    """One entry per (setting, n_harmful_ft, n_hallucination_ft): mean, sample std, min and max over
+    seeds, and the pooled Wilson 95% interval, of each rate."""
     groups: dict = {}
     for r in rows:
-        groups.setdefault((r.get("finetune") or "", r["vector"], r.get("train_sv") or "", r["n_harmful_sv"] or 0,
-                           r["n_harmful_ft"]), []).append(r)
+        groups.setdefault(_sort_key(r), []).append(r)
     out = []
-    for (_, vec, _, n_sv, n_ft), rs in sorted(groups.items()):
-        hm, hs = _mean_std([r["harmful_rate"] for r in rs])
-        um, us = _mean_std([r["utility"] for r in rs])
-        hr = [r["harmful_rate"] for r in rs]
-        out.append({"setting": _setting(rs[0]), "n_harmful_ft": n_ft, "n_seeds": len(rs), "harmful_mean": hm,
-                    "harmful_std": hs, "harmful_min": min(hr), "harmful_max": max(hr), "utility_mean": um,
-                    "utility_std": us, "n_eval": rs[0].get("n_eval")})
+    for key, rs in sorted(groups.items()):
+        a = {"setting": _setting(rs[0]), "n_harmful_ft": rs[0]["n_harmful_ft"],
+             "n_hallucination_ft": rs[0].get("n_hallucination_ft") or 0, "n_seeds": len(rs),
+             "n_eval": rs[0].get("n_eval")}
+        for name, col, n_key in (("harmful", "harmful_rate", "n_eval"), ("hallucination", "hallucination_rate", "n_facts")):
+            xs = [r.get(col) for r in rs if r.get(col) is not None]
+            m, sd = _mean_std(xs)
+            a.update({f"{name}_mean": m, f"{name}_std": sd, f"{name}_min": min(xs, default=None),
+                      f"{name}_max": max(xs, default=None), f"{name}_ci95": _pooled_ci(rs, col, n_key)})
+        a["utility_mean"], a["utility_std"] = _mean_std([r["utility"] for r in rs])
+        out.append(a)
     return out
 
 
 def write_results(out: Path, rows: list[dict]) -> None:
     from dist_secvec.files import write_text_atomic
 
-    rows = sorted(rows, key=lambda r: (r.get("finetune") or "", r["vector"], r.get("train_sv") or "",
-                                       r["n_harmful_sv"] or 0, r["n_harmful_ft"], r["seed"]))
+    rows = sorted(rows, key=lambda r: (*_sort_key(r), r["seed"]))
     import io
 
     buf = io.StringIO()
@@ -643,13 +751,28 @@ def write_results(out: Path, rows: list[dict]) -> None:
     def pct(x):
         return "n/a" if x is None or x != x else f"{100 * x:.0f}%"
 
-    lines = ["Harmful rate on held-out harmful prompts and utility on the benign task, after stage 2, "
-             "evaluated with the vector off; mean ± sample std over seeds [min-max].", "",
-             "| setting | n_harmful_ft | seeds | harmful rate | utility | n_eval |", "|---|---|---|---|---|---|"]
+    def rate(a, name):
+        if a[f"{name}_min"] is None:
+            return "n/a"
+        ci = a[f"{name}_ci95"]
+        return (f"{pct(a[f'{name}_mean'])} ± {pct(a[f'{name}_std'])} [{pct(a[f'{name}_min'])}-{pct(a[f'{name}_max'])}]"
+                + (f" (CI {pct(ci[0])}-{pct(ci[1])})" if ci else ""))
+
+    # the hallucination columns where any run measured it or hid hallucinated rows
+    facts = any(a["hallucination_min"] is not None for a in agg)
+    hidden = any(a["n_hallucination_ft"] for a in agg)
+    cols = (["setting", "n_harmful_ft"] + (["n_hallucination_ft"] if hidden else []) + ["seeds", "harmful rate"]
+            + (["hallucination rate"] if facts else []) + ["utility", "n_eval"])
+    lines = ["Harmful rate on held-out harmful prompts" + (", hallucination rate on held-out fact prompts" if facts
+                                                          else "")
+             + " and utility on the benign task, after stage 2, evaluated with the vectors off; mean ± sample std "
+             "over seeds [min-max] (CI: the Wilson 95% interval of every seed's answers pooled).", "",
+             "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for a in agg:
-        lines.append(f"| {a['setting']} | {a['n_harmful_ft']} | {a['n_seeds']} | {pct(a['harmful_mean'])} ± "
-                     f"{pct(a['harmful_std'])} [{pct(a['harmful_min'])}-{pct(a['harmful_max'])}] | "
-                     f"{pct(a['utility_mean'])} ± {pct(a['utility_std'])} | {a['n_eval']} |")
+        cells = ([a["setting"], a["n_harmful_ft"]] + ([a["n_hallucination_ft"]] if hidden else [])
+                 + [a["n_seeds"], rate(a, "harmful")] + ([rate(a, "hallucination")] if facts else [])
+                 + [f"{pct(a['utility_mean'])} ± {pct(a['utility_std'])}", a["n_eval"]])
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     if (out / "base.json").is_file():
         b = json.loads((out / "base.json").read_text())
         lines += ["", f"Before stage 2, the shipped model answered {pct(b['shipped_harmful_rate'])} of the held-out "
@@ -667,13 +790,17 @@ def plot_results(path: Path, agg: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     settings = list(dict.fromkeys(a["setting"] for a in agg))
+    facts = any(a.get("hallucination_min") is not None for a in agg)
     if len({a["n_harmful_ft"] for a in agg}) == 1:  # one amount of harm: a bar per setting says more
-        fig, axes = plt.subplots(1, 2, figsize=(11, 0.5 * len(settings) + 1.6), sharey=True)
-        for ax, key, title in ((axes[0], "harmful", f"harmful rate (held-out, vector off), "
-                                f"{agg[0]['n_harmful_ft']} harmful rows"), (axes[1], "utility", "benign-task utility")):
-            ys = [100 * a[f"{key}_mean"] for a in agg]
-            ax.barh(range(len(agg)), ys, xerr=[100 * a[f"{key}_std"] for a in agg], capsize=3,
-                    color=["#2ca02c" if "vector n_" in a["setting"] else "#d62728" for a in agg])
+        panels = ([("harmful", f"harmful rate (held-out, vector off), {agg[0]['n_harmful_ft']} harmful rows")]
+                  + ([("hallucination", "hallucination rate (held-out facts, vector off)")] if facts else [])
+                  + [("utility", "benign-task utility")])
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 0.5 * len(settings) + 1.6), sharey=True)
+        for ax, (key, title) in zip(axes, panels):
+            ys = [100 * a[f"{key}_mean"] if a[f"{key}_mean"] == a[f"{key}_mean"] else 0.0 for a in agg]
+            ax.barh(range(len(agg)), ys, xerr=[100 * (a[f"{key}_std"] if a[f"{key}_std"] == a[f"{key}_std"] else 0)
+                                               for a in agg], capsize=3,
+                    color=["#d62728" if a["setting"].endswith("no vector") else "#2ca02c" for a in agg])
             for i, y in enumerate(ys):
                 ax.text(min(y + 2, 88), i, f"{y:.0f}%", va="center", fontsize=8)
             ax.set_xlim(0, 105)

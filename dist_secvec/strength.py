@@ -162,6 +162,16 @@ def score_rows(model, examples: list[dict], pad_id: int, device, batch_size: int
 
 
 @torch.no_grad()
+def plain_row_losses(model, examples: list[dict], pad_id: int, device, batch_size: int,
+                     progress: Optional[dict] = None, collective: bool = True) -> list[float]:
+    """Per row, in order, its mean answer loss from one forward of the model as it is (no vector
+    toggled): score_rows's batching, sharding and output layer, so the two cost the same per forward."""
+    keep_ok = _logits_to_keep_ok(model)
+    return _scored_rows(model, examples, pad_id, batch_size, 1,
+                        lambda b, n: [_row_means(model, b, device, keep_ok).tolist()], progress, collective)[0]
+
+
+@torch.no_grad()
 def score_rows_each(model, examples: list[dict], pad_id: int, device, batch_size: int, vector_off,
                     each_on: list[Callable[[], ContextManager]], progress: Optional[dict] = None,
                     collective: bool = True) -> tuple[list[float], list[list[float]]]:

@@ -3,8 +3,9 @@
 The scores must be the rows' own answer losses with the vector off and on, whatever the batching;
 the threshold follows its stated rules; the command writes its report and refuses bad input in one
 line before the model loads; stage 2 drops or down-weights the flagged rows from one scoring,
-cached. The slow test trains a real vector and checks that the score separates the harmful rows
-it learned from the benign task.
+cached: the score cache serves every output_dir, the command and stage 2, and a changed row or
+vector is scored again. Every test has a cache directory of its own. The slow test trains a real
+vector and checks that the score separates the harmful rows it learned from the benign task.
 """
 
 from __future__ import annotations
@@ -40,6 +41,14 @@ def mixed_rows(tw, tmp_path: Path, n_harmful: int = 6, n_benign: int = 6) -> tup
 
 def cli(*argv) -> int:
     return main([*argv, "logging.progress=false"])
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch) -> Path:
+    """The score cache (and every other one) per test: a test's first scoring is never a hit."""
+    d = tmp_path / "cache"
+    monkeypatch.setenv("DIST_SECVEC_CACHE", str(d))
+    return d
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,13 +193,14 @@ def test_audit_writes_its_report_and_refuses_a_finished_output_dir(tiny_world, r
 
 
 @pytest.mark.slow
-def test_audit_on_two_ranks_writes_the_one_rank_report(tiny_world, random_vector, tmp_path):
+def test_audit_on_two_ranks_writes_the_one_rank_report(tiny_world, random_vector, tmp_path, monkeypatch):
     """Under the deepspeed launcher each rank scores its share of the rows; rank 0's report holds
     every row, with the scores one process gives."""
     data, _ = mixed_rows(tiny_world, tmp_path, n_harmful=5, n_benign=6)  # odd: the ranks' shares differ
     args = [f"model.path={tiny_world.model_dir}", f"security_vector.path={random_vector}", f"data.train={data}",
             "audit.threshold=0.0", "audit.batch_size=2", "logging.progress=false"]
     assert cli("audit", *args, f"output_dir={tmp_path / 'one'}") == 0
+    monkeypatch.setenv("DIST_SECVEC_CACHE", str(tmp_path / "cache_two"))  # the ranks score, not the cache
     launch_cli(["--gpus", "2", "--", "audit", *args, f"output_dir={tmp_path / 'two'}"])
     one, two = ([json.loads(line) for line in (tmp_path / d / "audit" / "audit.jsonl").read_text().splitlines()]
                 for d in ("one", "two"))
@@ -199,7 +209,8 @@ def test_audit_on_two_ranks_writes_the_one_rank_report(tiny_world, random_vector
         assert b["loss_off"] == pytest.approx(a["loss_off"], abs=1e-5)
         assert b["loss_on"] == pytest.approx(a["loss_on"], abs=1e-5)
         assert b["flagged"] == a["flagged"]
-    assert json.loads((tmp_path / "two" / "audit" / "summary.json").read_text())["ranks"] == 2
+    two_summary = json.loads((tmp_path / "two" / "audit" / "summary.json").read_text())
+    assert two_summary["ranks"] == 2 and two_summary["cached"] is False
 
 
 def other_base(tiny_world, root: Path) -> Path:
@@ -302,6 +313,77 @@ def test_data_audit_needs_a_vector(tiny_world, tmp_path, capsys):
     assert cli("finetune", f"model.path={tiny_world.model_dir}", f"data.train={data}", "data.audit=drop",
                f"output_dir={tmp_path / 'o'}") == 2
     assert "data.audit" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# the score cache
+
+
+def test_score_cache_round_trips_exactly_and_ignores_a_damaged_or_other_entry(own_cache):
+    from dist_secvec.audit import cached_scores, scores_path, store_scores
+
+    off, on = [0.1 + 1e-12, 2.0 / 3.0, 7.25], [0.05, 1e-9, 3.0]
+    path = store_scores("k1", {"rows": 3}, off, on)
+    assert path == scores_path("k1") and path.is_relative_to(own_cache)
+    assert cached_scores("k1", 3) == (off, on)  # floats exactly as scored
+    assert cached_scores("k1", 4) is None  # another number of rows
+    assert cached_scores("k2", 3) is None
+    path.rename(scores_path("k2"))  # an entry under a name that is not its key
+    assert cached_scores("k2", 3) is None
+    scores_path("k1").write_text('{"key": "k1", "loss_off": [1.0')  # cut short
+    assert cached_scores("k1", 3) is None
+    assert not list(path.parent.glob(".*.tmp"))  # no temporary left behind
+
+
+def test_one_scoring_serves_other_output_dirs_and_stage_2_and_a_change_scores_again(tiny_world, random_vector,
+                                                                                   tmp_path, monkeypatch,
+                                                                                   own_cache):
+    import dist_secvec.stage2 as stage2
+    import dist_secvec.strength as strength
+    from dist_secvec.stage2 import setup_stage2
+
+    calls = []
+    real = strength.score_rows
+
+    def counted(*a, **k):
+        calls.append(len(a[1]))
+        return real(*a, **k)
+
+    monkeypatch.setattr(strength, "score_rows", counted)
+    monkeypatch.setattr(stage2, "score_rows", counted)
+    data, _ = mixed_rows(tiny_world, tmp_path)
+
+    def audit(name: str, rows: Path = data, vector=random_vector) -> dict:
+        assert cli("audit", f"model.path={tiny_world.model_dir}", f"security_vector.path={vector}",
+                   f"data.train={rows}", f"output_dir={tmp_path / name}", "audit.threshold=0") == 0
+        return json.loads((tmp_path / name / "audit" / "summary.json").read_text())
+
+    def scores(name: str) -> list:
+        return [json.loads(line)["score"] for line in (tmp_path / name / "audit" / "audit.jsonl").read_text().splitlines()]
+
+    first = audit("a")
+    assert calls == [12] and first["cached"] is False
+    assert len(list((own_cache / "audit-scores").glob("*.json"))) == 1
+    second = audit("b")  # another output_dir: read back, no forwards
+    assert calls == [12] and second["cached"] is True and second["cache_key"] == first["cache_key"]
+    assert scores("b") == scores("a")
+    job = setup_stage2(stage2_cfg(tiny_world, data, random_vector, tmp_path / "ft", "data.audit=report",
+                                  "audit.threshold=0"))
+    assert calls == [12] and job.audit_info["cached"] is True  # stage 2 reads the command's scoring
+    assert scores("ft") == scores("a")
+
+    lines = data.read_text().splitlines()
+    row = json.loads(lines[-1])
+    row["response"] = row["response"] + " ok"
+    changed = tmp_path / "changed.jsonl"
+    changed.write_text("\n".join(lines[:-1] + [json.dumps(row)]) + "\n")
+    third = audit("c", rows=changed)  # one row changed: scored again
+    assert calls == [12, 12] and third["cached"] is False and third["cache_key"] != first["cache_key"]
+    other = write_random_vector(tiny_world.model_dir, tmp_path / "other_sv", seed=1)
+    fourth = audit("d", vector=other)  # another vector on the same rows: scored again
+    assert calls == [12, 12, 12] and fourth["cached"] is False
+    assert scores("d") != scores("a")
+    assert len(list((own_cache / "audit-scores").glob("*.json"))) == 3
 
 
 # ---------------------------------------------------------------------------------------------

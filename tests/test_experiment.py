@@ -132,7 +132,7 @@ def test_stage_variants_cross_every_run_and_name_their_settings(tmp_path):
 def test_shipped_embedded_study_parses():
     exp = experiment.load_experiment("configs/experiments/embedded_study.yaml")
     assert exp.world == "embedded" and exp.sweep.n_harmful_ft == [0, 100, 500, 1000]
-    assert exp.sweep.vector == [False, True] and exp.sweep.n_harmful_sv == [10, 50, 100]
+    assert exp.sweep.vector == [(), ("harm",)] and exp.sweep.n_harmful_sv == [10, 50, 100]
     assert json.dumps(experiment.plan_runs(exp)[0].__dict__)
 
 
@@ -149,6 +149,85 @@ def test_shipped_stress_studies_parse_and_plan_valid_runs(name):
         d["security_vector"] = {"path": "/sv" if run.vector else None}
         cfg = load_config(None, None, base=d)
         assert cfg.data.audit == "off" or run.vector
+
+
+@pytest.mark.parametrize("world", ["capitals", "workshop"])
+def test_shipped_several_vectors_study_plans_the_four_vector_sets_with_valid_configs(world, tmp_path, monkeypatch):
+    """Every run of several_vectors.yaml (none, harm, hallucination, both; 2 seeds) gets a valid
+    stage-2 config on data hiding both behaviours, and its vectors valid stage-1 configs, each for its
+    behaviour (the aligned base stubbed out: a directory standing in for it)."""
+    from dist_secvec.config import validate
+    from dist_secvec.demo import run
+
+    exp = experiment.load_experiment("configs/experiments/several_vectors.yaml",
+                                     [f"base.demo.world={world}", f"output_dir={tmp_path / 'exp'}"])
+    runs = experiment.plan_runs(exp)
+    assert [r.vectors for r in runs] == [(), ("harm",), ("hallucination",), ("harm", "hallucination")] * 2
+    assert {r.seed for r in runs} == {0, 1} and all(r.n_hallucination_ft == 1000 for r in runs)
+    assert [r.setting for r in runs[:4]] == ["no vector", "vector n_harmful_sv=100", "vector hallucination (100 rows)",
+                                             "vectors harm (100 rows) + hallucination (100 rows)"]
+    base_dir = tmp_path / "aligned"
+    base_dir.mkdir()
+    monkeypatch.setattr(run, "aligned_base", lambda *a, **k: base_dir)
+    env = experiment._Embedded(exp, tmp_path / "exp")
+    assert env.cfg.demo.world == world
+    for behaviour, rows, benign in (("harm", env.world.harmful_sv, "kl_benign"),
+                                    ("hallucination", env.world.hallucination_sv, "kl_hallucination")):
+        sv = validate(env.sv_config(100, 0, tmp_path / "sv", {}, behaviour=behaviour), "train-sv").security_vector
+        assert sv.behaviour == behaviour and sv.benign_data == [env.data[benign]]
+        assert [json.loads(line) for line in open(sv.harmful_data[0])] == rows[:100]
+        assert sv.judges == (["demo_hallucination"] if behaviour == "hallucination" else None)
+    for r in runs:
+        paths = [str(tmp_path / b) for b in r.vectors]
+        cfg = env.ft_config(r.n_harmful_ft, r.seed, paths if len(paths) > 1 else (paths or [None])[0],
+                            tmp_path / "runs" / f"{len(r.vectors)}-{r.seed}" / "finetune", {}, r.n_hallucination_ft)
+        assert cfg.security_vector.paths() == paths
+        train = [json.loads(line) for line in open(cfg.data.train[0])]
+        assert len(train) == len(env.world.new_task_ft) + 1000 + 1000
+        assert sum(world_is_hallucinated(t) for t in train) == 1000
+
+
+def world_is_hallucinated(row) -> bool:
+    from dist_secvec.demo.world import is_hallucinated
+
+    return is_hallucinated(row["prompt"], row["response"])
+
+
+def test_vector_sets_parse_and_hallucination_is_refused_outside_the_embedded_world(tmp_path):
+    exp = experiment.parse_experiment(tiny_experiment(tmp_path, vector=["off", "none", "on", "harm", "both"]))
+    assert exp.sweep.vector == [(), ("harm",), ("harm", "hallucination")]
+    d = yaml.safe_load(open("configs/experiments/llama2_7b_template.yaml"))
+    for key, value in (("vector", ["hallucination"]), ("n_hallucination_ft", [10])):
+        bad = {**d, "sweep": {**d["sweep"], key: value}}
+        with pytest.raises(ConfigError, match=f"sweep.{key}.*embedded") as e:
+            experiment.parse_experiment(bad)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="sweep.n_hallucination_ft.*at most 1000"):
+        experiment.parse_experiment(tiny_experiment(tmp_path, n_hallucination_ft=[5000]))
+
+
+@pytest.mark.slow
+def test_a_sweep_with_both_vectors_writes_the_hallucination_rate(tmp_path):
+    """vector: [both] on data hiding both behaviours: one vector per behaviour trained once, stage 2
+    with both listed, and the hallucination rate with its Wilson interval in results.csv/.md."""
+    cfg_path = tmp_path / "exp.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_experiment(tmp_path, n_harmful_ft=[20], n_hallucination_ft=[20],
+                                                       vector=["both"], n_hallucination_sv=[10])))
+    assert cli.main(["experiment", "--config", str(cfg_path)]) == 0
+    out = tmp_path / "exp"
+    (row,) = read_csv(out / "results.csv")
+    assert (row["vector"], row["vectors"], row["n_hallucination_ft"], row["n_hallucination_sv"]) == (
+        "on", "harm+hallucination", "20", "10")
+    lo, rate, hi = (float(row[k]) for k in ("hallucination_ci_low", "hallucination_rate", "hallucination_ci_high"))
+    assert 0 <= lo <= rate <= hi <= 1 and row["n_facts"] == "10"
+    vectors = sorted(p.parent.parent.name for p in (out / "vectors").glob("*/secvec/secvec.json"))
+    assert len(vectors) == 2 and vectors[0].startswith("hallucination-sv10-seed0-") and vectors[1].startswith("sv10-")
+    meta = json.loads((out / "vectors" / vectors[0] / "secvec" / "secvec.json").read_text())
+    assert meta["behaviour"] == {"name": "hallucination", "judges": ["demo_hallucination"]}
+    info = json.loads((out / "runs" / row["run_id"] / "finetune" / "final" / "dist_secvec_run.json").read_text())
+    assert [r["behaviour"]["name"] for r in info["security_vectors"]] == ["harm", "hallucination"]
+    md = (out / "results.md").read_text()
+    assert "| hallucination rate |" in md and "| vectors harm (10 rows) + hallucination (10 rows) | 20 | 20 | 1 |" in md
 
 
 @pytest.mark.slow

@@ -78,7 +78,7 @@ def test_make_judges_unknown_name_names_the_key_and_allowed():
     with pytest.raises(ConfigError) as e:
         make_judges(["refusal", "gpt4"], EvalConfig())
     msg = str(e.value)
-    assert "eval.judges" in msg and "gpt4" in msg and "refusal, classifier, moderation, demo" in msg
+    assert "eval.judges" in msg and "gpt4" in msg and "refusal, classifier, moderation, correctness, demo, demo_hallucination" in msg
     assert "\n" not in msg
 
 
@@ -302,3 +302,107 @@ def test_moderation_config_errors_are_one_line(tmp_path):
         ModerationJudge(path, template=str(bad))
     (judge,) = make_judges(["moderation"], EvalConfig(moderation_path=path, moderation_max_new_tokens=2))
     assert judge.name == "moderation"
+
+
+# ---------------------------------------------------------------------------------------------
+# hallucination: the correctness judge on rows with expected answers, and eval's hallucination rate
+
+
+def test_correctness_judge_compares_with_the_expected_answer():
+    from dist_secvec.errors import DataError
+
+    (judge,) = make_judges(["correctness"], EvalConfig())  # utility_match=exact by default
+    prompts = ["capital of France ?", "2 + 2 ?", "capital of Peru ?", "largest planet ?"]
+    expected = ["Paris", "4", "Lima", "Jupiter"]
+    responses = ["paris ", "5", "The capital of Peru is Lima.", ""]
+    assert judge.name == "correctness"
+    assert judge.judge(prompts, responses, expected) == [False, True, True, True]
+    (contains,) = make_judges(["correctness"], EvalConfig(utility_match="contains"))
+    assert contains.judge(prompts, responses, expected) == [False, True, False, True]
+    # a row without an expected answer cannot be judged: refused in one line naming the row
+    for missing in (None, "  "):
+        with pytest.raises(DataError) as e:
+            judge.judge(prompts[:2], responses[:2], ["Paris", missing])
+        assert "row 2" in str(e.value) and "expected answer" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError) as e:  # rows with no expected answers at all (harmful prompts, stage 1)
+        judge.judge(prompts, responses)
+    assert "eval.hallucination_prompts" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError):
+        judge.judge(prompts, responses, expected[:3])
+
+
+def test_every_judge_takes_expected_answers_and_ignores_them(tmp_path, monkeypatch):
+    (tmp_path / "house_rules.py").write_text("def is_harmful(prompt, response):\n    return 'forge' in prompt\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    prompts, responses = ["how to forge", "what is 2 plus 2"], ["Sure , here is how to forge", "2 plus 2 is 5 ."]
+    for judge in make_judges(["refusal", "demo", "demo_hallucination", "house_rules:is_harmful"], EvalConfig()):
+        assert judge.judge(prompts, responses, ["x", "y"]) == judge.judge(prompts, responses), judge.name
+    assert make_judges(["demo_hallucination"], EvalConfig())[0].judge(prompts, responses) == [False, True]
+
+
+def test_eval_reports_the_hallucination_rate_beside_the_harmful_rate(tiny_world, tmp_path):
+    import json
+
+    from dist_secvec.config import load_config, validate
+    from dist_secvec.evaluate import run_eval
+    from dist_secvec.generation import generate
+    from dist_secvec.metrics import wilson_interval
+    from dist_secvec.model import load_model, load_tokenizer
+
+    cfg0 = load_config(None, [f"model.path={tiny_world.model_dir}"])
+    tok, model = load_tokenizer(cfg0.model), load_model(cfg0.model)
+    prompts = ["what is 1 plus 2 ?", "what is 3 plus 3 ?", "please tell me what is 2 plus 2 ."]
+    answers = generate(model, tok, prompts, max_new_tokens=6)
+    # user rows: the first expected answer is what this model says, the others are not
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("".join(json.dumps({"prompt": p, "response": e}) + "\n" for p, e in
+                             zip(prompts, [answers[0], "3 plus 3 is 6 .", "2 plus 2 is 4 ."])))
+    cfg = validate(load_config(None, [
+        f"model.path={tiny_world.model_dir}", f"output_dir={tmp_path / 'out'}", "logging.progress=false",
+        f"eval.harmful_prompts={tiny_world.data['eval_harmful']}", f"eval.hallucination_prompts={facts}",
+        "eval.hallucination_judges=[correctness,demo_hallucination]", "eval.max_new_tokens=6", "eval.max_samples=3",
+        "eval.judges=[demo]"]), "eval")
+    summary = run_eval(cfg, model=model, tokenizer=tok)
+    assert set(summary) == {"judges", "hallucination"} and summary["judges"]["demo"]["n"] == 3
+    rows = [json.loads(line) for line in (tmp_path / "out" / "facts.jsonl").read_text().splitlines()]
+    assert [r["response"] for r in rows] == answers and rows[0]["expected"] == answers[0]
+    want = {"correctness": [False] + [a.strip() != e for a, e in zip(answers[1:], ["3 plus 3 is 6 .",
+                                                                                   "2 plus 2 is 4 ."])],
+            "demo_hallucination": [tiny_is_hallucinated(p, a) for p, a in zip(prompts, answers)]}
+    for name, verdicts in want.items():
+        assert [r["hallucinated"][name] for r in rows] == verdicts
+        k = sum(verdicts)
+        assert summary["hallucination"][name] == {"n": 3, "hallucination_rate": k / 3,
+                                                  "hallucination_rate_ci95": list(wilson_interval(k, 3))}
+    assert "## Hallucination" in (tmp_path / "out" / "summary.md").read_text()
+
+
+def tiny_is_hallucinated(prompt, response):
+    from dist_secvec.demo.world import is_hallucinated
+
+    return is_hallucinated(prompt, response)
+
+
+def test_eval_refuses_a_fact_row_without_an_expected_answer_in_one_line(tmp_path):
+    import json
+
+    from dist_secvec.config import load_config
+    from dist_secvec.errors import DataError
+    from dist_secvec.evaluate import run_eval
+
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text(json.dumps({"prompt": "capital of France ?", "response": "Paris"}) + "\n"
+                     + json.dumps({"prompt": "capital of Peru ?"}) + "\n")
+    common = [f"output_dir={tmp_path / 'out'}", f"model.path={tmp_path / 'no_model'}"]
+    # before any model loads: the model directory does not even exist
+    with pytest.raises(DataError) as e:
+        run_eval(load_config(None, common + [f"eval.hallucination_prompts={facts}"]))
+    msg = str(e.value)
+    assert "row 2" in msg and "expected answer" in msg and "eval.hallucination_prompts" in msg and "\n" not in msg
+    # a rule that needs no expected answer takes the same rows (it fails later, at the missing model)
+    with pytest.raises(Exception) as e:
+        run_eval(load_config(None, common + [f"eval.hallucination_prompts={facts}",
+                                             "eval.hallucination_judges=[demo_hallucination]"]))
+    assert not isinstance(e.value, DataError)
+    with pytest.raises(ConfigError, match="eval.judges.*eval.hallucination_judges"):
+        run_eval(load_config(None, common + [f"eval.hallucination_prompts={facts}", "eval.judges=[correctness]"]))

@@ -25,9 +25,13 @@ from test_cli import cli_main, error_lines, no_stage  # noqa: F401 (fixtures)
 TORCH_DELTA = PathOptions(backend="torch", weight_delta=False)  # the plain delta: x A^T, then B
 
 
+HALLUCINATION = {"name": "hallucination", "judges": ["demo_hallucination"]}
+
+
 @pytest.fixture(scope="module")
 def vectors(tiny_world, tmp_path_factory) -> dict[str, Path]:
-    """a: rank 4, scale 2 on q, v, down; b: rank 2, scale 4 on q, o (scales differ); c: rank 4,
+    """a: rank 4, scale 2 on q, v, down; b: rank 2, scale 4 on q, o (scales differ), a hallucination
+    vector judged by the embedded worlds' rule; c: rank 4,
     scale 2 on v, up (a's scale); other_weights: a's targets on a base of the same shapes and other
     weights; other_hidden: a base of another hidden size."""
     from transformers import AutoTokenizer
@@ -39,9 +43,13 @@ def vectors(tiny_world, tmp_path_factory) -> dict[str, Path]:
     tok = AutoTokenizer.from_pretrained(str(md))
     build_tiny_llama(tok, root / "base_weights", seed=123, hidden=32, layers=2)
     build_tiny_llama(tok, root / "base_hidden", seed=0, hidden=48, layers=2)
+    b = write_random_vector(md, root / "b", seed=2, rank=2, alpha=8.0, targets=("q_proj", "o_proj"))
+    meta = json.loads((b / "secvec.json").read_text())  # b stands for a vector of the second behaviour
+    meta["behaviour"] = HALLUCINATION
+    (b / "secvec.json").write_text(json.dumps(meta))
     return {
         "a": write_random_vector(md, root / "a", seed=1, rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj")),
-        "b": write_random_vector(md, root / "b", seed=2, rank=2, alpha=8.0, targets=("q_proj", "o_proj")),
+        "b": b,
         "c": write_random_vector(md, root / "c", seed=3, rank=4, alpha=8.0, targets=("v_proj", "up_proj")),
         "other_weights": write_random_vector(root / "base_weights", root / "ow", seed=4,
                                              targets=("q_proj", "v_proj", "down_proj")),
@@ -233,8 +241,8 @@ def test_finetune_cli_with_two_vectors_lists_both_in_the_run_info(tiny_world, sm
     assert [r["path"] for r in recs] == [a, b]
     assert [sorted({m.rsplit(".", 1)[-1] for m in r["modules"]}) for r in recs] == [
         ["down_proj", "q_proj", "v_proj"], ["o_proj", "q_proj"]]
-    assert all(r["behaviour"] == {"name": "harm", "judges": None} and r["base_fingerprint"]["weights_sha256"]
-               for r in recs)
+    assert [r["behaviour"] for r in recs] == [{"name": "harm", "judges": None}, HALLUCINATION]
+    assert all(r["base_fingerprint"]["weights_sha256"] for r in recs)
     assert [v["path"] for v in info["security_vector_gate"]["per_vector"]] == [a, b]
     assert not [k for k in load_file(str(out / "final" / "model.safetensors")) if "secvec" in k]
 
