@@ -776,8 +776,8 @@ def _chat_tokens(tokenizer, sample: Sample, mode: str) -> tuple[list[int], list[
     """(ids, [start, end) token span of each supervised assistant turn, fell back).
 
     A template that marks its answers with {% generation %} blocks gives the spans itself (the
-    tokenizer's assistant mask). Otherwise each supervised turn k is located by rendering the conversation before it (with the
-    generation prompt) and through it. When every such prefix tokenizes to a prefix of the whole
+    tokenizer's assistant mask). Otherwise each supervised turn k is located by rendering the
+    conversation before it (with the generation prompt) and through it. When every such prefix tokenizes to a prefix of the whole
     conversation's tokens, the spans are those token positions. Otherwise, when the prefixes are
     prefixes of the text, the conversation is tokenized piece by piece at those boundaries (as a
     prompt is tokenized alone at inference). Otherwise the template renders earlier turns
@@ -785,14 +785,16 @@ def _chat_tokens(tokenizer, sample: Sample, mode: str) -> tuple[list[int], list[
     supervised, after the prompt the template renders for it, and the row counts as fallen back.
     """
     conv, where = sample.conversation, sample.where
-    full = _apply_template(tokenizer, conv, sample.tools, False, where)
-    for m in conv:
-        if m["role"] == "tool" and m["content"].strip() and m["content"].strip() not in full:
-            raise DataError(f"{where}: the chat template does not render tool messages; use one that does "
-                            "(data.chat_template) or remove the tool turns")
-    masked = _assistant_mask_tokens(tokenizer, sample, mode)
+    tools = [m["content"].strip() for m in conv if m["role"] == "tool" and m["content"].strip()]
+    full = _apply_template(tokenizer, conv, sample.tools, False, where) if tools else None
+    if any(t not in full for t in tools):
+        raise DataError(f"{where}: the chat template does not render tool messages; use one that does "
+                        "(data.chat_template) or remove the tool turns")
+    masked = _assistant_mask_tokens(tokenizer, sample, mode)  # renders the conversation itself
     if masked is not None:
         return masked[0], masked[1], False
+    if full is None:
+        full = _apply_template(tokenizer, conv, sample.tools, False, where)
     seen: dict[str, list[int]] = {}  # the last prefix is the whole conversation: tokenize each text once
 
     def encode(text: str) -> list[int]:

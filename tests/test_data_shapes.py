@@ -591,6 +591,11 @@ def test_generation_blocks_give_the_supervised_tokens(tmp_path):
     ex, _ = tokenize_sample(word_tokenizer(template(False)), row, DataConfig(train_on="all_assistant"))
     assert_tokens(word_tokenizer(), ex, "<|im_start|> user what is one <|im_end|> <|im_start|> assistant [: it is one "
                   "<|im_end|>] <|im_start|> user and two <|im_end|> <|im_start|> assistant [: it is two <|im_end|>]")
+    tok, renders = word_tokenizer(template(True)), []
+    real = type(tok).apply_chat_template
+    tok.apply_chat_template = lambda *a, **k: renders.append(k.get("tokenize")) or real(tok, *a, **k)
+    tokenize_sample(tok, row, DataConfig(train_on="all_assistant"))
+    assert len(renders) == 1  # the mask's own rendering only: each row is rendered once
 
 
 BPE_CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
