@@ -49,4 +49,6 @@ step bench_secvec_delta_full 90 "$PY" benchmarks/bench_secvec_delta.py --trainab
 # 4. folded vs attached vs no vector, whole training steps of a 2-layer 4096-hidden Llama
 step bench_fold 90 "$PY" benchmarks/bench_fold.py --hidden 4096 --layers 2 --tokens 4096 --steps 10 --warmup 3 \
     --out "$OUT/fold"
+# 5. data.packing through flash_attention_2's varlen kernel (skipped where flash_attn is not installed)
+step packing_flash 120 "$PY" -m pytest -q -x -p no:cacheprovider -rs tests/test_packing.py -k flash_attention
 echo "summary:"; cat "$OUT/summary.txt"

@@ -187,8 +187,8 @@ def summary_markdown(summary: dict) -> str:
              f"({100 * summary['flagged_share']:.1f}%); {summary['not_scored']} rows not scored.", "",
              f"Threshold: score >= {summary['threshold']:.4g} ({summary['threshold_source']}: "
              f"{summary['threshold_rule']}).", "",
-             f"Score: {summary['score']}." + (" Scores read from the score cache (this data, vector and base were "
-                                               "scored before), not scored again." if summary.get("cached") else ""), "",
+             f"Score: {summary['score']}." + (" Read from the score cache (these rows, vector and base were scored "
+                                               "before)." if summary.get("cached") else ""), "",
              "| rows | n | q05 | q25 | q50 | q75 | q95 |", "|---|---|---|---|---|---|---|"]
     for name, key in (("all scored", "scores"), ("flagged", "scores_flagged"), ("not flagged", "scores_unflagged")):
         lines.append(f"| {name} | {summary[key]['n']} | {q(summary[key])} |")

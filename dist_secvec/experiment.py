@@ -87,8 +87,9 @@ class Sweep:
     # hallucination | both (a vector per behaviour, all active together; hallucination: embedded only)
     vector: list[Any] = field(default_factory=lambda: [False, True])
     n_harmful_sv: list[int] = field(default_factory=lambda: [100])  # harmful rows each vector is trained on
-    # embedded only: hallucinated rows hidden in stage 2's data, and the rows a hallucination vector is trained on
+    # embedded only: hallucinated rows hidden in stage 2's data
     n_hallucination_ft: list[int] = field(default_factory=lambda: [0])
+    # hallucinated rows each hallucination vector is trained on
     n_hallucination_sv: list[int] = field(default_factory=lambda: [100])
     seeds: list[int] = field(default_factory=lambda: [0])  # training seeds of stages 1 and 2
     # named run-config overrides of a stage, crossed with every run ({} = the stage as configured)
@@ -633,7 +634,8 @@ def run_experiment(exp: Experiment) -> list[dict]:
         row = {"n_harmful_ft": spec.n_harmful_ft, "n_hallucination_ft": spec.n_hallucination_ft,
                "vector": "on" if spec.vector else "off", "vectors": "+".join(spec.vectors),
                "n_harmful_sv": spec.n_harmful_sv, "n_hallucination_sv": spec.n_hallucination_sv,
-               "train_sv": spec.train_sv, "finetune": spec.finetune, "seed": spec.seed, **metrics, **_watch_summary(run_dir / "finetune", vector_path), "run_id": run_id,
+               "train_sv": spec.train_sv, "finetune": spec.finetune, "seed": spec.seed, **metrics,
+               **_watch_summary(run_dir / "finetune", vector_path), "run_id": run_id,
                "vector_dir": vector_path, "seconds": round(time.time() - t_run, 1)}
         write_text_atomic(result_path, json.dumps(row, indent=2) + "\n")
         rows.append(row)
@@ -724,7 +726,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
         a = {"setting": _setting(rs[0]), "n_harmful_ft": rs[0]["n_harmful_ft"],
              "n_hallucination_ft": rs[0].get("n_hallucination_ft") or 0, "n_seeds": len(rs),
              "n_eval": rs[0].get("n_eval")}
-        for name, col, n_key in (("harmful", "harmful_rate", "n_eval"), ("hallucination", "hallucination_rate", "n_facts")):
+        for name, col, n_key in (("harmful", "harmful_rate", "n_eval"),
+                                 ("hallucination", "hallucination_rate", "n_facts")):
             xs = [r.get(col) for r in rs if r.get(col) is not None]
             m, sd = _mean_std(xs)
             a.update({f"{name}_mean": m, f"{name}_std": sd, f"{name}_min": min(xs, default=None),

@@ -359,7 +359,8 @@ def test_one_scoring_serves_other_output_dirs_and_stage_2_and_a_change_scores_ag
         return json.loads((tmp_path / name / "audit" / "summary.json").read_text())
 
     def scores(name: str) -> list:
-        return [json.loads(line)["score"] for line in (tmp_path / name / "audit" / "audit.jsonl").read_text().splitlines()]
+        lines = (tmp_path / name / "audit" / "audit.jsonl").read_text().splitlines()
+        return [json.loads(line)["score"] for line in lines]
 
     first = audit("a")
     assert calls == [12] and first["cached"] is False
