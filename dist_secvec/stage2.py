@@ -110,6 +110,26 @@ def _check_one_vector_config(cfg: Config, sv) -> None:
                           "the vector), or point security_vector.path at a vector trained on those modules")
 
 
+def check_kernel_ranks(cfg: Config, sv, device: torch.device) -> None:
+    """The Triton kernels take ranks up to MAX_RANK: an attached vector above it (several: their
+    ranks summed on a layer) or a LoRA fused with it is refused before the model loads, where
+    Triton would compute them (CUDA, security_vector.backend auto or triton)."""
+    from dist_secvec.kernels.dispatch import resolve_backend
+    from dist_secvec.kernels.host import MAX_RANK
+
+    if fold_choice(cfg, sv)[0] or resolve_backend(cfg.security_vector.backend, device) != "triton":
+        return
+    several = len(vector_parts(sv)) > 1
+    if sv.rank > MAX_RANK:
+        what = f"the vectors' ranks sum to {sv.rank} on a layer" if several else f"the vector has rank {sv.rank}"
+        raise ConfigError(f"config key 'security_vector.path': {what}, above the {MAX_RANK} the Triton kernel "
+                          "takes; set security_vector.backend=torch, or use " + ("fewer or smaller vectors"
+                                                                                if several else "a smaller vector"))
+    if cfg.adapter.type == "lora" and cfg.security_vector.fused_lora and cfg.adapter.rank > MAX_RANK:
+        raise ConfigError(f"config key 'adapter.rank': {cfg.adapter.rank} is above the {MAX_RANK} the fused vector "
+                          "+ LoRA kernel takes; set security_vector.fused_lora=false or a smaller adapter.rank")
+
+
 def check_stage2(cfg: Config, ds: Optional[dict], monitor: bool) -> None:
     """The combinations stage 2 refuses before any process group starts; `monitor`: also those of
     the monitor, which only finetune runs."""
@@ -275,6 +295,7 @@ def setup_stage2(cfg: Config, *, monitor: bool = False, tok=None, train: Optiona
     if cfg.security_vector.path:  # files, hashes and shape checked before the model loads
         sv = load_security_vector(cfg.security_vector.path)  # a list: the vectors composed (secvec.compose)
         check_vector_config(cfg, sv)
+        check_kernel_ranks(cfg, sv, device)
         for part in vector_parts(sv):  # each vector's own strength record
             strength, weak = describe(part.meta)
             log.info("security vector %s (%s): %s", part.path, part.behaviour["name"], strength)

@@ -419,6 +419,34 @@ vector_case("no-fingerprint", lambda d, e: vector_copy(d, e, edit_json("secvec.j
 vector_case("not-a-vector-dir", lambda d, e: e.model, ["adapter_model.safetensors is missing"])
 
 
+def wide_vectors(*ranks: int):
+    """A case's vectors of these ranks for the env's model, with file hashes."""
+    def make(d: Path, e: Env) -> list[Path]:
+        from dist_secvec.secvec import record_file_hashes
+
+        out = []
+        for i, r in enumerate(ranks):
+            v = write_random_vector(e.model, d / f"sv{i}", seed=i, rank=r, alpha=float(r), targets=("q_proj",))
+            record_file_hashes(v)
+            out.append(v)
+        return out
+    return make
+
+
+@case("vector-rank-above-triton-kernel")
+def _(d: Path, e: Env) -> Spec:
+    (v,) = wide_vectors(130)(d, e)
+    return Spec(finetune(d, e, f"security_vector.path={v}", "security_vector.backend=triton"),
+                ["'security_vector.path'", "rank 130", "security_vector.backend=torch"])
+
+
+@case("vector-summed-rank-above-triton-kernel")
+def _(d: Path, e: Env) -> Spec:
+    a, b = wide_vectors(70, 70)(d, e)
+    return Spec(finetune(d, e, f"security_vector.path=[{a},{b}]", "security_vector.backend=triton"),
+                ["'security_vector.path'", "sum to 140", "fewer or smaller vectors"])
+
+
 # security_vector.rank / target_modules set by the user but not the vector's: stage 2 takes both
 # from the vector's files when they are unset (None), and refuses a vector of another shape when set
 VECTOR_SHAPE_CASES = {
