@@ -224,7 +224,8 @@ def test_zero3_qlora_nf4_two_ranks(tiny_world, random_vector, tmp_path):
 @pytest.mark.slow
 def test_zero3_stop_at_step_k_then_resume_repeats_the_losses(full_ft, tiny_world, random_vector, tmp_path):
     _, uninterrupted = full_ft
-    cfg = base_cfg(tiny_world, random_vector, tmp_path, checkpoint={"every_steps": 2, "keep": 2})
+    cfg = base_cfg(tiny_world, random_vector, tmp_path, checkpoint={"every_steps": 2, "keep": 2},
+                   security_vector=GATED)  # resume skips whole steps of the grouped rows
     first = launch(2, cfg, tmp_path / "a", env={"PROBE_STOP_AT_STEP": "3"})
     assert "stopped at step 3" in first["stopped"]
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
@@ -234,6 +235,30 @@ def test_zero3_stop_at_step_k_then_resume_repeats_the_losses(full_ft, tiny_world
     assert len(resumed["losses"]) == STEPS
     assert resumed["losses"][3:] == pytest.approx(uninterrupted["losses"][3:], rel=1e-6, abs=1e-7)
     assert resumed["losses"][:3] == pytest.approx(uninterrupted["losses"][:3], rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.slow
+def test_zero3_two_vectors_two_ranks_follow_the_plain_loop(tiny_world, random_vector, tmp_path):
+    """Two vectors composed (one on q/v/down, one on q/o) under ZeRO-3 on two ranks, gated per
+    vector: the run info lists both with their modules, the gate counts each vector's rows, and the
+    losses are those of one plain process on the same global batches."""
+    from conftest import write_random_vector
+    from dist_secvec.config import load_config
+    from dist_secvec.finetune import run_finetune
+
+    second = write_random_vector(tiny_world.model_dir, tmp_path / "sv2", seed=1, targets=("q_proj", "o_proj"))
+    paths = [str(random_vector), str(second)]
+    cfg = base_cfg(tiny_world, random_vector, tmp_path, security_vector={"path": paths, **GATED})
+    probe = launch(2, cfg, tmp_path / "two")
+    info = probe["info"]
+    assert [v["path"] for v in info["security_vectors"]] == paths
+    assert [v["modules"][0].rsplit(".", 1)[-1] for v in info["security_vectors"]] == ["down_proj", "o_proj"]
+    assert [p["path"] for p in info["security_vector_gate"]["per_vector"]] == paths
+    plain = dict(cfg, deepspeed={}, output_dir=str(tmp_path / "plain"), optim={**cfg["optim"], "micro_batch_size": 4})
+    (tmp_path / "plain.yaml").write_text(yaml.safe_dump(plain))
+    res = run_finetune(load_config(str(tmp_path / "plain.yaml")))
+    assert res.info["security_vector_gate"] == info["security_vector_gate"]
+    assert res.losses == pytest.approx(probe["losses"], rel=2e-5)
 
 
 # ---------------------------------------------------------------------------------------------
