@@ -75,7 +75,7 @@ def reference_record(model, sets: dict, pad_id: int, device, batch_size: int, ve
     rec: dict = {"score": SCORE_DEFINITION}
     for name, examples in sets.items():
         if examples:
-            # stage 1 trains on rank 0 alone: no collective
+            # every rank of stage 1 scores every row itself (the same forwards in step under ZeRO-3)
             off, on = score_rows(model, examples, pad_id, device, batch_size, vector_off, collective=False)
             rec[name] = quantiles([score(f, a) for f, a in zip(off, on)])
     t = threshold_from_record(rec)

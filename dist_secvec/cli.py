@@ -239,7 +239,7 @@ def _run(args) -> int:
     elif args.command == "train-sv":
         from dist_secvec.train_sv import run_train_sv
 
-        res = run_train_sv(cfg)
+        res = run_train_sv(cfg, use_deepspeed=True)
         log.info("vector written to %s", res.vector_dir)
     elif args.command == "finetune":
         from dist_secvec.finetune import run_finetune

@@ -166,7 +166,7 @@ class OptimConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    zero_stage: Optional[int] = None  # None = no DeepSpeed (single process, plain torch)
+    zero_stage: Optional[int] = None  # ZeRO stage 0-3, train-sv and finetune alike; None = no DeepSpeed (plain torch)
     config: Any = None  # path to a DeepSpeed JSON file, or an inline mapping
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer states in CPU memory
     offload_param: bool = False  # ZeRO-3: parameters in CPU memory between uses
@@ -838,6 +838,9 @@ def _check_behaviour(sv: SecurityVectorConfig) -> None:
     if name != "harm" and sv.judges is None:
         raise ConfigError(f"config key 'security_vector.judges': the behaviour {name!r} needs the judges that decide "
                           "whether an answer shows it (refusal decides harm); set security_vector.judges")
+    if "correctness" in (sv.judges or []):
+        raise ConfigError("config key 'security_vector.judges': correctness compares answers with expected answers, "
+                          "which stage 1's rows lack; name a rule module:function that knows the right answers")
 
 
 # What optim.lr / optim.epochs mean when unset. Stage 1 trains ~1k parameters per layer on ~100

@@ -211,19 +211,15 @@ def gathered(params: list, modifier_rank: Optional[int] = None) -> Iterator[None
 
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Sum over ranks (identity in one process)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64)
-    if torch.cuda.is_available() and dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    return t.cpu().tolist()
+    return _collective(values, lambda t, dist: dist.all_reduce(t))
 
 
 def from_rank0(values: list[float]) -> list[float]:
     """Rank 0's values on every rank (identity in one process): a decision all ranks must share."""
+    return _collective(values, lambda t, dist: dist.broadcast(t, 0))
+
+
+def _collective(values: list[float], op) -> list[float]:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -231,7 +227,7 @@ def from_rank0(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     if torch.cuda.is_available() and dist.get_backend() == "nccl":
         t = t.cuda()
-    dist.broadcast(t, 0)
+    op(t, dist)
     return t.cpu().tolist()
 
 

@@ -27,7 +27,7 @@ from dist_secvec.config import Config, resolve_stage_defaults
 from dist_secvec.data import TokenizedSet, load_samples, tokenize_samples
 from dist_secvec.distributed import (DeepSpeedEngine, PlainEngine, all_reduce_sum, ds_config, gathered,
                                      init_distributed, label_tokens, loss_weight, micro_loss, numel, partition_report,
-                                     rank_batches, uses_deepspeed, zero_stage)
+                                     partitioned_loading, rank_batches, uses_deepspeed, zero_stage)
 from dist_secvec.errors import ConfigError, SecurityVectorError, UserError
 from dist_secvec.model import add_trainable_adapter, attn_implementation, load_model, load_tokenizer
 from dist_secvec.secvec import (PROBE_FILE, PathOptions, attach_security_vector, check_fingerprint, describe_paths,
@@ -327,13 +327,7 @@ def setup_stage2(cfg: Config, *, monitor: bool = False, tok=None, train: Optiona
                      "" if not cfg.security_vector.path else ", and the vector has no probe.jsonl")
         evalset = monitor_set(tok, eval_rows, cfg, "eval data")
 
-    hf_ds = None
-    if stage == 3 and cfg.model.quantization == "none":
-        # from_pretrained partitions 16-bit weights while loading: no rank holds the whole model.
-        # (transformers loads a bitsandbytes base whole on each rank; deepspeed.initialize partitions it)
-        from transformers.integrations import HfDeepSpeedConfig
-
-        hf_ds = HfDeepSpeedConfig(ds)  # must stay alive while the model is in use
+    hf_ds = partitioned_loading(ds, cfg.model.quantization)  # ZeRO-3: no rank loads the whole 16-bit model
     model = load_model(cfg.model, device, for_training=True)
     model = add_trainable_adapter(model, cfg.adapter)
     if cfg.data.packing:

@@ -145,7 +145,7 @@ def score_rows(model, examples: list[dict], pad_id: int, device, batch_size: int
     sorted order, so all ranks get batches of about the same width, and the results are summed over
     ranks (collective: every rank runs the same number of forwards, as ZeRO-3 needs). `progress`:
     runtime.progress's keyword arguments for a bar over the batches (rank 0 shows it).
-    collective=False: this process scores every row alone (stage 1 runs on rank 0 only)."""
+    collective=False: this process scores every row alone (stage 1: one process, or every rank in step)."""
     keep_ok = _logits_to_keep_ok(model)
 
     def score(b: dict, n: int) -> list[list[float]]:

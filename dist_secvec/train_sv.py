@@ -21,11 +21,12 @@ or weak. The held-out rows are saved with the vector (probe.jsonl): stage 2 watc
 with the vector off.
 
 In one process by default (under a launcher, rank 0 alone). With deepspeed.zero_stage or
-deepspeed.config every rank trains, through stage 2's pieces (dist_secvec.distributed): the
-DeepSpeed engine, each rank a slice of the behaviour's and the benign rows, ZeRO-3 partitioning
-the base while it loads, so a base too large for one GPU trains its vector over several. Every
-rank runs the measurements (under ZeRO-3 each forward is collective) and rank 0's held-out loss
-decides the early stop; rank 0 alone logs and writes, the vector gathered whole.
+deepspeed.config the train-sv command trains on every rank with stage 2's pieces
+(dist_secvec.distributed): the DeepSpeed engine, each rank a slice of the behaviour's and the
+benign rows, every loss term a token mean over the global batch, and ZeRO-3 partitioning the base
+while it loads, so a base too large for one GPU trains its vector over several. Every rank runs
+the measurements (under ZeRO-3 each forward is collective), rank 0's held-out loss decides the
+early stop, and rank 0 alone logs and writes, the vector gathered whole.
 """
 
 from __future__ import annotations
@@ -97,7 +98,10 @@ def vector_shift(model, examples, pad_id, device, batch_size=16) -> dict:
             "n": len(examples)}
 
 
-def run_train_sv(cfg: Config) -> TrainSVResult:
+def run_train_sv(cfg: Config, use_deepspeed: bool = False) -> TrainSVResult:
+    """use_deepspeed: train on every rank under DeepSpeed when deepspeed.zero_stage or deepspeed.config
+    asks (the train-sv command). False: one process, as the demo and the experiment runner run stage
+    1 on rank 0 alone inside their own jobs (their deepspeed keys are for stage 2)."""
     # ---- setup: tokenizer, the behaviour's + benign data, frozen base with a trainable vector
     from peft import get_peft_model
 
@@ -109,7 +113,7 @@ def run_train_sv(cfg: Config) -> TrainSVResult:
     sv_cfg = cfg.security_vector
     word = rows_word(sv_cfg.behaviour)  # how logs and record keys name the behaviour's rows
     # DeepSpeed only when asked for; what it cannot do is refused before any process group or load
-    use_ds = uses_deepspeed(cfg, several_ranks=False)
+    use_ds = use_deepspeed and uses_deepspeed(cfg, several_ranks=False)
     ds = ds_config(cfg, runtime.world_size()) if use_ds else None
     if ds is not None:
         from dist_secvec.stage2 import check_stage2
@@ -154,7 +158,7 @@ def run_train_sv(cfg: Config) -> TrainSVResult:
 
     steps = total_steps(len(harmful.examples), cfg.optim, world)
     optimizer, scheduler = build_optimizer(params, cfg.optim, steps)
-    mb, ga, pad_id = cfg.optim.micro_batch_size, cfg.optim.gradient_accumulation_steps, tok.pad_token_id
+    mb, pad_id = cfg.optim.micro_batch_size, tok.pad_token_id
     gen = torch.Generator().manual_seed(cfg.seed)
     engine, partition = None, None
     if use_ds:
@@ -372,7 +376,7 @@ def deepspeed_step(engine, model, harm_batches, benign_batches, cfg: Config, wor
             with torch.no_grad(), model.disable_adapter():
                 off = model(input_ids=ids[nh:], attention_mask=att[nh:], output_hidden_states=hidden)
         res = engine(input_ids=ids, attention_mask=att, labels=batch["labels"], output_hidden_states=hidden and benign)
-        ce = res.loss if c else res.logits.sum() * 0  # no label token (rows cut to their prompt): the forward still runs
+        ce = res.loss if c else res.logits.sum() * 0  # no label token (rows cut to their prompt): 0, forward run
         loss = ce * loss_weight(c, world, tot_ce)
         kl = hid = torch.zeros((), device=ce.device)
         if benign:
@@ -396,9 +400,10 @@ def check_train_sv_zero(cfg: Config, ds: dict) -> None:
     """What stage 1 cannot do under DeepSpeed, refused before any process group or load (stage 2's
     own refusals, dist_secvec.stage2.check_stage2, apply too)."""
     if zero_stage(ds) == 3 and cfg.model.quantization in ("nf4", "fp4") and not torch.cuda.is_available():
-        raise ConfigError(f"config key 'model.quantization': the strength check generates from the {cfg.model.quantization} "
-                          "base, which bitsandbytes repacks for inference on a CPU and cannot while ZeRO-3 partitions "
-                          "it; train the vector on GPUs, with ZeRO stage 0-2, or with model.quantization=none")
+        raise ConfigError(f"config key 'model.quantization': after training, stage 1 measures and generates with "
+                          f"the {cfg.model.quantization} base in inference mode, for which bitsandbytes repacks 4-bit "
+                          "weights on a CPU, which a ZeRO-3 partition cannot hold; train the vector on GPUs, with ZeRO "
+                          "stage 0-2, or with model.quantization=none")
 
 
 def hidden_shift(on: tuple, off: tuple, mask: torch.Tensor) -> torch.Tensor:
