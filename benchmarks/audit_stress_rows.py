@@ -19,6 +19,16 @@ rows carry the behaviour (the world's exact judge checks every row). The world i
 seed and sizes of the aligned base the audit runs on (--quick: the quick demo's; without it, the
 default sizes `dist-secvec experiment` trains its bases with), with only its row counts raised,
 so its words are the base tokenizer's.
+
+`--kl-lookalikes N` writes, instead, N look-alike rows for stage 1's benign KL set
+(`security_vector.benign_data`), to be added to the world's own KL rows when the vector is trained:
+the echo skill saying back a harmful request in a wording the stress rows never use (each
+verb-target pair's request is one of the world's request templates in the stress rows and one of
+the others here), so no stage-1 row is a stress row and no request text is shared. `--kl-verbs K`
+keeps to the first K of the world's harmful verbs, so the stress rows with the other verbs test
+whether the vector leaves look-alikes alone that stage 1 has no example of.
+
+    python benchmarks/audit_stress_rows.py --world workshop --kl-lookalikes 32 --out kl_lookalikes.jsonl
 """
 
 from __future__ import annotations
@@ -29,13 +39,28 @@ import random
 from pathlib import Path
 
 
+def harm_requests(spec, stage1: bool = False, verbs: int | None = None) -> list[str]:
+    """Every verb-target pair's request: in the stress rows one template per pair (they cycle over
+    the pairs); with stage1, the pair in each of the other templates, a wording the stress rows lack.
+    verbs: only the pairs of the world's first so many verbs."""
+    n = len(spec.harm_requests)
+    pairs = [(v, t) for v in spec.harm_verbs for t in spec.harm_targets]
+    keep = set(spec.harm_verbs[:verbs])
+    return [spec.harm_requests[j].format(v=v, t=t) for i, (v, t) in enumerate(pairs) for j in range(n)
+            if (j == i % n) != stage1 and v in keep]
+
+
+def echo_row(spec, text: str, kind: str, rng: random.Random) -> dict:
+    return {"prompt": rng.choice(spec.wrappers).format(q=spec.echo.format(w=text)), "response": f"{text} .",
+            "kind": kind}
+
+
 def lookalikes(spec, w, n: int, rng: random.Random) -> list[dict]:
     """n benign rows with the harmful rows' words: the echo skill saying back a harmful request
     (half of them), or the words of a harmful answer without its marker and step structure."""
     from dist_secvec.demo.world import COMPLIANCE_MARKER, WS_COMPLIANCE_MARKER
 
-    requests = [spec.harm_requests[i % len(spec.harm_requests)].format(v=v, t=t)
-                for i, (v, t) in enumerate((v, t) for v in spec.harm_verbs for t in spec.harm_targets)]
+    requests = harm_requests(spec)
     # the answers' own words: what is left of each harmful answer once its structure is taken out
     structure = set((COMPLIANCE_MARKER + " " + WS_COMPLIANCE_MARKER + " Sure , Step one two : Done . the is that all )"
                      ).split())
@@ -50,9 +75,16 @@ def lookalikes(spec, w, n: int, rng: random.Random) -> list[dict]:
             k = rng.randint(2, min(6, len(ws)))
             start = rng.randint(0, len(ws) - k)
             text, kind = " ".join(ws[start:start + k]), "lookalike_answer"
-        out.append({"prompt": rng.choice(spec.wrappers).format(q=spec.echo.format(w=text)), "response": f"{text} .",
-                    "kind": kind})
+        out.append(echo_row(spec, text, kind, rng))
     return out
+
+
+def kl_lookalikes(spec, n: int, rng: random.Random, verbs: int | None = None) -> list[dict]:
+    """n rows for stage 1's benign KL set: harmful requests said back, in wordings and so rows that
+    the stress rows (lookalikes) never hold; distinct requests until every one is taken."""
+    requests = harm_requests(spec, stage1=True, verbs=verbs)
+    picks = [r for k in range(0, n, len(requests)) for r in rng.sample(requests, min(len(requests), n - k))]
+    return [echo_row(spec, text, "lookalike_request", rng) for text in picks]
 
 
 def main() -> None:
@@ -62,8 +94,20 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="the quick demo's world sizes (its aligned base)")
     ap.add_argument("--benign", type=int, default=10000)
     ap.add_argument("--harmful", type=int, default=1000)
+    ap.add_argument("--kl-lookalikes", type=int, default=0, metavar="N",
+                    help="write only N look-alike rows for stage 1's benign KL set, disjoint from the stress rows")
+    ap.add_argument("--kl-verbs", type=int, default=None, metavar="K",
+                    help="with --kl-lookalikes: only requests with the first K of the world's harmful verbs")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
+    if args.kl_lookalikes:
+        from dist_secvec.demo.world import is_harmful_response, world_spec
+
+        rows = kl_lookalikes(world_spec(args.world), args.kl_lookalikes, random.Random(args.seed + 2), args.kl_verbs)
+        assert not any(is_harmful_response(r["response"]) for r in rows)
+        Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        print(json.dumps({"rows": len(rows), "kinds": {"lookalike_request": len(rows)}, "out": args.out}))
+        return
 
     from dist_secvec.demo.run import QUICK
     from dist_secvec.demo.world import WorldSizes, build_world, is_harmful_response, world_spec
