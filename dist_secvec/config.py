@@ -332,8 +332,9 @@ class Config:
 
 # keys that no longer exist: what to set instead
 RETIRED = {
-    "data.mask_prompt": "no longer exists: set data.train_on instead (all = loss on every token, as "
-                        "mask_prompt=false; the default all_assistant masks the prompts)",
+    "data.mask_prompt": "no longer exists and here disagrees with data.train_on: remove it and set data.train_on "
+                        "(all = loss on every token, as mask_prompt=false; the default all_assistant masks the "
+                        "prompts)",
 }
 
 CHOICES = {
@@ -428,6 +429,12 @@ def _coerce(value: Any, tp: Any, key: str, what: str = "config") -> Any:
     raise ConfigError(f"{what} key '{key}': unsupported type {tp}")  # a bug, not a user error
 
 
+def _mask_prompt_agrees(value: Any, train_on: Any) -> bool:
+    """The retired data.mask_prompt names what data.train_on now decides: true = the prompts
+    masked (all_assistant, last_assistant), false = loss on every token (all)."""
+    return isinstance(value, bool) and value == (train_on != "all")
+
+
 def build(cls: type, data: Any, prefix: str = "", what: str = "config") -> Any:
     """The dataclass `cls` from a YAML mapping, every key checked against its fields and types:
     one ConfigError naming the "<what> key" otherwise (run configs, experiment files)."""
@@ -439,6 +446,8 @@ def build(cls: type, data: Any, prefix: str = "", what: str = "config") -> Any:
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
+        if full == "data.mask_prompt" and _mask_prompt_agrees(value, data.get("train_on", "all_assistant")):
+            continue  # a config.yaml saved before the key was retired: it says what data.train_on says
         if full in RETIRED:
             raise ConfigError(f"{what} key '{full}': {RETIRED[full]}")
         if key not in names:

@@ -307,13 +307,24 @@ def test_chat_template_masks_exactly_the_assistant_turns(chatml, train_on):
     assert not truncated
 
 
-@pytest.mark.parametrize("value", ["false", "true"])
-def test_mask_prompt_is_refused_naming_train_on(value):
+@pytest.mark.parametrize("overrides", [["data.mask_prompt=false"], ["data.mask_prompt=true", "data.train_on=all"],
+                                       ["data.mask_prompt=maybe"]])
+def test_mask_prompt_is_refused_naming_train_on(overrides):
     with pytest.raises(ConfigError) as e:
-        load_config(None, [f"data.mask_prompt={value}"])
+        load_config(None, overrides)
     msg = str(e.value)
     assert "'data.mask_prompt'" in msg and "data.train_on" in msg and "\n" not in msg
     assert e.value.exit_code == 2
+
+
+@pytest.mark.parametrize("mask, train_on", [(True, "all_assistant"), (True, "last_assistant"), (False, "all")])
+def test_a_saved_config_with_an_agreeing_mask_prompt_still_loads(tmp_path, mask, train_on):
+    """config.yaml files written before data.mask_prompt was retired hold it beside data.train_on."""
+    import yaml
+
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump({"data": {"mask_prompt": mask, "train_on": train_on}}))
+    assert load_config(str(path)).data.train_on == train_on
 
 
 def test_tool_turns_rendered_and_only_assistant_turns_supervised(tmp_path, chatml):
