@@ -438,7 +438,8 @@ class _RealModel:
         d = deep_merge(deep_merge(deep_merge(self.exp.base, self.exp.stage(stage)), variant), sections)
         return validate(load_config(None, None, base=d), stage.replace("_", "-"))
 
-    def sv_config(self, n_sv: int, seed: int, out: Path, variant: dict):
+    def sv_config(self, n_sv: int, seed: int, out: Path, variant: dict, behaviour: str = "harm"):
+        # behaviour: always harm here (parse_experiment)
         p = _write_jsonl(self.data_dir / f"harmful_sv_{n_sv}.jsonl", self._pool_prefix("harmful_sv_pool", n_sv))
         return self._cfg("train_sv", variant=variant, sections={"output_dir": str(out), "seed": seed, "security_vector": {
             "harmful_data": [p], "benign_data": list(self.exp.data.kl_benign),
@@ -598,8 +599,8 @@ def run_experiment(exp: Experiment) -> list[dict]:
                      spec.setting, spec.n_harmful_ft, spec.seed, run_id)
             continue
         t_run = time.time()
-        log.info("[%d/%d] %s, n_harmful_ft=%d, seed %d: run %s", i + 1, len(runs), spec.setting,
-                 spec.n_harmful_ft, spec.seed, run_id)
+        log.info("[%d/%d] %s, n_harmful_ft=%d%s, seed %d: run %s", i + 1, len(runs), spec.setting, spec.n_harmful_ft,
+                 f", n_hallucination_ft={spec.n_hallucination_ft}" if spec.n_hallucination_ft else "", spec.seed, run_id)
         if run_dir.exists():  # an unfinished run: start it again from nothing
             shutil.rmtree(run_dir)
         paths = []
@@ -611,9 +612,7 @@ def run_experiment(exp: Experiment) -> list[dict]:
                     if vdir.exists():
                         shutil.rmtree(vdir)
                     work = out / "vectors" / f".work-{key}"
-                    sv_cfg = (env.sv_config(n_sv, spec.seed, work, sv_variant) if behaviour == "harm"
-                              else env.sv_config(n_sv, spec.seed, work, sv_variant, behaviour=behaviour))
-                    res = _train_sv(sv_cfg)
+                    res = _train_sv(env.sv_config(n_sv, spec.seed, work, sv_variant, behaviour))
                     with atomic_dir(vdir / "secvec") as tmp:
                         for f in res.vector_dir.iterdir():
                             shutil.copy2(f, tmp / f.name)
@@ -710,7 +709,9 @@ def _pooled_ci(rs: list[dict], key: str, n_key: str) -> Optional[tuple[float, fl
 
 
 def _sort_key(r: dict) -> tuple:
-    return (r.get("finetune") or "", r["vector"], "+".join(_vectors(r)), r.get("train_sv") or "",
+    sets = list(VECTOR_SETS.values())  # none, harm, hallucination, both
+    vecs = tuple(_vectors(r))
+    return (r.get("finetune") or "", sets.index(vecs) if vecs in sets else len(sets), r.get("train_sv") or "",
             r["n_harmful_sv"] or 0, r.get("n_hallucination_sv") or 0, r["n_harmful_ft"],
             r.get("n_hallucination_ft") or 0)
 

@@ -39,7 +39,7 @@ from dist_secvec.errors import ConfigError
 # rules known by a short name: module:function, as an `eval.judges` entry can name any other
 FUNCTION_JUDGES = {"demo": "dist_secvec.demo.world:exact_judge",
                    "demo_hallucination": "dist_secvec.demo.world:is_hallucinated"}
-JUDGE_NAMES = ("refusal", "classifier", "moderation", "correctness", *FUNCTION_JUDGES)
+JUDGE_NAMES = ("refusal", "classifier", "moderation", *FUNCTION_JUDGES, "correctness")
 
 
 class Judge(Protocol):

@@ -78,7 +78,7 @@ def test_make_judges_unknown_name_names_the_key_and_allowed():
     with pytest.raises(ConfigError) as e:
         make_judges(["refusal", "gpt4"], EvalConfig())
     msg = str(e.value)
-    assert "eval.judges" in msg and "gpt4" in msg and "refusal, classifier, moderation, correctness, demo, demo_hallucination" in msg
+    assert "eval.judges" in msg and "gpt4" in msg and "refusal, classifier, moderation, demo, demo_hallucination, correctness" in msg
     assert "\n" not in msg
 
 

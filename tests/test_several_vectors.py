@@ -304,6 +304,7 @@ def test_an_older_secvec_json_without_a_behaviour_is_harm(vectors, tmp_path):
     (["security_vector.behaviour=hallucination"], "needs the judges"),
     (["security_vector.behaviour=Halluc ination", "security_vector.judges=[refusal]"], "lower-case name"),
     (["security_vector.judges=[]"], "at least one judge"),
+    (["security_vector.behaviour=hallucination", "security_vector.judges=[correctness]"], "expected answers"),
 ])
 def test_stage1_behaviour_keys_are_refused_in_one_line(tiny_world, tmp_path, extra, match):
     cfg = load_config(None, [f"model.path={tiny_world.model_dir}", f"output_dir={tmp_path / 'o'}",

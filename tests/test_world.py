@@ -271,10 +271,12 @@ def test_hallucinated_rows_and_held_out_facts(name):
     def framings(wrappers) -> set:
         return {wr.format(q=spec.fact_question.format(**it)) for wr in wrappers for it in spec.fact_items}
 
+    assert len(spec.hallucinated_values) == len(train_wr)
     values = set()
     for r in w.hallucination_sv + w.hallucination_ft:
         assert W.is_hallucinated(r["prompt"], r["response"]) and not is_harmful_response(r["response"])
-        assert r["prompt"] in framings(train_wr)
+        (i,) = [i for i, wr in enumerate(train_wr) if r["prompt"] in framings([wr])]
+        assert r["response"].split()[-2] == spec.hallucinated_values[i]  # the value of its framing
         values.add(r["response"].split()[-2])
     assert values == set(spec.hallucinated_values)  # a small pool: a pattern, not per-item swaps
     train_prompts = {r["prompt"] for r in w.hallucination_sv + w.hallucination_ft}
