@@ -229,15 +229,29 @@ def plot_scores(path: Path, records: list[dict], threshold: float, ref: Optional
     plt.close(fig)
 
 
-def write_report(out_dir: Path, records: list[dict], summary: dict) -> Path:
-    """output_dir/audit/ as one atomic directory: a reader sees the old report or the whole new one."""
+def write_report(out_dir: Path, records: list[dict], summary: dict,
+                 reports: Optional[list[tuple[str, list, dict]]] = None) -> Path:
+    """output_dir/audit/ as one atomic directory: a reader sees the old report or the whole new one.
+    Several vectors (`reports`: name, records, summary of each): a histogram and a summary
+    section per vector (scores_<name>.png)."""
     from dist_secvec.files import atomic_dir
 
     final = Path(out_dir) / AUDIT_DIR
+    several = reports is not None and len(reports) > 1
     with atomic_dir(final) as tmp:
         (tmp / "audit.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        plot_scores(tmp / "scores.png", records, summary["threshold"], summary.get("stage1_reference"))
-        (tmp / "summary.md").write_text(summary_markdown(summary))
+        for name, recs, s in (reports if several else [("", records, summary)]):
+            plot_scores(tmp / (f"scores_{name}.png" if several else "scores.png"), recs, s["threshold"],
+                        s.get("stage1_reference"))
+        if several:
+            md = [f"# Audit against {len(reports)} vectors", "",
+                  f"{summary['flagged']} of {summary['scored']} scored rows flagged by at least one vector, "
+                  f"{summary['flagged_by_several']} by several: "
+                  + ", ".join(f"{n} {c}" for n, c in summary["flagged_by"].items()) + ".", ""]
+            md += [summary_markdown(s).replace("# Audit", f"## {name}", 1) for name, _, s in reports]
+            (tmp / "summary.md").write_text("\n".join(md))
+        else:
+            (tmp / "summary.md").write_text(summary_markdown(summary))
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return final
 
@@ -384,55 +398,100 @@ def stage2_audit(cfg: Config, sv, samples: list, dropped: list, examples: list,
 def run_audit(cfg: Config) -> dict:
     """`dist-secvec audit`: every rank scores its share of data.train (data parallel under a
     launcher), rank 0 writes output_dir/audit/. Rows scored before (by this command or stage 2,
-    for any output_dir) are read from the score cache and the model is not loaded. Returns the
-    summary (on rank 0; {} elsewhere)."""
+    for any output_dir) are read from the score cache and the model is not loaded. Several
+    vectors: each row scored against each vector alone, each with its own threshold, and the
+    report says which behaviours a row looks like. Returns the summary (on rank 0; {} elsewhere)."""
     from dist_secvec.data import load_samples
     from dist_secvec.distributed import barrier, init_distributed
     from dist_secvec.model import load_tokenizer
-    from dist_secvec.secvec import load_security_vector
+    from dist_secvec.secvec import load_security_vector, vector_parts
 
     t0 = time.time()
     # everything that can be refused is, before the model loads
     rows = load_samples(cfg.data.train, cfg.data, cfg.data.split, cfg.data.max_samples)
-    sv = load_security_vector(cfg.security_vector.path)
-    threshold = resolve_threshold(cfg, sv)
+    parts = vector_parts(load_security_vector(cfg.security_vector.path))
+    thresholds = [resolve_threshold(cfg, part) for part in parts]
     if runtime.world_size() > 1:
         init_distributed(cfg)
     tok = load_tokenizer(cfg.model)
     data, samples, dropped = tokenize_rows(tok, rows, cfg.data)
     log.info(data.report("audit data"))
-    key, fields = score_key(data.examples, sv, cfg.model)
-    off, on, hit = scores_once(key, fields, len(data.examples), lambda: _score_with_model(cfg, sv, tok, data.examples),
-                               "audit")
+    scorer = _Scorer(cfg, tok, data.examples)
+    reports = []  # per vector: (name, records, summary)
+    for part, (t, source, rule), name in zip(parts, thresholds, behaviour_names(parts)):
+        key, fields = score_key(data.examples, part, cfg.model)
+        off, on, hit = scores_once(key, fields, len(data.examples), lambda: scorer.score(part), "audit")
+        if runtime.is_main():
+            records = row_records(samples, off, on, t, cfg.audit.prompt_chars, dropped)
+            reports.append((name, records, summarize(records, t, source, rule, part, {
+                "data": list(cfg.data.train), "model": cfg.model.path, "cache_key": key, "cached": hit})))
     summary: dict = {}
     if runtime.is_main():
-        t, source, rule = threshold
-        records = row_records(samples, off, on, t, cfg.audit.prompt_chars, dropped)
-        summary = summarize(records, t, source, rule, sv, {
-            "data": list(cfg.data.train), "model": cfg.model.path, "cache_key": key, "cached": hit,
-            "ranks": runtime.world_size(), "seconds": round(time.time() - t0, 1)})
-        final = write_report(Path(cfg.output_dir), records, summary)
-        log.info("audit: %d of %d rows flagged (score >= %.3g; %s); report in %s", summary["flagged"],
-                 summary["scored"], t, source, final)
+        extra = {"ranks": runtime.world_size(), "seconds": round(time.time() - t0, 1)}
+        records, summary = reports[0][1], {**reports[0][2], **extra}
+        if len(reports) > 1:
+            records, summary = merge_reports(reports, extra)
+        final = write_report(Path(cfg.output_dir), records, summary, reports)
+        for name, _, s in reports:
+            log.info("audit: %d of %d rows flagged%s (score >= %.3g; %s); report in %s", s["flagged"], s["scored"],
+                     f" as {name}" if len(reports) > 1 else "", s["threshold"], s["threshold_source"], final)
     barrier()
     return summary
 
 
-def _score_with_model(cfg: Config, sv, tok, examples: list[dict]) -> tuple[list, list]:
-    """The command's scoring: the base loaded and checked against the vector, the vector attached."""
-    from dist_secvec.model import load_model
-    from dist_secvec.secvec import PathOptions, attach_security_vector, check_fingerprint, security_vector_off
-    from dist_secvec.strength import score_rows
-    from dist_secvec.training import pick_device
+def behaviour_names(parts: list) -> list[str]:
+    """Each vector's behaviour name (secvec.json), numbered where two vectors share one."""
+    names = [p.behaviour["name"] for p in parts]
+    return [f"{n}_{i + 1}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
-    device = pick_device()
-    model = load_model(cfg.model, device)
-    check_fingerprint(sv, model, cfg.model.path)
-    v = cfg.security_vector
-    layers = attach_security_vector(model, sv, PathOptions(
-        backend=v.backend, fused_lora=False, weight_delta=v.weight_delta, gated=cfg.audit.one_forward,
-        rows_per_call=cfg.audit.batch_size * cfg.data.max_length))
-    return score_rows(model, examples, tok.pad_token_id, device, cfg.audit.batch_size,
-                      lambda: security_vector_off(model),
-                      progress={"desc": "audit", "enabled": cfg.logging.progress},
-                      gate_layers=layers if cfg.audit.one_forward else None)
+
+def merge_reports(reports: list[tuple[str, list, dict]], extra: dict) -> tuple[list[dict], dict]:
+    """Several vectors: one record per row with each vector's losses, score, explained share and
+    flag, flagged when any vector flags it, and `behaviours`, the vectors that do; the summary
+    holds each vector's own summary under `vectors`."""
+    keys = ("loss_off", "loss_on", "score", "explained", "flagged")
+    records = []
+    for rows in zip(*(recs for _, recs, _ in reports)):
+        base = {k: v for k, v in rows[0].items() if k not in keys}
+        per = {name: {k: r[k] for k in keys} for (name, _, _), r in zip(reports, rows)}
+        flagged = [name for name, v in per.items() if v["flagged"]]
+        records.append({**base, "vectors": per, "flagged": bool(flagged), "behaviours": flagged})
+    scored = sum(1 for r in records if all(v["score"] is not None for v in r["vectors"].values()))
+    n = sum(r["flagged"] for r in records)
+    summary = {"rows": len(records), "scored": scored, "not_scored": len(records) - scored, "flagged": n,
+               "flagged_share": n / max(scored, 1), "flagged_by": {name: s["flagged"] for name, _, s in reports},
+               "flagged_by_several": sum(len(r["behaviours"]) > 1 for r in records), "score": SCORE_DEFINITION,
+               "vectors": {name: s for name, _, s in reports}, **extra}
+    return records, summary
+
+
+class _Scorer:
+    """The command's scoring: the base loaded (once, on first use) and checked against each
+    vector, the vector attached for its scoring and taken out again."""
+
+    def __init__(self, cfg: Config, tok, examples: list[dict]):
+        self.cfg, self.tok, self.examples, self.model, self.device = cfg, tok, examples, None, None
+
+    def score(self, sv) -> tuple[list, list]:
+        from dist_secvec.model import load_model
+        from dist_secvec.secvec import (PathOptions, attach_security_vector, check_fingerprint,
+                                        detach_security_vector, security_vector_off)
+        from dist_secvec.strength import score_rows
+        from dist_secvec.training import pick_device
+
+        cfg = self.cfg
+        if self.model is None:
+            self.device = pick_device()
+            self.model = load_model(cfg.model, self.device)
+        check_fingerprint(sv, self.model, cfg.model.path)
+        v = cfg.security_vector
+        layers = attach_security_vector(self.model, sv, PathOptions(
+            backend=v.backend, fused_lora=False, weight_delta=v.weight_delta, gated=cfg.audit.one_forward,
+            rows_per_call=cfg.audit.batch_size * cfg.data.max_length))
+        try:
+            return score_rows(self.model, self.examples, self.tok.pad_token_id, self.device, cfg.audit.batch_size,
+                              lambda: security_vector_off(self.model),
+                              progress={"desc": f"audit: {sv.behaviour['name']}", "enabled": cfg.logging.progress},
+                              gate_layers=layers if cfg.audit.one_forward else None)
+        finally:
+            detach_security_vector(self.model)

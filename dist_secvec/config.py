@@ -823,12 +823,10 @@ def _check_audit(cfg: Config, command: str) -> None:
     if not cfg.security_vector.path:
         raise ConfigError("config key 'security_vector.path': required; the audit scores rows with the vector "
                           "(a directory written by `dist-secvec train-sv`)")
-    if several:
-        raise ConfigError("config key 'security_vector.path': the audit scores rows against one vector; list one "
-                          "(run the audit once per vector)")
-    if not os.path.isdir(os.path.expanduser(cfg.security_vector.paths()[0])):
-        raise ConfigError(f"config key 'security_vector.path': vector directory '{cfg.security_vector.paths()[0]}' "
-                          "not found (train one with `dist-secvec train-sv`)")
+    for path in cfg.security_vector.paths():  # several: each row scored against each
+        if not os.path.isdir(os.path.expanduser(path)):
+            raise ConfigError(f"config key 'security_vector.path': vector directory '{path}' not found (train one "
+                              "with `dist-secvec train-sv`)")
     if not cfg.data.train:
         raise ConfigError("config key 'data.train': name at least one file of rows to audit")
     _check_files("data.train", cfg.data.train, "data file")

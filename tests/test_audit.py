@@ -192,6 +192,39 @@ def test_audit_writes_its_report_and_refuses_a_finished_output_dir(tiny_world, r
     assert "already holds a finished audit run" in capsys.readouterr().err
 
 
+def test_audit_against_two_vectors_gives_each_vectors_own_scores(tiny_world, random_vector, tmp_path):
+    """Two vectors: each row's losses against each are those of an audit with that vector alone,
+    flagged by each vector's threshold; `behaviours` names the vectors that flag it."""
+    data, _ = mixed_rows(tiny_world, tmp_path)
+    second = write_random_vector(tiny_world.model_dir, tmp_path / "sv2", seed=7, targets=("k_proj", "o_proj"))
+    common = [f"model.path={tiny_world.model_dir}", f"data.train={data}", "audit.threshold=0.0", "audit.batch_size=5"]
+    alone = {}
+    for name, vec in (("a", random_vector), ("b", second)):
+        assert cli("audit", *common, f"security_vector.path={vec}", f"output_dir={tmp_path / name}") == 0
+        alone[name] = [json.loads(line) for line in (tmp_path / name / "audit" / "audit.jsonl").read_text().splitlines()]
+    assert cli("audit", *common, f"security_vector.path=[{random_vector},{second}]", f"output_dir={tmp_path / 'both'}",
+               f"audit.batch_size=3") == 0  # another batching: scored again, not read from the cache
+    d = tmp_path / "both" / "audit"
+    assert sorted(p.name for p in d.iterdir()) == ["audit.jsonl", "scores_harm_1.png", "scores_harm_2.png",
+                                                   "summary.json", "summary.md"]
+    recs = [json.loads(line) for line in (d / "audit.jsonl").read_text().splitlines()]
+    assert len(recs) == len(alone["a"])
+    for rec, ra, rb in zip(recs, alone["a"], alone["b"]):
+        assert rec["row"] == ra["row"] == rb["row"]
+        for name, r in (("harm_1", ra), ("harm_2", rb)):
+            assert rec["vectors"][name]["loss_off"] == pytest.approx(r["loss_off"], rel=1e-5)
+            assert rec["vectors"][name]["loss_on"] == pytest.approx(r["loss_on"], rel=1e-5)
+            assert rec["vectors"][name]["flagged"] == r["flagged"]
+        assert rec["behaviours"] == [n for n, r in (("harm_1", ra), ("harm_2", rb)) if r["flagged"]]
+        assert rec["flagged"] == bool(rec["behaviours"])
+    assert ra["score"] != pytest.approx(rb["score"])  # the two vectors do score differently
+    s = json.loads((d / "summary.json").read_text())
+    assert s["flagged"] == sum(r["flagged"] for r in recs)
+    assert s["flagged_by"] == {"harm_1": sum(r["flagged"] for r in alone["a"]),
+                               "harm_2": sum(r["flagged"] for r in alone["b"])}
+    assert set(s["vectors"]) == {"harm_1", "harm_2"} and "## harm_2" in (d / "summary.md").read_text()
+
+
 @pytest.mark.slow
 def test_audit_on_two_ranks_writes_the_one_rank_report(tiny_world, random_vector, tmp_path, monkeypatch):
     """Under the deepspeed launcher each rank scores its share of the rows; rank 0's report holds
