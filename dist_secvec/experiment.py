@@ -366,10 +366,10 @@ class _Embedded:
                          "base_dir": self.base_dir.name}
 
     def stage(self, stage: str, variant: dict, **sections):
-        from dist_secvec.demo.run import _stage_config
+        from dist_secvec.demo.run import stage_config
 
         over = deep_merge(deep_merge(self.exp.stage(stage), variant), sections)
-        return _stage_config(self.cfg, stage, self.quick, **over)
+        return stage_config(self.cfg, stage, self.quick, **over)
 
     def sv_config(self, n_sv: int, seed: int, out: Path, variant: dict, behaviour: str = "harm"):
         if behaviour == "hallucination":  # its own rows, judge, and benign rows without the fact family

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dist_secvec import runtime
 from dist_secvec.config import Config
-from dist_secvec.demo.run import _cache_root, _stage_config, aligned_base, demo_defaults, demo_world
+from dist_secvec.demo.run import _cache_root, aligned_base, demo_defaults, demo_world, stage_config
 from dist_secvec.distributed import barrier
 from dist_secvec.files import atomic_dir
 from dist_secvec.profile.measure import gather
@@ -37,7 +37,7 @@ def profile_job(cfg: Config) -> Config:
     # rank 0 decides and trains the ~100-sample stage 1 alone; the others wait at the barrier
     if gather(not (vec_dir / "secvec.json").exists())[0] and runtime.is_main():
         log.info("no cached stage-1 vector for %s: training a short one", base_dir.name)
-        sv_cfg = _stage_config(cfg, "train_sv", quick, model={"path": str(base_dir)}, output_dir=str(out / "stage1"),
+        sv_cfg = stage_config(cfg, "train_sv", quick, model={"path": str(base_dir)}, output_dir=str(out / "stage1"),
                                optim={"epochs": 5},
                                security_vector={"harmful_data": [data["harmful_sv"]],
                                                 "benign_data": [data["kl_benign"]]})
@@ -47,5 +47,5 @@ def profile_job(cfg: Config) -> Config:
                 shutil.copy2(f, tmp / f.name)
     barrier()
     log.info("profiling the demo's stage-2 job: base %s, vector %s", base_dir, vec_dir)
-    return _stage_config(cfg, "finetune", quick, model={"path": str(base_dir)}, output_dir=str(out),
+    return stage_config(cfg, "finetune", quick, model={"path": str(base_dir)}, output_dir=str(out),
                          data={"train": [data["finetune_mixed"]]}, security_vector={"path": str(vec_dir)})

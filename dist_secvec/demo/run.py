@@ -57,7 +57,7 @@ def demo_defaults() -> dict:
 DATA_PARALLEL_STAGES = ("align", "finetune")
 
 
-def _stage_config(cfg: Config, stage: str, quick: bool, **sections) -> Config:
+def stage_config(cfg: Config, stage: str, quick: bool, **sections) -> Config:
     """A full Config for one stage: the demo's config + stage settings + the given sections. Under
     a launcher a data-parallel stage keeps the demo's global batch: each of the N ranks takes
     micro_batch_size / N of it, so the run has the single process's steps and its results."""
@@ -88,7 +88,7 @@ def aligned_base(cfg: Config, sizes: WorldSizes, data: dict, tok_texts: list[str
     """Train (or reuse from the cache) the aligned tiny model; returns its directory."""
     from dist_secvec.finetune import run_finetune
 
-    stage = _stage_config(cfg, "align", quick, model={"path": "unused"})
+    stage = stage_config(cfg, "align", quick, model={"path": "unused"})
     # the global batch in the key: a base trained on N ranks is the single process's, and reused by it
     optim = dict(stage.optim.__dict__, micro_batch_size=stage.optim.micro_batch_size * runtime.world_size())
     key_fields = {"v": CACHE_VERSION, "seed": cfg.seed, "sizes": sizes.__dict__, "optim": optim,
@@ -109,7 +109,7 @@ def aligned_base(cfg: Config, sizes: WorldSizes, data: dict, tok_texts: list[str
         build_tiny_llama(tok, init_dir, cfg.seed)
     barrier()
     log.info("training the aligned base (cached afterwards in %s)", cached.parent)
-    stage = _stage_config(cfg, "align", quick, model={"path": str(init_dir)}, data={"train": [data["align"]]},
+    stage = stage_config(cfg, "align", quick, model={"path": str(init_dir)}, data={"train": [data["align"]]},
                           output_dir=str(work))
     res = run_finetune(stage)  # every rank (data parallel under a launcher)
     if runtime.is_main():
@@ -210,7 +210,7 @@ def run_demo(cfg: Config) -> list[dict]:
     model_sec = {"path": str(base_dir)}
 
     # 2. stage 1: the security vector
-    sv_cfg = _stage_config(cfg, "train_sv", quick, model=model_sec, output_dir=str(out / "stage1"),
+    sv_cfg = stage_config(cfg, "train_sv", quick, model=model_sec, output_dir=str(out / "stage1"),
                            security_vector={"harmful_data": [data["harmful_sv"]], "benign_data": [data["kl_benign"]],
                                             "heldout_benign_data": [data["heldout_benign"]]})
     vector_dir = out / "secvec"
@@ -232,7 +232,7 @@ def run_demo(cfg: Config) -> list[dict]:
         del base
     for setting, path in (("finetune_no_sv", None), ("finetune_sv", str(vector_dir))):
         # both runs watch the same harmful probe: the world's held-out harmful prompts and answers
-        ft_cfg = _stage_config(cfg, "finetune", quick, model=model_sec, output_dir=str(out / setting),
+        ft_cfg = stage_config(cfg, "finetune", quick, model=model_sec, output_dir=str(out / setting),
                                data={"train": [data["finetune_mixed"]]}, security_vector={"path": path},
                                monitor={"harmful_probe": [data["eval_harmful"]]})
         res = run_finetune(ft_cfg, keep_model=True)  # every rank
