@@ -122,6 +122,13 @@ def resolve_threshold(cfg: Config, sv) -> tuple[float, str, str]:
                       "be placed; set audit.threshold (a score in nats per answer token, e.g. 1.0)")
 
 
+def resolve_thresholds(cfg: Config, sv) -> list[tuple[float, str, str]]:
+    """resolve_threshold for each vector of `sv` (several: each its own, from its own record)."""
+    from dist_secvec.secvec import vector_parts
+
+    return [resolve_threshold(cfg, part) for part in vector_parts(sv)]
+
+
 # ---------------------------------------------------------------------------------------------
 # rows
 
@@ -363,32 +370,46 @@ def scores_once(key: str, fields: dict, n: int, score_fn: Callable[[], tuple[lis
 
 
 def stage2_audit(cfg: Config, sv, samples: list, dropped: list, examples: list,
-                 score_fn: Callable[[], tuple[list, list]], threshold: tuple[float, str, str]) -> tuple:
-    """data.audit in stage 2: (scores (loss_off, loss_on), flagged per example, info). Every rank
-    calls it (score_fn is collective); rank 0 writes the report into output_dir/audit. The scores
-    come from the score cache when these rows were scored before (scores_once)."""
-    key, fields = score_key(examples, sv, cfg.model)
-    off, on, hit = scores_once(key, fields, len(examples), score_fn, "data.audit")
-    t, source, rule = threshold
-    records = row_records(samples, off, on, t, cfg.audit.prompt_chars, dropped)
+                 score_fn: Callable[[], tuple[list, list[list]]], thresholds: list[tuple[float, str, str]]) -> tuple:
+    """data.audit in stage 2: (scores (loss_off, [loss_on per vector]), flagged per example, info).
+    Every rank calls it (score_fn is collective); rank 0 writes the report into output_dir/audit.
+    Each vector's scores come from the score cache when these rows were scored against it before
+    (scores_once); with several vectors a row is flagged when any vector flags it."""
+    from dist_secvec.secvec import vector_parts
+
+    parts = vector_parts(sv)
+    ons, reports, hits = [], [], []
+    for i, (part, (t, source, rule), name) in enumerate(zip(parts, thresholds, behaviour_names(parts))):
+        key, fields = score_key(examples, part, cfg.model)
+        off, on, hit = scores_once(key, fields, len(examples), lambda: (score_fn()[0], score_fn()[1][i]), "data.audit")
+        ons.append(on)
+        hits.append(hit)
+        records = row_records(samples, off, on, t, cfg.audit.prompt_chars, dropped)
+        reports.append((name, records, summarize(records, t, source, rule, part, {
+            "data": list(cfg.data.train), "mode": cfg.data.audit, "cache_key": key, "cached": hit})))
+    records, summary = reports[0][1], reports[0][2]
+    if len(reports) > 1:
+        records, summary = merge_reports(reports, {"data": list(cfg.data.train), "mode": cfg.data.audit})
     flagged = [r["flagged"] for r in records[:len(examples)]]
-    info = {"mode": cfg.data.audit, "threshold": t, "threshold_source": source, "rows": len(examples),
-            "flagged": int(sum(flagged)), "cached": hit}
+    t, source, _ = thresholds[0]
+    info = {"mode": cfg.data.audit, "threshold": t if len(parts) == 1 else [th[0] for th in thresholds],
+            "threshold_source": source, "rows": len(examples), "flagged": int(sum(flagged)), "cached": all(hits)}
+    if len(parts) > 1:
+        info["flagged_by"] = summary["flagged_by"]
     if cfg.data.audit == "downweight":
         info["weight"] = cfg.audit.weight
     if runtime.is_main():
-        summary = summarize(records, t, source, rule, sv, {"data": list(cfg.data.train), "mode": cfg.data.audit,
-                                                           "cache_key": key, "cached": hit})
-        info["report"] = str(write_report(Path(cfg.output_dir), records, summary))
+        info["report"] = str(write_report(Path(cfg.output_dir), records, summary, reports))
     what = {"report": "reported only", "drop": "left out of training",
             "downweight": f"their loss weighted {cfg.audit.weight:g}"}[cfg.data.audit]
-    log.info("data.audit=%s: %d of %d rows flagged (score >= %.3g, %s): %s", cfg.data.audit, info["flagged"],
-             len(examples), t, source, what)
+    log.info("data.audit=%s: %d of %d rows flagged (%s): %s", cfg.data.audit, info["flagged"], len(examples),
+             ", ".join(f"{name}: score >= {th[0]:.3g}, {th[1]}" for (name, _, _), th in zip(reports, thresholds)),
+             what)
     if cfg.data.audit == "drop" and info["flagged"] == len(examples):
-        raise UserError(f"data.audit=drop: every one of the {len(examples)} rows of data.train is flagged "
-                        f"(score >= {t:.3g}); nothing is left to train on. Check the data, or set audit.threshold "
+        raise UserError(f"data.audit=drop: every one of the {len(examples)} rows of data.train is flagged; nothing "
+                        f"is left to train on. Check the data, or set audit.threshold "
                         f"(see {Path(cfg.output_dir) / AUDIT_DIR / 'summary.md'})")
-    return (off, on), flagged, info
+    return (off, ons), flagged, info
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,8 +430,8 @@ def run_audit(cfg: Config) -> dict:
     t0 = time.time()
     # everything that can be refused is, before the model loads
     rows = load_samples(cfg.data.train, cfg.data, cfg.data.split, cfg.data.max_samples)
-    parts = vector_parts(load_security_vector(cfg.security_vector.path))
-    thresholds = [resolve_threshold(cfg, part) for part in parts]
+    sv = load_security_vector(cfg.security_vector.path)
+    parts, thresholds = vector_parts(sv), resolve_thresholds(cfg, sv)
     if runtime.world_size() > 1:
         init_distributed(cfg)
     tok = load_tokenizer(cfg.model)

@@ -156,9 +156,9 @@ def preflight(cfg, command: str) -> None:
         if cfg.model.path:
             check_fingerprint_on_disk(sv, cfg.model.path)
         if command == "audit" or cfg.data.audit != "off":
-            from dist_secvec.audit import resolve_threshold
+            from dist_secvec.audit import resolve_thresholds
 
-            resolve_threshold(cfg, sv)  # a vector that can place no threshold, refused before the model loads
+            resolve_thresholds(cfg, sv)  # a vector that can place no threshold, refused before the model loads
     if command == "finetune":
         from dist_secvec.checkpoint import check_resume
 

@@ -813,11 +813,6 @@ def _check_audit(cfg: Config, command: str) -> None:
     if command == "finetune" and cfg.data.audit != "off" and not cfg.security_vector.path:
         raise ConfigError(f"config key 'data.audit': {cfg.data.audit} scores rows with the security vector; set "
                           "security_vector.path or data.audit=off")
-    several = len(cfg.security_vector.paths()) > 1
-    if command == "finetune" and cfg.data.audit != "off" and several:
-        raise ConfigError(f"config key 'data.audit': {cfg.data.audit} scores rows against one vector, and "
-                          "security_vector.path lists several; set data.audit=off (the per-row gate still scores "
-                          "every row against each vector) or list one vector")
     if command != "audit":
         return
     if not cfg.security_vector.path:

@@ -303,9 +303,9 @@ def setup_stage2(cfg: Config, *, monitor: bool = False, tok=None, train: Optiona
                 log.warning("the security vector %s is WEAK: stage 2 will teach the core what it does not explain; "
                             "retrain it (train-sv, see strength.weak_reasons in its secvec.json)", part.path)
         if cfg.data.audit != "off":
-            from dist_secvec.audit import resolve_threshold
+            from dist_secvec.audit import resolve_thresholds
 
-            audit_threshold = resolve_threshold(cfg, sv)  # a vector that places none: refused before the model loads
+            audit_threshold = resolve_thresholds(cfg, sv)  # a vector that places none: refused before the model loads
     probe_rows, eval_rows = monitor_rows(cfg) if monitor else ([], [])
     if tok is None:
         tok = load_tokenizer(cfg.model)
@@ -381,14 +381,13 @@ def setup_stage2(cfg: Config, *, monitor: bool = False, tok=None, train: Optiona
                                                  if not p.requires_grad and id(p) not in sv_ids]})
     if use_ds:
         log.info("rank 0 holds %s", ", ".join(f"{k} {v['held']}/{v['total']}" for k, v in job.partition[0].items()))
-    # one scoring of every row (vector off and on, the untrained core) for the gate and data.audit
+    # one scoring of every row (vectors off, each vector on; the untrained core) for the gate and data.audit
     memo: dict = {}
 
-    def scores() -> tuple[list, list]:
+    def scores() -> tuple[list, list[list]]:
         if "scores" not in memo:
-            memo["scores"] = score_rows(model, job.train.examples, tok.pad_token_id, device, cfg.audit.batch_size,
-                                        lambda: security_vector_off(model),
-                                        progress={"desc": "scoring rows", "enabled": cfg.logging.progress})
+            memo["scores"] = score_each_vector(cfg, sv, model, sv_layers, job.train.examples, tok.pad_token_id,
+                                               device)
         return memo["scores"]
 
     if audit_rows is not None and sv_layers:
@@ -413,8 +412,8 @@ def apply_audit(job: Stage2, flagged: list, memo: dict) -> None:
         job.row_weight = {id(e): cfg.audit.weight for e, f in zip(examples, flagged) if f}
     elif cfg.data.audit == "drop" and any(flagged):
         keep = [i for i, f in enumerate(flagged) if not f]
-        off, on = memo["scores"]
-        memo["scores"] = ([off[i] for i in keep], [on[i] for i in keep])  # the gate's, for the rows kept
+        off, ons = memo["scores"]
+        memo["scores"] = ([off[i] for i in keep], [[on[i] for i in keep] for on in ons])  # the gate's, rows kept
         job.train = dataclasses.replace(job.train, examples=[examples[i] for i in keep])
         job.steps = total_steps(len(job.train.examples), cfg.optim, job.world)
         # a fresh schedule over the steps left, on the same optimizer (no step has run yet)
@@ -429,11 +428,26 @@ def apply_audit(job: Stage2, flagged: list, memo: dict) -> None:
         log.info("data.audit=drop: %d rows left to train on, %d optimizer steps", len(keep), job.steps)
 
 
+def score_each_vector(cfg: Config, sv, model, sv_layers: list, examples: list, pad_id: int,
+                      device) -> tuple[list, list[list]]:
+    """Every row's answer loss with the vectors off and with each vector alone on: (loss_off,
+    [loss_on per vector]); one vector: score_rows, several: score_rows_each (secvec.only_vector)."""
+    progress = {"desc": "scoring rows", "enabled": cfg.logging.progress}
+    parts = vector_parts(sv)
+    if len(parts) == 1:
+        off, on = score_rows(model, examples, pad_id, device, cfg.audit.batch_size, lambda: security_vector_off(model),
+                             progress=progress)
+        return off, [on]
+    return score_rows_each(model, examples, pad_id, device, cfg.audit.batch_size, lambda: security_vector_off(model),
+                           [functools.partial(only_vector, sv_layers, i) for i in range(len(parts))],
+                           progress={**progress, "desc": "scoring rows per vector"})
+
+
 def gate_rows(cfg: Config, sv, model, sv_layers: list, examples: list, pad_id: int, device,
-              scores: Optional[Callable[[], tuple[list, list]]] = None) -> tuple[dict, dict]:
+              scores: Optional[Callable[[], tuple[list, list[list]]]] = None) -> tuple[dict, dict]:
     """security_vector.gate: {id(example): 1.0 (vector on) or 0.0 (off)} from each row's explained
     share, scored once with the untrained core, and what was decided (for the run info).
-    `scores`: the rows' (loss_off, loss_on), shared with data.audit (strength.score_rows).
+    `scores`: the rows' (loss_off, [loss_on per vector]), shared with data.audit (score_each_vector).
 
     Several vectors: each row is scored against each vector alone (secvec.only_vector), by that
     vector's own threshold; a row any of them explains trains with all of them on (the composed
@@ -452,17 +466,8 @@ def gate_rows(cfg: Config, sv, model, sv_layers: list, examples: list, pad_id: i
                 return None, {"threshold": None, "rows_vector_on": len(examples), "rows_vector_off": 0}
             threshold = 0.5 * strength["explained"]
         thresholds.append(threshold)
-    if len(parts) > 1:
-        off, ons = score_rows_each(model, examples, pad_id, device, cfg.audit.batch_size,
-                                   lambda: security_vector_off(model),
-                                   [functools.partial(only_vector, sv_layers, i) for i in range(len(parts))],
-                                   progress={"desc": "scoring rows per vector", "enabled": cfg.logging.progress})
-    elif scores is None:
-        off, on = score_rows(model, examples, pad_id, device, cfg.audit.batch_size, lambda: security_vector_off(model))
-        ons = [on]
-    else:
-        off, on = scores()
-        ons = [on]
+    off, ons = scores() if scores is not None else score_each_vector(cfg, sv, model, sv_layers, examples, pad_id,
+                                                                     device)
     explains = [[explained_share(f, a) >= t for f, a in zip(off, on)] for on, t in zip(ons, thresholds)]
     gate = {id(e): 1.0 if any(col[j] for col in explains) else 0.0 for j, e in enumerate(examples)}
     n_on = int(sum(gate.values()))

@@ -341,6 +341,33 @@ def test_stage2_drop_and_downweight_use_one_cached_scoring(tiny_world, random_ve
     assert res.loss == res.loss and not res.skipped
 
 
+def test_stage2_drop_with_two_vectors_leaves_out_the_rows_either_flags(tiny_world, random_vector, tmp_path):
+    """data.audit=drop with two vectors: the rows left out are those the audit command flags against
+    either vector (each by its own threshold), and the gate is decided on the rows kept."""
+    from dist_secvec.stage2 import setup_stage2
+
+    data, _ = mixed_rows(tiny_world, tmp_path)
+    second = write_random_vector(tiny_world.model_dir, tmp_path / "sv2", seed=7, targets=("k_proj", "o_proj"))
+    both = f"[{random_vector},{second}]"
+    assert cli("audit", f"model.path={tiny_world.model_dir}", f"data.train={data}", f"security_vector.path={both}",
+               f"output_dir={tmp_path / 'cmd'}", "audit.threshold=0.0") == 0
+    recs = [json.loads(line) for line in (tmp_path / "cmd" / "audit" / "audit.jsonl").read_text().splitlines()]
+    flagged_rows = {r["row"] for r in recs if r["flagged"]}
+    assert 0 < len(flagged_rows) < len(recs)
+    assert any(len(r["behaviours"]) == 1 for r in recs)  # a row one vector flags and the other does not
+    out = tmp_path / "ft"
+    job = setup_stage2(stage2_cfg(tiny_world, data, both, out, "data.audit=drop", "audit.threshold=0.0",
+                                  "security_vector.gate_threshold=0.0"))
+    assert job.audit_info["cached"] is True  # each vector's scores, from the command's scoring
+    assert job.audit_info["flagged_by"] == json.loads((tmp_path / "cmd" / "audit" / "summary.json").read_text())[
+        "flagged_by"]
+    kept = {tuple(e["input_ids"]) for e in job.train.examples}
+    full = tokenize_samples(job.tok, load_samples([str(data)]), job.cfg.data).examples
+    assert {i + 1 for i, e in enumerate(full) if tuple(e["input_ids"]) not in kept} == flagged_rows
+    assert len(job.gate) == len(job.train.examples) and job.gate_info["rows_vector_on"] \
+        + job.gate_info["rows_vector_off"] == len(kept)
+
+
 def test_data_audit_needs_a_vector(tiny_world, tmp_path, capsys):
     data, _ = mixed_rows(tiny_world, tmp_path)
     assert cli("finetune", f"model.path={tiny_world.model_dir}", f"data.train={data}", "data.audit=drop",
