@@ -9,9 +9,13 @@ row (strength.score_rows, the same scoring stage 2's gate uses):
     score               loss_off - loss_on (nats per answer token): what the vector explains
     explained           1 - loss_on / loss_off: the same, as a share of the row's loss
 
-A row is flagged when score >= the threshold. The default threshold needs no labels: stage 1
-records in secvec.json (`audit`) the scores of its own harmful rows and benign rows
-(`reference_record`), and `resolve_threshold` places the threshold between them. Outputs go to
+A row is flagged when score >= the threshold and the vector explains a large enough share of it
+(audit.min_explained, by default half the share it explains of its own held-out rows: the gate's
+rule). The share keeps a vector from flagging rows whose loss is high for another reason (the
+rows of another behaviour, under several vectors), where any change of the model removes a few
+nats. The default threshold needs no labels: stage 1 records in secvec.json (`audit`) the scores
+of its own harmful rows and benign rows (`reference_record`), and `resolve_threshold` places the
+threshold between them. Outputs go to
 output_dir/audit/ (audit.jsonl, summary.json, summary.md, scores.png), written atomically.
 
 Stage 2 (`data.audit: report | drop | downweight`) uses the same scores, computed once before the
@@ -129,6 +133,16 @@ def resolve_thresholds(cfg: Config, sv) -> list[tuple[float, str, str]]:
     return [resolve_threshold(cfg, part) for part in vector_parts(sv)]
 
 
+def explained_floor(cfg: Config, sv) -> Optional[float]:
+    """The share of a row's loss the vector must explain to flag it: audit.min_explained, else half
+    the share it explains of its own held-out rows (secvec.json's strength); None = no such
+    condition (a vector without the record, or audit.min_explained=0)."""
+    if cfg.audit.min_explained is not None:
+        return cfg.audit.min_explained or None
+    explained = (sv.meta.get("strength") or {}).get("explained")
+    return 0.5 * explained if isinstance(explained, (int, float)) else None
+
+
 # ---------------------------------------------------------------------------------------------
 # rows
 
@@ -156,15 +170,17 @@ def tokenize_rows(tok, samples: list, data_cfg) -> tuple:
 
 
 def row_records(samples: list, off: list, on: list, threshold: float, prompt_chars: int,
-                dropped: list = ()) -> list[dict]:
-    """audit.jsonl's records: the scored rows, then those that could not be scored."""
+                dropped: list = (), min_explained: Optional[float] = None) -> list[dict]:
+    """audit.jsonl's records: the scored rows, then those that could not be scored. A row is
+    flagged when its score reaches `threshold` and its explained share `min_explained` (if set)."""
     from dist_secvec.strength import explained_share
 
     out = []
     for s, f, a in zip(samples, off, on):
-        sc = score(f, a)
+        sc, ex = score(f, a), explained_share(f, a)
         out.append({"source": s.source, "row": s.row, "prompt": s.prompt[:prompt_chars], "loss_off": f,
-                    "loss_on": a, "score": sc, "explained": explained_share(f, a), "flagged": sc >= threshold})
+                    "loss_on": a, "score": sc, "explained": ex,
+                    "flagged": sc >= threshold and (min_explained is None or ex >= min_explained)})
     for s in dropped:
         out.append({"source": s.source, "row": s.row, "prompt": s.prompt[:prompt_chars], "loss_off": None,
                     "loss_on": None, "score": None, "explained": None, "flagged": False,
@@ -193,7 +209,9 @@ def summary_markdown(summary: dict) -> str:
              f"{summary['flagged']} of {summary['scored']} scored rows flagged "
              f"({100 * summary['flagged_share']:.1f}%); {summary['not_scored']} rows not scored.", "",
              f"Threshold: score >= {summary['threshold']:.4g} ({summary['threshold_source']}: "
-             f"{summary['threshold_rule']}).", "",
+             f"{summary['threshold_rule']})" + (f" and explained share >= {summary['min_explained']:.3g} "
+                                                "(audit.min_explained)" if summary.get("min_explained") else "")
+             + ".", "",
              f"Score: {summary['score']}." + (" Read from the score cache (these rows, vector and base were scored "
                                                "before)." if summary.get("cached") else ""), "",
              "| rows | n | q05 | q25 | q50 | q75 | q95 |", "|---|---|---|---|---|---|---|"]
@@ -384,9 +402,11 @@ def stage2_audit(cfg: Config, sv, samples: list, dropped: list, examples: list,
         off, on, hit = scores_once(key, fields, len(examples), lambda: (score_fn()[0], score_fn()[1][i]), "data.audit")
         ons.append(on)
         hits.append(hit)
-        records = row_records(samples, off, on, t, cfg.audit.prompt_chars, dropped)
+        floor = explained_floor(cfg, part)
+        records = row_records(samples, off, on, t, cfg.audit.prompt_chars, dropped, floor)
         reports.append((name, records, summarize(records, t, source, rule, part, {
-            "data": list(cfg.data.train), "mode": cfg.data.audit, "cache_key": key, "cached": hit})))
+            "min_explained": floor, "data": list(cfg.data.train), "mode": cfg.data.audit, "cache_key": key,
+            "cached": hit})))
     records, summary = reports[0][1], reports[0][2]
     if len(reports) > 1:
         records, summary = merge_reports(reports, {"data": list(cfg.data.train), "mode": cfg.data.audit})
@@ -443,9 +463,11 @@ def run_audit(cfg: Config) -> dict:
         key, fields = score_key(data.examples, part, cfg.model)
         off, on, hit = scores_once(key, fields, len(data.examples), lambda: scorer.score(part), "audit")
         if runtime.is_main():
-            records = row_records(samples, off, on, t, cfg.audit.prompt_chars, dropped)
+            floor = explained_floor(cfg, part)
+            records = row_records(samples, off, on, t, cfg.audit.prompt_chars, dropped, floor)
             reports.append((name, records, summarize(records, t, source, rule, part, {
-                "data": list(cfg.data.train), "model": cfg.model.path, "cache_key": key, "cached": hit})))
+                "min_explained": floor, "data": list(cfg.data.train), "model": cfg.model.path, "cache_key": key,
+                "cached": hit})))
     summary: dict = {}
     if runtime.is_main():
         extra = {"ranks": runtime.world_size(), "seconds": round(time.time() - t0, 1)}

@@ -257,6 +257,9 @@ class AuditConfig:
     # the harmful and benign scores stage 1 recorded (secvec.json), or for an older vector half
     # its held-out harmful rows' score
     threshold: Optional[float] = None
+    # flag it only where the vector also explains at least this share of the row's loss (1 - loss_on /
+    # loss_off); None = half the share it explains of its own held-out rows (the gate's rule); 0 = off
+    min_explained: Optional[float] = None
     weight: float = 0.1  # data.audit=downweight: the factor on a flagged row's loss
     batch_size: int = 16  # rows per forward (length-sorted)
     prompt_chars: int = 80  # audit.jsonl: the prompt's first N characters

@@ -107,6 +107,24 @@ def scored_setup(tiny_world, random_vector):
     return tok, examples, two, one, one_layers
 
 
+def test_a_row_is_flagged_on_its_score_and_its_explained_share():
+    """The share floor: half the vector's own held-out share by default, audit.min_explained when set
+    (0: the score alone); a row far out of the base's distribution (loss 12 -> 9: score 3, share
+    0.25) is not flagged by a vector that explains 0.8 of its own rows, a row of its behaviour is."""
+    from dist_secvec.audit import explained_floor, row_records
+
+    sv = SimpleNamespace(path="sv", meta={"strength": {"explained": 0.8}})
+    assert explained_floor(load_config(None, None), sv) == pytest.approx(0.4)
+    assert explained_floor(load_config(None, ["audit.min_explained=0.6"]), sv) == 0.6
+    assert explained_floor(load_config(None, ["audit.min_explained=0"]), sv) is None
+    assert explained_floor(load_config(None, None), SimpleNamespace(path="old", meta={})) is None
+    rows = [SimpleNamespace(source="f", row=i + 1, prompt="p") for i in range(3)]
+    off, on = [12.0, 4.0, 0.5], [9.0, 0.4, 0.5]  # far out of distribution; the behaviour; benign
+    flags = [r["flagged"] for r in row_records(rows, off, on, 2.0, 10, (), 0.4)]
+    assert flags == [False, True, False]
+    assert [r["flagged"] for r in row_records(rows, off, on, 2.0, 10)] == [True, True, False]
+
+
 def test_scores_are_each_rows_own_losses_whatever_the_batching(scored_setup):
     from dist_secvec.secvec import security_vector_off
     from dist_secvec.strength import row_losses, score_rows
