@@ -50,13 +50,13 @@ def main() -> None:
 
     import torch
 
-    from dist_secvec.audit import resolve_threshold, score, tokenize_rows
+    from dist_secvec.audit import explained_floor, resolve_threshold, row_records, tokenize_rows
     from dist_secvec.config import load_config
     from dist_secvec.data import load_samples
     from dist_secvec.demo.world import is_harmful_response
     from dist_secvec.model import load_model, load_tokenizer
     from dist_secvec.secvec import PathOptions, attach_security_vector, load_security_vector, security_vector_off
-    from dist_secvec.strength import explained_share, plain_row_losses, score_rows
+    from dist_secvec.strength import plain_row_losses, score_rows
 
     cfg = load_config(None, [f"model.path={args.model}", f"security_vector.path={args.vector}",
                              f"data.max_length={args.data_max_length}"])
@@ -82,13 +82,15 @@ def main() -> None:
                           gate_layers=layers if mode == "one_forward" else None)
 
     off, on = run("two_forwards", args.batch_sizes[0])
-    sc = [score(f, a) for f, a in zip(off, on)]
-    ex = [explained_share(f, a) for f, a in zip(off, on)]
+    floor = explained_floor(cfg, sv)
+    records = row_records(samples, off, on, t, 1, (), floor)  # the audit's own flag rule
+    sc, ex = [r["score"] for r in records], [r["explained"] for r in records]
     pos = [s for s, y in zip(sc, labels) if y]
     neg = [s for s, y in zip(sc, labels) if not y]
-    flagged = [s >= t for s in sc]
+    flagged = [r["flagged"] for r in records]
     tp = sum(f and y for f, y in zip(flagged, labels))
-    sep = {"rows": len(labels), "harmful": sum(labels), "threshold": t, "threshold_source": source,
+    sep = {"rows": len(labels), "harmful": sum(labels), "threshold": t, "min_explained": floor,
+           "threshold_source": source,
            "threshold_rule": rule, "auroc_score": auroc(pos, neg),
            "auroc_explained": auroc([e for e, y in zip(ex, labels) if y], [e for e, y in zip(ex, labels) if not y]),
            "flagged": sum(flagged), "precision": tp / max(sum(flagged), 1), "recall": tp / max(sum(labels), 1),
