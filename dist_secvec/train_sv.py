@@ -293,7 +293,8 @@ def run_train_sv(cfg: Config, use_deepspeed: bool = False) -> TrainSVResult:
                 record_file_hashes(tmp)
     if main:
         write_text_atomic(out / "shift.json", json.dumps(shift, indent=2) + "\n")
-    barrier()  # the other ranks end once the vector is written
+    if use_ds:  # the other ranks end once the vector is written (plain: this process alone trains,
+        barrier()  # and a launcher's other ranks wait elsewhere, e.g. in the demo)
     log.info("security vector saved to %s", vector_dir)
     if strength["weak_reasons"] and main:
         log.warning("the security vector in %s is WEAK: stage 2 with it will not block what it did not learn "
