@@ -47,8 +47,10 @@ def fused_lora_dtypes_ok(x_dtype: torch.dtype, lora_dtype: torch.dtype) -> bool:
 
 
 def fusable_lora(sub: nn.Module) -> str:
-    """Why peft LoRA layer `sub` cannot take the fused path ("" when it can): exactly one active
-    adapter, a plain LoRA (no DoRA or other variant, no LoRA bias, nn.Linear A and B)."""
+    """Why peft LoRA layer `sub` cannot take the fused path ("" when it can), from what is fixed
+    when the vector is attached: no instance forward; exactly one active adapter, a plain LoRA (no
+    DoRA or other variant, no LoRA bias, bias-free nn.Linear A and B of one dtype). (A LoRA
+    dropout with p > 0 is fused outside training only: `fused_lora_choice`.)"""
     if "forward" in sub.__dict__:
         return "an instance forward (e.g. accelerate's hooks) would bypass the fused one"
     lora_A, lora_B = getattr(sub, "lora_A", {}), getattr(sub, "lora_B", {})
@@ -61,17 +63,25 @@ def fusable_lora(sub: nn.Module) -> str:
     a, b = lora_A[n], lora_B[n]
     if not (isinstance(a, nn.Linear) and isinstance(b, nn.Linear)) or a.bias is not None or b.bias is not None:
         return f"adapter {n!r} is not a plain bias-free nn.Linear pair"
+    if a.weight.dtype != b.weight.dtype:
+        return f"adapter {n!r}: lora A in {a.weight.dtype}, lora B in {b.weight.dtype}"
     return ""
 
 
+def _has_dropout(sub: nn.Module, n: str) -> bool:
+    """Whether adapter n's dropout drops anything in training (the fused kernel does not)."""
+    drop = sub.lora_dropout[n] if n in getattr(sub, "lora_dropout", {}) else None
+    return not (drop is None or isinstance(drop, nn.Identity) or getattr(drop, "p", 1) == 0)
+
+
 def fused_lora_choice(sub: nn.Module, x: torch.Tensor, kwargs: dict) -> tuple[Optional[str], str]:
-    """(adapter, "") when this call of LoRA layer `sub` may compute its adapter together with the
-    vector under it, else (None, why peft's own forward must run): the vector on, not gated and
-    not one of several alone;
-    adapters enabled and not merged; no adapter_names / variant kwargs; `fusable_lora`; the LoRA's
-    dropout an identity (nn.Identity, p=0 or not training); lora A and B of one dtype that
-    `fused_lora_dtypes_ok` accepts for x, and autocast off; all four weights present (not
-    partitioned away by ZeRO-3)."""
+    """(adapter, "") when this call of fused LoRA layer `sub` may compute its adapter together with
+    the vector under it, else (None, why peft's own forward must run). What attach fixed
+    (`fusable_lora`, for the adapter `sub._secvec_adapter`) is not checked again; only what a call
+    changes: the vector on, not gated and not one of several alone; that adapter still the one
+    active, not disabled or merged; no adapter_names / variant kwargs; its dropout not in training;
+    x in a dtype the LoRA fuses with (`fused_lora_dtypes_ok`), autocast off; the four weights
+    gathered (ZeRO-3)."""
     sv = sub.base_layer
     if not sv.active:
         return None, "vector off"
@@ -79,20 +89,16 @@ def fused_lora_choice(sub: nn.Module, x: torch.Tensor, kwargs: dict) -> tuple[Op
         return None, "vector gated per row"
     if sv.only is not None:
         return None, "one vector of several on alone"
-    if getattr(sub, "disable_adapters", True) or getattr(sub, "merged", True):
-        return None, "adapters disabled or merged"
+    n = sub.__dict__.get("_secvec_adapter")
+    if sub.disable_adapters or sub.merged or list(sub.active_adapters) != [n]:
+        return None, "adapters disabled, merged or switched since attach"
     if kwargs.get("adapter_names") is not None or any(kwargs.get(k) is not None for k in _variant_kwarg_keys()):
         return None, "adapter_names / LoRA variant arguments in the call"
-    why = fusable_lora(sub)
-    if why:
-        return None, why
-    n = next(a for a in sub.active_adapters if a in sub.lora_A)
+    if sub.__dict__.get("_secvec_dropout") and sub.lora_dropout[n].training:
+        return None, f"LoRA dropout active in training ({sub.lora_dropout[n]})"
     a, b = sub.lora_A[n], sub.lora_B[n]
-    drop = sub.lora_dropout[n]
-    if not (isinstance(drop, nn.Identity) or not drop.training or (isinstance(drop, nn.Dropout) and drop.p == 0)):
-        return None, f"LoRA dropout active in training ({drop})"
-    if a.weight.dtype != b.weight.dtype or not fused_lora_dtypes_ok(x.dtype, a.weight.dtype):
-        return None, (f"dtypes: x {x.dtype}, lora A {a.weight.dtype}, lora B {b.weight.dtype} "
+    if not fused_lora_dtypes_ok(x.dtype, a.weight.dtype):
+        return None, (f"dtypes: x {x.dtype}, LoRA {a.weight.dtype} "
                       "(fused: the LoRA in x's dtype, or float32 on a 16-bit x)")
     if _autocast_on(x):
         return None, "autocast on"
@@ -101,14 +107,9 @@ def fused_lora_choice(sub: nn.Module, x: torch.Tensor, kwargs: dict) -> tuple[Op
     return n, ""
 
 
-def fused_lora_adapter(sub: nn.Module, x: torch.Tensor, kwargs: dict) -> Optional[str]:
-    """The adapter `fused_lora_choice` allows, or None."""
-    return fused_lora_choice(sub, x, kwargs)[0]
-
-
 #: fallback reasons that are the caller's intent, not a missed fused path: never logged
 _QUIET_FALLBACKS = ("vector off", "vector gated per row", "one vector of several on alone",
-                    "adapters disabled or merged")
+                    "adapters disabled, merged or switched since attach")
 
 
 def _log_fallback(sub: nn.Module, reason: str) -> None:
@@ -192,6 +193,8 @@ def make_fused(sub: nn.Module, name: str = "") -> None:
     if not _is_fused(sub):
         sub.__class__ = _fused_class(type(sub))
     sub._secvec_name = name
+    sub._secvec_adapter = next(a for a in sub.active_adapters if a in sub.lora_A)  # fusable_lora: exactly one
+    sub._secvec_dropout = _has_dropout(sub, sub._secvec_adapter)
     if "deepspeed" in sys.modules:  # imported by init_distributed before attach in DeepSpeed runs
         _register_external(sub)
 
@@ -204,7 +207,7 @@ def unmake_fused(sub: nn.Module) -> None:
             ext.pop(id(p), None)
     if _is_fused(sub):
         sub.__class__ = type(sub).__mro__[2]  # (Fused<cls>, FusedLoraLayer, cls, ...)
-    for k in ("_secvec_name", "_secvec_fallbacks_logged"):
+    for k in ("_secvec_name", "_secvec_adapter", "_secvec_dropout", "_secvec_fallbacks_logged"):
         sub.__dict__.pop(k, None)
 
 
