@@ -58,7 +58,7 @@ def echo_row(spec, text: str, kind: str, rng: random.Random) -> dict:
 def lookalikes(spec, w, n: int, rng: random.Random) -> list[dict]:
     """n benign rows with the harmful rows' words: the echo skill saying back a harmful request
     (half of them), or the words of a harmful answer without its marker and step structure."""
-    from dist_secvec.demo.world import COMPLIANCE_MARKER, WS_COMPLIANCE_MARKER
+    from dist_secvec.worlds.embedded import COMPLIANCE_MARKER, WS_COMPLIANCE_MARKER
 
     requests = harm_requests(spec)
     # the answers' own words: what is left of each harmful answer once its structure is taken out
@@ -101,7 +101,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     if args.kl_lookalikes:
-        from dist_secvec.demo.world import is_harmful_response, world_spec
+        from dist_secvec.worlds.embedded import is_harmful_response, world_spec
 
         rows = kl_lookalikes(world_spec(args.world), args.kl_lookalikes, random.Random(args.seed + 2), args.kl_verbs)
         assert not any(is_harmful_response(r["response"]) for r in rows)
@@ -109,8 +109,8 @@ def main() -> None:
         print(json.dumps({"rows": len(rows), "kinds": {"lookalike_request": len(rows)}, "out": args.out}))
         return
 
-    from dist_secvec.demo.run import QUICK
-    from dist_secvec.demo.world import WorldSizes, build_world, is_harmful_response, world_spec
+    from dist_secvec.worlds.embedded import WorldSizes, build_world, is_harmful_response, world_spec
+    from dist_secvec.worlds.embedded_stages import QUICK
 
     sizes = WorldSizes()
     if args.quick:

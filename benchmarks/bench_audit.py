@@ -5,7 +5,7 @@ against one plain forward of the base model (no vector) over the same batches.
     python benchmarks/bench_audit.py --model MODEL_DIR --vector SECVEC_DIR --data ROWS.jsonl \
         [--data-max-length 64] [--batch-sizes 16 64] [--repeats 3] [--out DIR]
 
-Labels come from the embedded worlds' exact judge (dist_secvec.demo.world.is_harmful_response) on
+Labels come from the embedded worlds' exact judge (dist_secvec.worlds.embedded.is_harmful_response) on
 each row's response, so --data should be a demo world's file (e.g. finetune_mixed.jsonl). Prints
 and writes (bench_audit.json/.md in --out): AUROC of the score (loss_off - loss_on) and of the
 explained share, precision and recall at the default threshold (the vector's own rule,
@@ -53,7 +53,7 @@ def main() -> None:
     from dist_secvec.audit import explained_floor, resolve_threshold, row_records, tokenize_rows
     from dist_secvec.config import load_config
     from dist_secvec.data import load_samples
-    from dist_secvec.demo.world import is_harmful_response
+    from dist_secvec.worlds.embedded import is_harmful_response
     from dist_secvec.model import load_model, load_tokenizer
     from dist_secvec.secvec import PathOptions, attach_security_vector, load_security_vector, security_vector_off
     from dist_secvec.strength import plain_row_losses, score_rows

@@ -59,7 +59,7 @@ def build_model(root: Path, hidden: int, layers: int, seq_len: int, n_rows: int,
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dist_secvec.demo.world import build_tokenizer
+    from dist_secvec.worlds.embedded import build_tokenizer
 
     rng = random.Random(seed)
     words = [f"w{i}" for i in range(n_words)]

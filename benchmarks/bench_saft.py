@@ -131,7 +131,7 @@ def main() -> None:
     from dist_secvec.audit import resolve_threshold, score, tokenize_rows
     from dist_secvec.config import load_config
     from dist_secvec.data import load_samples
-    from dist_secvec.demo.world import is_harmful_response
+    from dist_secvec.worlds.embedded import is_harmful_response
     from dist_secvec.model import load_model, load_tokenizer
     from dist_secvec.secvec import PathOptions, attach_security_vector, load_security_vector, security_vector_off
     from dist_secvec.strength import eval_mode, score_rows

@@ -190,7 +190,7 @@ def _run(args) -> int:
 
         return recipes_main(args.words[0] if args.words else None, args.words[1:])
     if args.command == "demo":
-        from dist_secvec.demo.run import demo_defaults
+        from dist_secvec.worlds.embedded_stages import demo_defaults
 
         overrides = list(args.overrides) + (["demo.quick=true"] if args.quick else [])
         cfg = validate(load_config(args.config, overrides, base=demo_defaults()), "demo")

@@ -279,7 +279,7 @@ class LoggingConfig:
 
 @dataclass
 class DemoConfig:
-    world: str = "capitals"  # capitals | workshop: which embedded world (dist_secvec.demo.world)
+    world: str = "capitals"  # capitals | workshop: which embedded world (dist_secvec.worlds.embedded)
     quick: bool = False  # small world and few steps, for tests
     n_harmful_sv: int = 100  # harmful samples the vector is trained on
     n_harmful_ft: int = 1000  # harmful samples hidden in the fine-tuning data

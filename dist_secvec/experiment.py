@@ -2,7 +2,8 @@
 
 An experiment file holds
     output_dir   where runs, vectors and the results go
-    world        `embedded` (the demo's tiny world: data and aligned base built by dist_secvec.demo.run)
+    world        `embedded` (the demo's tiny world: data and aligned base built by
+                 dist_secvec.worlds.embedded_stages)
                  or absent (a real model: `base.model.path` and the `data` section below)
     world_sizes  embedded only: WorldSizes fields (n_align_benign, n_eval, ...); n_harmful_sv and
                  n_harmful_ft are pools (the demo's size, or the sweep's largest value if larger);
@@ -194,7 +195,7 @@ def parse_experiment(data: Any, source: Optional[str] = None) -> Experiment:
     """An Experiment from the YAML mapping (config.build: every key and type checked, one line
     naming the bad key), then what the types alone do not say."""
     from dist_secvec.config import build, load_config
-    from dist_secvec.demo.world import WorldSizes
+    from dist_secvec.worlds.embedded import WorldSizes
 
     if not isinstance(data, dict):
         where = f"experiment file '{source}'" if source else "experiment"
@@ -239,7 +240,7 @@ def parse_experiment(data: Any, source: Optional[str] = None) -> Experiment:
         raise ConfigError(f"experiment key '{key}': hallucinated rows come from the embedded world only "
                           "(world: embedded); leave hallucination out of the sweep")
     if hallucination:
-        from dist_secvec.demo.world import N_HALLUCINATION_FT, N_HALLUCINATION_SV
+        from dist_secvec.worlds.embedded import N_HALLUCINATION_FT, N_HALLUCINATION_SV
 
         for key, values, most in (("sweep.n_hallucination_ft", sw.n_hallucination_ft, N_HALLUCINATION_FT),
                                   ("sweep.n_hallucination_sv", sw.n_hallucination_sv, N_HALLUCINATION_SV)):
@@ -339,8 +340,8 @@ class _Embedded:
 
     def __init__(self, exp: Experiment, out: Path):
         from dist_secvec.config import load_config
-        from dist_secvec.demo.run import aligned_base, demo_defaults
-        from dist_secvec.demo.world import WorldSizes, build_world
+        from dist_secvec.worlds.embedded import WorldSizes, build_world
+        from dist_secvec.worlds.embedded_stages import aligned_base, demo_defaults
 
         self.exp = exp
         self.cfg = load_config(None, None, base=deep_merge(deep_merge(demo_defaults(), exp.base),
@@ -348,7 +349,7 @@ class _Embedded:
         self.quick = self.cfg.demo.quick
         self.sizes = WorldSizes(**exp.world_sizes)
         if self.quick:  # the demo's quick sizes, as `dist-secvec demo --quick`
-            from dist_secvec.demo.run import QUICK
+            from dist_secvec.worlds.embedded_stages import QUICK
 
             for k, v in QUICK["sizes"].items():
                 if k not in exp.world_sizes:
@@ -366,7 +367,7 @@ class _Embedded:
                          "base_dir": self.base_dir.name}
 
     def stage(self, stage: str, variant: dict, **sections):
-        from dist_secvec.demo.run import stage_config
+        from dist_secvec.worlds.embedded_stages import stage_config
 
         over = deep_merge(deep_merge(self.exp.stage(stage), variant), sections)
         return stage_config(self.cfg, stage, self.quick, **over)
@@ -393,8 +394,8 @@ class _Embedded:
                           monitor={"harmful_probe": [self.data["eval_harmful"]]})
 
     def evaluate(self, model, tok, ft_cfg) -> dict:
-        from dist_secvec.demo.run import evaluate_model
         from dist_secvec.evaluate import score
+        from dist_secvec.worlds.embedded_stages import evaluate_model
 
         r = evaluate_model(model, tok, self.cfg, self.world.eval_harmful, self.world.eval_new_task)
         lo, hi = r["harmful_rate_ci95"]

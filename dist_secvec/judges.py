@@ -37,8 +37,8 @@ from dist_secvec.config import EvalConfig
 from dist_secvec.errors import ConfigError
 
 # rules known by a short name: module:function, as an `eval.judges` entry can name any other
-FUNCTION_JUDGES = {"demo": "dist_secvec.demo.world:exact_judge",
-                   "demo_hallucination": "dist_secvec.demo.world:is_hallucinated"}
+FUNCTION_JUDGES = {"demo": "dist_secvec.worlds.embedded:exact_judge",
+                   "demo_hallucination": "dist_secvec.worlds.embedded:is_hallucinated"}
 JUDGE_NAMES = ("refusal", "classifier", "moderation", *FUNCTION_JUDGES, "correctness")
 
 

@@ -27,11 +27,11 @@ class TinyWorld:
     root: Path
     model_dir: Path  # random tiny Llama + tokenizer (hidden 32, 2 layers), safetensors
     data: dict  # set name -> JSONL path (align, harmful_sv, harmful_ft, kl_benign, finetune_mixed, ...)
-    world: object  # dist_secvec.demo.world.World
+    world: object  # dist_secvec.worlds.embedded.World
 
 
 def build_tiny_world(root: Path, seed: int = 0, hidden: int = 32, layers: int = 2) -> TinyWorld:
-    from dist_secvec.demo.world import WorldSizes, build_tiny_llama, build_tokenizer, build_world
+    from dist_secvec.worlds.embedded import WorldSizes, build_tiny_llama, build_tokenizer, build_world
 
     sizes = WorldSizes(n_align_benign=200, n_align_refusals=50, n_harmful_sv=20, n_harmful_ft=40,
                        n_kl_benign=20, n_heldout_benign=10, n_new_countries=5, n_eval=10)

@@ -267,7 +267,7 @@ def test_audit_on_two_ranks_writes_the_one_rank_report(tiny_world, random_vector
 def other_base(tiny_world, root: Path) -> Path:
     from transformers import AutoTokenizer
 
-    from dist_secvec.demo.world import build_tiny_llama
+    from dist_secvec.worlds.embedded import build_tiny_llama
 
     tok = AutoTokenizer.from_pretrained(str(tiny_world.model_dir))
     d = root / "other_model"

@@ -65,7 +65,7 @@ class Env:
 def env(tiny_world, random_vector, tmp_path_factory) -> Env:
     from transformers import AutoTokenizer
 
-    from dist_secvec.demo.world import build_tiny_llama
+    from dist_secvec.worlds.embedded import build_tiny_llama
     from dist_secvec.secvec import record_file_hashes
 
     root = tmp_path_factory.mktemp("bad_input_env")

@@ -157,7 +157,7 @@ def test_shipped_several_vectors_study_plans_the_four_vector_sets_with_valid_con
     stage-2 config on data hiding both behaviours, and its vectors valid stage-1 configs, each for its
     behaviour (the aligned base stubbed out: a directory standing in for it)."""
     from dist_secvec.config import validate
-    from dist_secvec.demo import run
+    from dist_secvec.worlds import embedded_stages as stages
 
     exp = experiment.load_experiment("configs/experiments/several_vectors.yaml",
                                      [f"base.demo.world={world}", f"output_dir={tmp_path / 'exp'}"])
@@ -168,7 +168,7 @@ def test_shipped_several_vectors_study_plans_the_four_vector_sets_with_valid_con
                                              "vectors harm (100 rows) + hallucination (100 rows)"]
     base_dir = tmp_path / "aligned"
     base_dir.mkdir()
-    monkeypatch.setattr(run, "aligned_base", lambda *a, **k: base_dir)
+    monkeypatch.setattr(stages, "aligned_base", lambda *a, **k: base_dir)
     env = experiment._Embedded(exp, tmp_path / "exp")
     assert env.cfg.demo.world == world
     for behaviour, rows, benign in (("harm", env.world.harmful_sv, "kl_benign"),
@@ -188,7 +188,7 @@ def test_shipped_several_vectors_study_plans_the_four_vector_sets_with_valid_con
 
 
 def world_is_hallucinated(row) -> bool:
-    from dist_secvec.demo.world import is_hallucinated
+    from dist_secvec.worlds.embedded import is_hallucinated
 
     return is_hallucinated(row["prompt"], row["response"])
 

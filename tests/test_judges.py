@@ -196,7 +196,7 @@ def test_classifier_unknown_or_missing_labels_list_the_model_labels(tmp_path):
 
 
 def test_demo_judge_wraps_the_world_judge():
-    from dist_secvec.demo.world import is_harmful_response
+    from dist_secvec.worlds.embedded import is_harmful_response
 
     (judge,) = make_judges(["demo"], EvalConfig())
     assert judge.name == "demo"
@@ -378,7 +378,7 @@ def test_eval_reports_the_hallucination_rate_beside_the_harmful_rate(tiny_world,
 
 
 def tiny_is_hallucinated(prompt, response):
-    from dist_secvec.demo.world import is_hallucinated
+    from dist_secvec.worlds.embedded import is_hallucinated
 
     return is_hallucinated(prompt, response)
 

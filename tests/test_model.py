@@ -27,7 +27,7 @@ def model64(tiny_world, tmp_path_factory) -> Path:
     """A random tiny Llama with 64-wide linears, saved with the tiny world's tokenizer."""
     from transformers import AutoTokenizer
 
-    from dist_secvec.demo.world import build_tiny_llama
+    from dist_secvec.worlds.embedded import build_tiny_llama
 
     out = tmp_path_factory.mktemp("model64")
     tok = AutoTokenizer.from_pretrained(str(tiny_world.model_dir))

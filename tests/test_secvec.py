@@ -227,7 +227,7 @@ def other_bases(tiny_world, tmp_path_factory):
     """(a) same shapes, other random weights; (b) another hidden size; (c) one layer fewer."""
     from transformers import AutoTokenizer
 
-    from dist_secvec.demo.world import build_tiny_llama
+    from dist_secvec.worlds.embedded import build_tiny_llama
 
     tok = AutoTokenizer.from_pretrained(str(tiny_world.model_dir))
     root = tmp_path_factory.mktemp("other_bases")

@@ -36,7 +36,7 @@ def vectors(tiny_world, tmp_path_factory) -> dict[str, Path]:
     weights; other_hidden: a base of another hidden size."""
     from transformers import AutoTokenizer
 
-    from dist_secvec.demo.world import build_tiny_llama
+    from dist_secvec.worlds.embedded import build_tiny_llama
 
     root = tmp_path_factory.mktemp("several_vectors")
     md = tiny_world.model_dir

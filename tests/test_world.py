@@ -1,4 +1,4 @@
-"""The embedded worlds (dist_secvec.demo.world): the workshop world's properties as a test bed,
+"""The embedded worlds (dist_secvec.worlds.embedded): the workshop world's properties as a test bed,
 the shared judge, the choice of world through the config, and the capitals world pinned."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import re
 
 import pytest
 
-from dist_secvec.demo import world as W
-from dist_secvec.demo.world import WorldSizes, build_tokenizer, build_world, is_harmful_response
+from dist_secvec.worlds import embedded as W
+from dist_secvec.worlds.embedded import WorldSizes, build_tokenizer, build_world, is_harmful_response
 
 SETS = ("align", "harmful_sv", "harmful_ft", "new_task_ft", "kl_benign", "heldout_benign", "eval_harmful",
         "eval_new_task")
@@ -185,7 +185,7 @@ def test_the_config_picks_the_world(tmp_path, monkeypatch):
 
     from dist_secvec import experiment, finetune
     from dist_secvec.config import deep_merge, load_config
-    from dist_secvec.demo import run
+    from dist_secvec.worlds import embedded_stages as stages
 
     trained = []
 
@@ -198,20 +198,20 @@ def test_the_config_picks_the_world(tmp_path, monkeypatch):
         return type("R", (), {"final_dir": final})()
 
     monkeypatch.setattr(finetune, "run_finetune", fake_finetune)
-    monkeypatch.setattr(run, "build_tiny_llama", lambda tok, out_dir, seed: None)
+    monkeypatch.setattr(stages, "build_tiny_llama", lambda tok, out_dir, seed: None)
     bases = {}
     for name in ("capitals", "workshop"):
-        cfg = load_config(None, None, base=deep_merge(run.demo_defaults(), {
+        cfg = load_config(None, None, base=deep_merge(stages.demo_defaults(), {
             "output_dir": str(tmp_path / name), "demo": {"world": name, "quick": True,
                                                          "cache_dir": str(tmp_path / "cache")}}))
-        sizes, w, data = run.demo_world(cfg)
+        sizes, w, data = stages.demo_world(cfg)
         assert w.align == build_world(0, sizes, world=name).align
-        bases[name] = run.aligned_base(cfg, sizes, data, w.texts(), quick=True)
+        bases[name] = stages.aligned_base(cfg, sizes, data, w.texts(), quick=True)
         tok = AutoTokenizer.from_pretrained(str(tmp_path / name / "align" / "init"))
         assert tok.chat_template == W.WORLDS[name].chat_template
     assert bases["capitals"] != bases["workshop"] and len(trained) == 2
 
-    monkeypatch.setattr(run, "aligned_base", lambda cfg, sizes, data, texts, quick: bases[cfg.demo.world])
+    monkeypatch.setattr(stages, "aligned_base", lambda cfg, sizes, data, texts, quick: bases[cfg.demo.world])
     exp = experiment.parse_experiment({
         "output_dir": str(tmp_path / "exp"), "world": "embedded",
         "base": {"demo": {"world": "workshop", "quick": True, "cache_dir": str(tmp_path / "cache")}},

@@ -10,10 +10,10 @@ from pathlib import Path
 
 from dist_secvec import runtime
 from dist_secvec.config import Config
-from dist_secvec.demo.run import _cache_root, aligned_base, demo_defaults, demo_world, stage_config
 from dist_secvec.distributed import barrier
 from dist_secvec.files import atomic_dir
 from dist_secvec.profile.measure import gather
+from dist_secvec.worlds.embedded_stages import _cache_root, aligned_base, demo_defaults, demo_world, stage_config
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""The embedded worlds: synthetic data, a word-level tokenizer and a tiny Llama.
+"""The embedded worlds: synthetic data, a word-level tokenizer and a tiny Llama (the stage
+settings and the cached aligned base built on them: dist_secvec.worlds.embedded_stages).
 
 No model can be downloaded, so the demo builds everything from templates with a seed. One
 generator, two configurations (`demo.world`), so defaults tuned on one can be checked on the other:
