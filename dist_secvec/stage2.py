@@ -318,7 +318,7 @@ def setup_stage2(cfg: Config, *, monitor: bool = False, tok=None, train: Optiona
         train = tokenize_samples(tok, rows, cfg.data, cache=True)
         log.info(train.report("train data"))
     elif cfg.data.audit != "off":
-        log.info("data.audit=%s: not applied to rows passed in without their files", cfg.data.audit)
+        log.info("data.audit=%s: the rows passed in are trained as given (not audited here)", cfg.data.audit)
     probe = evalset = None
     if monitor:
         probe = monitor_set(tok, probe_rows, cfg, "harmful probe")

@@ -433,3 +433,51 @@ def test_out_of_memory_while_interleaving_says_how_to_avoid_it(tiny_world, rando
     err = capsys.readouterr().err.strip().splitlines()
     assert "profile.interleave=false" in err[-1] and "1 of the variants" in err[-1], err[-3:]
     assert not (out / "profile.json").exists()
+
+
+def test_profile_audits_as_finetune_does_and_every_variant_trains_the_rows_left(tiny_world, random_vector,
+                                                                                 tmp_path, monkeypatch):
+    """data.audit=drop in the profiled job: the configured job leaves out the rows its audit flags,
+    as finetune does, and the no_vector variant trains on the same rows (the same batches)."""
+    from dist_secvec import profile
+    from dist_secvec.model import load_tokenizer
+    from dist_secvec.profile import variants
+    from dist_secvec.stage2 import setup_stage2
+
+    monkeypatch.setenv("DIST_SECVEC_CACHE", str(tmp_path / "cache"))
+    harm = Path(tiny_world.data["harmful_sv"]).read_text().splitlines()[:6]
+    ben = Path(tiny_world.data["new_task_ft"]).read_text().splitlines()[:10]
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("\n".join(harm + ben) + "\n")
+    # the threshold at the median score: about half the rows flagged, whatever the random vector does
+    cfg = _cfg(tiny_world, tmp_path, random_vector, data={"train": [str(data)], "audit": "report"},
+               audit={"threshold": 0.0}, monitor={"rule": "none"})
+    scores = sorted(r["score"] for r in map(json.loads, (Path(setup_stage2(cfg).cfg.output_dir) / "audit" /
+                                                           "audit.jsonl").read_text().splitlines()))
+    t = (scores[7] + scores[8]) / 2
+    cfg = _cfg(tiny_world, tmp_path, random_vector, data={"train": [str(data)], "audit": "drop"},
+               audit={"threshold": t}, monitor={"rule": "none"})
+    n_flag = sum(s >= t for s in scores)
+    assert 0 < n_flag < 16
+    built, calls = {}, []
+    real_build, real_step = variants.build_variant, profile.StepRunner.step
+
+    def build(cfg, name="configured", *a, **k):
+        built[name] = real_build(cfg, name, *a, **k)
+        return built[name]
+
+    def step(self, measured=True):
+        rec = real_step(self, measured)
+        calls.append((self.job.mode, rec["tokens_padded"]))
+        return rec
+
+    monkeypatch.setattr(variants, "build_variant", build)
+    monkeypatch.setattr(profile.StepRunner, "step", step)
+    tok = load_tokenizer(cfg.model)
+    m = profile.measure_jobs(cfg, ["configured", "no_vector"], steps=2, warmup=0, tok=tok, train=None)
+    assert m["configured"]["audit"]["flagged"] == n_flag and m["configured"]["audit"]["cached"] is True
+    assert len(built["configured"].train.examples) == 16 - n_flag
+    assert built["no_vector"].train.examples == built["configured"].train.examples
+    assert built["no_vector"].mode == "off" and m["no_vector"]["audit"] is None
+    tokens = {mode: [t for md, t in calls if md == mode] for mode in ("attached", "off")}
+    assert tokens["attached"] == tokens["off"] and len(tokens["off"]) == 2

@@ -210,10 +210,17 @@ def measure_jobs(cfg: Config, names: list[str], steps: int, warmup: int, tok, tr
     rounds. Returns, per name, every rank's summary (gathered) and how the job holds the vector."""
     device = pick_device()
     out: dict[str, dict] = {}
+    # data.audit: the configured job audits data.train's rows as finetune does (the scores cached);
+    # every variant then trains on the rows it left, with their weights, so all see the same batches
+    audited = cfg.data.audit != "off" and bool(cfg.security_vector.path)
+    rows: dict = {"train": train, "row_weight": None}
 
     def build(name: str) -> StepRunner:
         base = mark_memory(device)
-        job = variants.build_variant(cfg, name, tok, train)
+        own = audited and name == "configured"
+        job = variants.build_variant(cfg, name, tok, None if own else rows["train"], rows["row_weight"])
+        if own:
+            rows.update(train=job.train, row_weight=job.row_weight)
         runner = StepRunner(job)
         for _ in range(warmup):
             runner.step(measured=False)
@@ -222,7 +229,7 @@ def measure_jobs(cfg: Config, names: list[str], steps: int, warmup: int, tok, tr
         out[name] = {"mode": job.mode, "backend": job.cfg.security_vector.backend if job.sv_layers else None,
                      "n_layers": len(job.sv_layers or job.folded), "path_choice": job.path_choice,
                      "gate": job.gate_info, "device": job.device, "zero_stage": job.stage,
-                     "partition": job.partition}
+                     "partition": job.partition, "audit": job.audit_info}
         return runner
 
     def done(name: str, runner: StepRunner) -> None:

@@ -3,7 +3,8 @@
 profile.json, schema 2:
     device, world_size, zero_stage, multi_rank
     job        what was profiled: model, adapter, dtype, batch shape, steps, and how the vector is held
-               (vector_mode, vector_layers, vector_path_choice, vector_paths, vector_gate)
+               (vector_mode, vector_layers, vector_path_choice, vector_paths, vector_gate), and what
+               data.audit flagged and did (audit, null when off)
     step_time  seconds per step: median, p25, p75, min, max, mean, n, per_rank (medians)
     phases     {data, forward, backward, optimizer}: the same spread each
     comm       DeepSpeed's gradient reduce time (the same spread + source), null in one plain process
@@ -118,6 +119,7 @@ def build_report(cfg: Config, measured: dict, agg: dict, overhead: dict, warmup:
                 "adapter": cfg.adapter.type, "security_vector": cfg.security_vector.path,
                 "vector_mode": cm["mode"], "vector_layers": cm["n_layers"], "vector_path_choice": cm["path_choice"],
                 "vector_paths": cm["paths"], "vector_gate": cm["gate"], "backend": cm["backend"],
+                "audit": cm.get("audit"),
                 "micro_batch_size": cfg.optim.micro_batch_size,
                 "gradient_accumulation_steps": cfg.optim.gradient_accumulation_steps,
                 "max_length": cfg.data.max_length, "steps": cfg.profile.steps, "warmup": warmup,

@@ -32,9 +32,15 @@ def variant_config(cfg: Config, name: str) -> Config:
     return dataclasses.replace(cfg, security_vector=dataclasses.replace(cfg.security_vector, **VARIANTS[name]))
 
 
-def build_variant(cfg: Config, name: str = "configured", tok=None, train=None) -> Stage2:
-    """Job `name`, built as finetune builds it; every rank calls this."""
-    return setup_stage2(variant_config(cfg, name), tok=tok, train=train, ds_timers=cfg.profile.deepspeed_timers)
+def build_variant(cfg: Config, name: str = "configured", tok=None, train=None,
+                  row_weight: Optional[dict] = None) -> Stage2:
+    """Job `name`, built as finetune builds it; every rank calls this. Without `train`, data.train's
+    rows are read and, under data.audit, audited as finetune does; `train` and `row_weight`: the
+    rows (and data.audit=downweight's weights) another job's audit left, trained as given."""
+    job = setup_stage2(variant_config(cfg, name), tok=tok, train=train, ds_timers=cfg.profile.deepspeed_timers)
+    if row_weight is not None:
+        job.row_weight = row_weight
+    return job
 
 
 def check_profile_config(cfg: Config) -> None:
