@@ -1,4 +1,5 @@
-"""SAFT's label-free filter against the security vector's audit score, on the same labelled rows.
+"""SAFT's label-free filter and an Antibody-style score against the security vector's audit score,
+on the same labelled rows.
 
     python benchmarks/bench_saft.py --model ALIGNED_BASE --vector SECVEC_DIR \
         --data stress_100.jsonl stress_1000.jsonl stress_5000.jsonl [--data-max-length 64] \
@@ -20,7 +21,13 @@ rule can beat):
   token, k = 1. HaloScope's released code picks the layer and k on a small labelled set; here
   the threshold is label-free, Otsu's split of the scores (the cut that maximises the
   between-group variance of the two sides), and a sweep over layer x pooling (last token, mean
-  over tokens) x k gives every variant's AUROC, the best of which is chosen with the labels.
+  over tokens) x k gives every variant's AUROC, the best of which is chosen with the labels;
+- Antibody-style (Nguyen et al. 2026, the fine-tuning stage's sample weighting, which contrasts
+  the likelihood of a row's answer with that of a refusal): with the vector off, each row's mean
+  answer-token loss minus the loss of the refusal (--refusal; default: the answer of the data's
+  `refusal` rows, the world's refusal) after the same prompt, i.e. log p(refusal) - log p(answer)
+  per token: high where the aligned base would rather refuse. Flagged at Otsu's threshold (the
+  paper weights rows continuously; its alignment stage is not reproduced).
 
 Prints and writes (bench_saft.json/.md in --out) one table over the row sets, the flagged rows per
 kind, and the sweep.
@@ -29,6 +36,7 @@ kind, and the sweep.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -126,6 +134,8 @@ def main() -> None:
     ap.add_argument("--data-max-length", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--refusal", default=None, help="the refusal the Antibody-style score compares each answer "
+                    "with (default: the answer of the data's `refusal` rows)")
     args = ap.parse_args()
 
     from dist_secvec.audit import resolve_threshold, score, tokenize_rows
@@ -134,7 +144,7 @@ def main() -> None:
     from dist_secvec.worlds.embedded import is_harmful_response
     from dist_secvec.model import load_model, load_tokenizer
     from dist_secvec.secvec import PathOptions, attach_security_vector, load_security_vector, security_vector_off
-    from dist_secvec.strength import eval_mode, score_rows
+    from dist_secvec.strength import eval_mode, row_losses, score_rows
 
     cfg = load_config(None, [f"model.path={args.model}", f"security_vector.path={args.vector}",
                              f"data.max_length={args.data_max_length}"])
@@ -153,8 +163,18 @@ def main() -> None:
         off, on = score_rows(model, data.examples, tok.pad_token_id, "cpu", args.batch_size,
                              lambda: security_vector_off(model), collective=False)
         audit = [score(f, a) for f, a in zip(off, on)]
+        refusal = args.refusal or max(
+            (s.response for s, k in zip(samples, kinds) if k == "refusal"), key=[s.response for s in samples].count,
+            default=None)
+        if refusal is None:
+            raise SystemExit(f"{path}: no `refusal` rows to take the refusal from; pass --refusal TEXT")
+        refusals, _, _ = tokenize_rows(tok, [dataclasses.replace(s, response=refusal, final=None) for s in samples],
+                                       cfg.data)
         with security_vector_off(model), eval_mode(model):  # the base model's representations
             emb = embeddings(model, data.examples, tok.pad_token_id, args.batch_size)
+            loss_refusal = row_losses(model, refusals.examples, tok.pad_token_id, "cpu", args.batch_size)
+        assert len(refusals.examples) == len(off), "a refusal row was cut off: raise --data-max-length"
+        antibody = [f - r for f, r in zip(off, loss_refusal)]  # log p(refusal) - log p(answer), per token
         sweep = []
         for (layer, pooling), e in sorted(emb.items()):
             for k in KS:
@@ -168,7 +188,8 @@ def main() -> None:
                    "saft": (f"SAFT (layer {default['layer']}, {default['pooling']} token, k={default['k']})",
                             default["scores"], otsu(default["scores"]), "Otsu"),
                    "saft_best": (f"SAFT, best AUROC of the sweep (layer {best['layer']}, {best['pooling']}, "
-                                 f"k={best['k']}; chosen with labels)", best["scores"], otsu(best["scores"]), "Otsu")}
+                                 f"k={best['k']}; chosen with labels)", best["scores"], otsu(best["scores"]), "Otsu"),
+                   "antibody": ("Antibody-style (refusal vs answer likelihood)", antibody, otsu(antibody), "Otsu")}
         res = {"data": path, "rows": len(labels), "harmful": sum(labels), "methods": {}}
         for key, (name, sc, t, rule) in methods.items():
             flagged = [s >= t for s in sc]
