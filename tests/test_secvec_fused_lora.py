@@ -174,6 +174,33 @@ def test_fallbacks_to_peft_forward(tiny_world, random_vector, fused_model, batch
     assert calls.n == before + 11
 
 
+def test_an_adapter_switched_after_attach_runs_peft_forward(tiny_world, random_vector, fused_model, batch,
+                                                            monkeypatch):
+    """The fused forward holds the adapter it was attached with: with another adapter active it
+    runs peft's forward (that adapter's LoRA, the vector under it), and fuses again once the first
+    adapter is back."""
+    model, _ = fused_model
+    model.add_adapter("other", lora_config(rank=2, alpha=4, dropout=0.0, target_modules=TARGETS))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B.other" in n:
+                p.normal_(0, 0.5)  # peft starts B at zero: give the other adapter an effect
+    ref = copy.deepcopy(model)
+    set_fused(ref, False)
+    model.eval(), ref.eval()
+    calls = Calls(monkeypatch)
+    fused = logits(model, batch)
+    assert calls.n == 6
+    model.set_adapter("other"), ref.set_adapter("other")
+    other = logits(model, batch)
+    assert calls.n == 6  # peft's forward on every layer
+    torch.testing.assert_close(other, logits(ref, batch), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(other, fused, atol=1e-3)
+    model.set_adapter("default")
+    torch.testing.assert_close(logits(model, batch), fused, rtol=1e-5, atol=1e-6)
+    assert calls.n == 12
+
+
 def test_dropout_falls_back_in_training_only(tiny_world, random_vector, batch, monkeypatch):
     model = peft_model(tiny_world.model_dir, dropout=0.1)
     attach_security_vector(model, load_security_vector(str(random_vector)), backend="torch")

@@ -44,8 +44,8 @@ def choose_path(base_layer: nn.Module, lora_layer: Optional[nn.Module], device: 
        layer, then the delta on the gated x). Stage 2's gate does not set it: its micro-batches are
        grouped so that most have the vector all on or all off, and only the mixed calls gate.
     2. under a trainable peft LoRA layer: "fused_lora" (the vector's and the LoRA's shrinks in one
-       pass over x) when allowed and the LoRA is a plain one without dropout (lora.fusable_lora);
-       else "delta", through peft's own forward.
+       pass over x) when allowed and the LoRA is a plain one (lora.fusable_lora; a call in training
+       with LoRA dropout runs peft's forward); else "delta", through peft's own forward.
     3. a plain nn.Linear on the torch backend, with enough rows per call that forming
        W' = W + s B A costs less than the delta's passes over the output (weight_delta_pays):
        "weight_delta" (one Function, one input gradient; the CPU path for full fine-tuning).
