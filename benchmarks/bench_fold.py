@@ -39,10 +39,8 @@ def make_vector(model_dir: Path, out: Path, rank: int) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from dist_secvec.config import ALL_LINEAR_TARGETS
-
     m = get_peft_model(AutoModelForCausalLM.from_pretrained(str(model_dir)),
-                       LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=ALL_LINEAR_TARGETS))
+                       LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
     with torch.no_grad():
         for n, p in m.named_parameters():
             if "lora_B" in n:

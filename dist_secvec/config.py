@@ -24,7 +24,6 @@ import yaml
 from dist_secvec.errors import ConfigError
 
 # The projections of Llama-style blocks: all attention and MLP linears.
-ALL_LINEAR_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULT_SV_RANK = 8  # stage 1's vector rank when security_vector.rank is not set
 DATA_EXTENSIONS = (".json", ".jsonl", ".csv", ".parquet", ".arrow", ".txt")
 
@@ -81,13 +80,13 @@ class SecurityVectorConfig:
     # composed into one delta per layer, see docs/protection.md); None = no vector
     path: typing.Union[str, list[str], None] = None
     # rank and target_modules: None = not set by the user. Stage 1 then trains a rank-8
-    # (DEFAULT_SV_RANK) vector on ALL_LINEAR_TARGETS; stage 2 takes both from the vector's own files,
+    # (DEFAULT_SV_RANK) vector on every linear layer of the model (model.linear_targets); stage 2 takes both from the vector's own files,
     # and a value that is set must match the vector (a one-line error otherwise, before the model
     # loads). None, not a default value, marks "unset" so that the mark survives Config.to_dict,
     # save_config and configs built from another config (the demo, the experiment runner).
     rank: Optional[int] = None  # the vector's LoRA rank (unset: 8 in stage 1, the vector's own in stage 2)
     alpha: float = 16.0  # LoRA alpha: the vector's scale is alpha / rank
-    target_modules: Optional[list[str]] = None  # module names the vector adapts (unset: every attention and MLP projection)
+    target_modules: Optional[list[str]] = None  # module names the vector adapts (unset: every linear layer but the output head)
     dropout: float = 0.0  # stage 1: LoRA dropout while the vector trains
     layers: Optional[list[int]] = None  # transformer block indices to adapt (None = all)
     # stage 1: the behaviour the vector learns, recorded in its secvec.json with the judges that
@@ -144,7 +143,8 @@ class AdapterConfig:
     rank: int = 16  # the trainable LoRA's rank (adapter.type=lora)
     alpha: float = 32.0  # its scale is alpha / rank
     dropout: float = 0.0  # LoRA dropout (above 0 the fused vector + LoRA kernel is not used in training)
-    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR_TARGETS))  # module names the LoRA adapts
+    # module names the LoRA adapts (null: every linear layer but the output head, peft's "all-linear")
+    target_modules: Optional[list[str]] = None
 
 
 @dataclass
@@ -659,7 +659,7 @@ def validate(cfg: Config, command: str) -> Config:
         raise ConfigError("config key 'optim.epochs': must be > 0 when optim.max_steps is not set")
     if cfg.security_vector.target_modules is not None and not cfg.security_vector.target_modules:
         raise ConfigError("config key 'security_vector.target_modules': name at least one module (e.g. q_proj)")
-    if cfg.adapter.type == "lora" and not cfg.adapter.target_modules:
+    if cfg.adapter.type == "lora" and cfg.adapter.target_modules is not None and not cfg.adapter.target_modules:
         raise ConfigError("config key 'adapter.target_modules': name at least one module for the LoRA")
 
     ds = cfg.deepspeed

@@ -277,6 +277,39 @@ def attn_implementation(model) -> str | None:
     return getattr(config, "_attn_implementation", None)
 
 
+def linear_targets(model, wanted: list[str] | None, key: str, model_path: str, vector: bool = False) -> list[str]:
+    """The module names a LoRA (or, vector=True, the security vector) adapts on `model`: `wanted`,
+    each checked against the model (a last name part such as q_proj, or a dotted tail of a module's
+    name), or, unset, the last name part of every linear layer but the output head (peft's
+    "all-linear": q_proj ... down_proj on Llama, qkv_proj and gate_up_proj on Phi-3). A name the
+    model lacks, or (vector) a GPT-2 style Conv1D layer, is refused in one line naming `key`."""
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    from dist_secvec.errors import ConfigError
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linears = {name: m for name, m in model.named_modules()
+               if isinstance(m, (nn.Linear, Conv1D)) and m is not head and name}
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in linears})
+    names = leaves if wanted is None else list(wanted)
+
+    def matches(n: str) -> list:
+        return [m for full, m in linears.items() if full == n or full.endswith("." + n)]
+
+    missing = [n for n in names if not matches(n)]
+    if missing:
+        raise ConfigError(f"config key '{key}': {', '.join(missing)} not among the linear layers of {model_path} "
+                          f"({', '.join(leaves) or 'none'}); name some of those")
+    if vector:
+        conv = sorted({n for n in names if any(isinstance(m, Conv1D) for m in matches(n))})
+        if conv:
+            raise ConfigError(f"config key '{key}': {', '.join(conv)} in {model_path} are transformers Conv1D "
+                              "layers (GPT-2 style), which the security vector cannot adapt; it adapts nn.Linear "
+                              "layers (Llama, Mistral, Qwen, Phi-3, Gemma and most current models)")
+    return names
+
+
 def lora_config(cfg: AdapterConfig | None = None, *, rank: int = 8, alpha: float = 16.0,
                 dropout: float = 0.0, target_modules: list[str] | None = None, layers: list[int] | None = None):
     from peft import LoraConfig
@@ -293,8 +326,13 @@ def add_trainable_adapter(model, cfg: AdapterConfig):
         for p in model.parameters():
             p.requires_grad_(True)
         return model
+    import dataclasses
+
     from peft import get_peft_model
 
+    path = getattr(getattr(model, "config", None), "_name_or_path", "the model")
+    cfg = dataclasses.replace(cfg, target_modules=linear_targets(model, cfg.target_modules, "adapter.target_modules",
+                                                                 path))
     try:
         return get_peft_model(model, lora_config(cfg))
     except ValueError as e:

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from dist_secvec import runtime
-from dist_secvec.config import ALL_LINEAR_TARGETS, DEFAULT_SV_RANK, Config, resolve_stage_defaults, save_config
+from dist_secvec.config import DEFAULT_SV_RANK, Config, resolve_stage_defaults, save_config
 from dist_secvec.data import (IGNORE_INDEX, batches, collate, endless_batches, load_samples, refuse_text_rows,
                               tokenize_samples)
 from dist_secvec.distributed import (DeepSpeedEngine, all_reduce_sum, barrier, ds_config, from_rank0, gathered,
@@ -51,7 +51,7 @@ from dist_secvec.distributed import (DeepSpeedEngine, all_reduce_sum, barrier, d
 from dist_secvec.errors import ConfigError
 from dist_secvec.files import atomic_dir, write_text_atomic
 from dist_secvec.judges import make_judges
-from dist_secvec.model import attn_implementation, load_model, load_tokenizer, lora_config
+from dist_secvec.model import attn_implementation, linear_targets, load_model, load_tokenizer, lora_config
 from dist_secvec.secvec import (PEFT_PREFIX, PROBE_FILE, base_fingerprint, record_file_hashes, rows_word,
                                 save_security_vector)
 from dist_secvec.strength import answer_stats, judged_rate, strength_table, weak_reasons, write_probe
@@ -105,11 +105,11 @@ def run_train_sv(cfg: Config, use_deepspeed: bool = False) -> TrainSVResult:
     # ---- setup: tokenizer, the behaviour's + benign data, frozen base with a trainable vector
     from peft import get_peft_model
 
-    # the vector's shape: what the user set, else rank 8 on every linear (config.yaml records it)
+    # the vector's shape: what the user set, else rank 8 on every linear layer (resolved on the loaded
+    # model below; config.yaml records both)
     cfg = dataclasses.replace(resolve_stage_defaults(cfg, "train-sv"), security_vector=dataclasses.replace(
         cfg.security_vector,
-        rank=cfg.security_vector.rank if cfg.security_vector.rank is not None else DEFAULT_SV_RANK,
-        target_modules=list(cfg.security_vector.target_modules or ALL_LINEAR_TARGETS)))
+        rank=cfg.security_vector.rank if cfg.security_vector.rank is not None else DEFAULT_SV_RANK))
     sv_cfg = cfg.security_vector
     word = rows_word(sv_cfg.behaviour)  # how logs and record keys name the behaviour's rows
     # DeepSpeed only when asked for; what it cannot do is refused before any process group or load
@@ -149,6 +149,9 @@ def run_train_sv(cfg: Config, use_deepspeed: bool = False) -> TrainSVResult:
 
     hf_ds = partitioned_loading(ds, cfg.model.quantization)  # noqa: F841 (alive while the model is in use)
     base = load_model(cfg.model, device, for_training=True)
+    cfg = dataclasses.replace(cfg, security_vector=dataclasses.replace(sv_cfg, target_modules=linear_targets(
+        base, sv_cfg.target_modules, "security_vector.target_modules", cfg.model.path, vector=True)))
+    sv_cfg = cfg.security_vector
     torch.manual_seed(cfg.seed)  # the vector's initial A alike under every ZeRO stage (partitioned loading draws)
     model = get_peft_model(base, lora_config(rank=sv_cfg.rank, alpha=sv_cfg.alpha, dropout=sv_cfg.dropout,
                                              target_modules=sv_cfg.target_modules, layers=sv_cfg.layers))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_secvec.config import (ALL_LINEAR_TARGETS, AdapterConfig, Config, DataConfig, ModelConfig, STAGE_OPTIM_DEFAULTS, load_config, resolve_stage_defaults, validate)
+from dist_secvec.config import (AdapterConfig, Config, DataConfig, ModelConfig, STAGE_OPTIM_DEFAULTS, load_config, resolve_stage_defaults, validate)
 from dist_secvec.errors import ConfigError, UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,8 +42,7 @@ def test_defaults_load_and_equal_the_dataclass_defaults():
     assert (ft.lr, ft.epochs) == (2e-5, 1) and isinstance(ft.lr, float)
     assert resolve_stage_defaults(load_config(None, ["optim.lr=1e-4"]), "train-sv").optim.lr == pytest.approx(1e-4)
     assert cfg.model.quantization == "none" and cfg.adapter.type == "none"
-    assert cfg.adapter.target_modules == ALL_LINEAR_TARGETS
-    assert cfg.adapter.target_modules is not AdapterConfig().target_modules  # no shared mutable default
+    assert cfg.adapter.target_modules is None  # every linear layer of the model (model.linear_targets)
     # unset (None): stage 1 trains rank 8 on every linear, stage 2 takes the vector's own
     assert cfg.security_vector.rank is None and cfg.security_vector.target_modules is None
 

@@ -259,3 +259,68 @@ def test_lora_on_4bit_base(model64):
     # lora_B starts at zero, so lora_A gets no gradient on the first step; lora_B must
     grads_b = [p.grad for n, p in trainable if "lora_B" in n]
     assert grads_b and all(g is not None and g.abs().sum() > 0 for g in grads_b)
+
+
+@pytest.fixture(scope="module")
+def other_architectures(tiny_world, tmp_path_factory) -> dict:
+    """Tiny Phi-3 (fused qkv_proj, gate_up_proj) and GPT-2 (Conv1D layers) models on the tiny world's
+    tokenizer, saved as model directories."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, Phi3Config, Phi3ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_world.model_dir))
+    ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    models = {"phi3": Phi3ForCausalLM(Phi3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                 num_attention_heads=4, num_key_value_heads=4,
+                                                 max_position_embeddings=128, **ids)),
+              "gpt2": GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, **ids))}
+    out = {}
+    for name, m in models.items():
+        d = tmp_path_factory.mktemp(name)
+        m.save_pretrained(str(d), safe_serialization=True)
+        tok.save_pretrained(str(d))
+        out[name] = d
+    return out
+
+
+def test_unset_targets_are_every_linear_layer_of_the_model(tiny_world, other_architectures):
+    from dist_secvec.errors import ConfigError
+    from dist_secvec.model import linear_targets
+
+    llama = load_model(ModelConfig(path=str(tiny_world.model_dir)))
+    assert linear_targets(llama, None, "k", "m") == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                            "up_proj", "down_proj"])  # lm_head is not one
+    phi3 = load_model(ModelConfig(path=str(other_architectures["phi3"])))
+    assert linear_targets(phi3, None, "k", "m") == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
+    assert linear_targets(phi3, ["layers.1.self_attn.qkv_proj"], "k", "m") == ["layers.1.self_attn.qkv_proj"]
+    with pytest.raises(ConfigError, match=r"'adapter.target_modules': q_proj, v_proj not among .*qkv_proj"):
+        linear_targets(phi3, ["q_proj", "v_proj"], "adapter.target_modules", "m")
+    # a LoRA on phi3 with the default targets adapts its fused projections too
+    lora = add_trainable_adapter(phi3, AdapterConfig(type="lora", rank=2))
+    assert {n.split(".lora_")[0].split(".")[-1] for n, p in lora.named_parameters() if p.requires_grad} == {
+        "down_proj", "gate_up_proj", "o_proj", "qkv_proj"}
+    gpt2 = load_model(ModelConfig(path=str(other_architectures["gpt2"])))
+    assert linear_targets(gpt2, None, "k", "m") == ["c_attn", "c_fc", "c_proj"]  # peft adapts Conv1D
+    with pytest.raises(ConfigError, match="Conv1D"):
+        linear_targets(gpt2, None, "security_vector.target_modules", "m", vector=True)
+
+
+def test_train_sv_on_phi3_adapts_its_fused_projections_and_refuses_gpt2(tiny_world, other_architectures, tmp_path,
+                                                                         capsys):
+    from dist_secvec.cli import main
+
+    d = tiny_world.data
+    args = [f"security_vector.harmful_data={d['harmful_sv']}", f"security_vector.benign_data={d['kl_benign']}",
+            "optim.epochs=1", "logging.progress=false"]
+    out = tmp_path / "phi3"
+    assert main(["train-sv", f"model.path={other_architectures['phi3']}", f"output_dir={out}", *args]) == 0
+    meta = json.loads((out / "secvec" / "secvec.json").read_text())
+    assert sorted(meta["target_modules"]) == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
+    capsys.readouterr()
+    assert main(["train-sv", f"model.path={other_architectures['gpt2']}", f"output_dir={tmp_path / 'gpt2'}",
+                 *args]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and err[0].startswith("dist-secvec train-sv: error: config key 'security_vector.target_modules'")
+    assert "Conv1D" in err[0]
+    assert not (tmp_path / "gpt2" / "secvec").exists()
